@@ -1,0 +1,310 @@
+"""One configuration object for the whole pipeline.
+
+Every knob of every stage lives here, grouped by stage, with its default and a one-line reason. A config is
+loaded from TOML (sections = stage names), overridden from the CLI with ``--set section.field=value``, and
+written into ``run.json`` so a run directory always records how it was made.
+
+Fields marked ``runtime=True`` in their metadata (device, worker counts, dispatch mode, ...) change how a
+run executes but not what it computes; they are ignored when an existing run is reopened with a different
+config, so moving a run from a laptop to the farm does not need ``--force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _runtime(default: Any, doc: str = "") -> Any:
+    return field(default=default, metadata={"runtime": True, "doc": doc})
+
+
+@dataclass
+class IngestConfig:
+    """Photo discovery and validation (`sparse-vggt scan`)."""
+
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".heic", ".heif", ".webp", ".tif", ".tiff"]
+    )  # matched case-insensitively
+    min_side: int = 64  # images whose shorter upright side is below this are skipped ("too small")
+    chunk_size: int = 256  # kept images per descriptor batch/Zarr chunk; one describe unit per chunk
+    follow_symlinks: bool = False  # symlinked directories are not entered by default (loops, duplicates)
+    decode_check: bool = True  # fully decode every image to reject truncated files (costs ~1 decode per image)
+    progress_every: int = 256  # rows per resumable progress flush of the scan
+
+
+@dataclass
+class DescribeConfig:
+    """Global descriptors for retrieval (`sparse-vggt describe`)."""
+
+    model: str = "gberton/MegaLoc"  # hub repo id, local dir/file, or "random" (tests, demo)
+    image_size: int = 322  # square resize side before the backbone (multiple of 14)
+    batch_size: int = 16
+    device: str = _runtime("auto", "auto | cuda | mps | cpu")
+    dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
+    descriptors_file: str = ""  # bring-your-own descriptors: .npy (+ names) or .parquet keyed by image name
+    allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
+    preset: str = "megaloc"  # architecture preset: "megaloc" (ViT-B/14 + SALAD) or "tiny" for tests
+
+
+@dataclass
+class GraphConfig:
+    """Covisibility graph from descriptors and priors (`sparse-vggt graph`)."""
+
+    k: int = 10  # retrieval neighbours per image
+    min_similarity: float = 0.0  # cosine similarity below which a retrieved pair is dropped
+    mutual: bool = False  # keep only mutual kNN pairs (else union symmetrisation)
+    method: str = "auto"  # auto | exact | pca | faiss: candidate search strategy
+    pca_dim: int = 256  # reduced dimension for candidate search (pca)
+    candidates: int = 64  # candidates per query kept from the reduced search, re-ranked exactly
+    block_size: int = 4096  # query/database rows per block; bounds memory to block_size^2 floats
+    sequence_neighbors: int = 0  # link each image to this many next images in capture-time/file order
+    gps_radius_m: float = 0.0  # add pairs closer than this (0 = off)
+    gps_max_distance_m: float = 0.0  # drop pairs farther apart than this even if they look alike (0 = off)
+    verify: bool = False  # geometric verification of candidate pairs (SIFT + RANSAC fundamental matrix)
+    verify_features: str = "sift"  # sift | orb
+    verify_max_side: int = 640  # images are downscaled to this longer side for verification
+    verify_min_inliers: int = 20  # pairs with fewer RANSAC inliers are removed
+    verify_workers: int = _runtime(0, "processes for verification; 0 = cpu count")
+
+
+@dataclass
+class PartitionConfig:
+    """Connected, overlapping, bounded clusters (`sparse-vggt partition`).
+
+    max_cluster_frames=128: a 16 GB Apple-Silicon worker holds the VGGT-1B weights in fp16 (~2.5 GB) plus,
+    at 518x392 px and sparse attention with k=10, roughly 40-60 MB of activations per frame in the aggregator
+    and frame-chunked heads, so ~128 frames leaves headroom for the OS and unified-memory pressure.
+    """
+
+    max_cluster_frames: int = 128  # core + overlap frames per cluster; never exceeded
+    min_overlap_frames: int = 8  # shared frames between touching clusters
+    k: int = 10  # sparse-attention neighbours per frame inside a cluster
+    balance_tolerance: float = 0.15  # allowed core size imbalance (METIS ufactor-style)
+    reconstruct_singletons: bool = False  # isolated images become 1-frame clusters (else reported, skipped)
+    min_component_frames: int = 2  # components smaller than this are reported and not reconstructed
+    seed: int = 0
+
+
+@dataclass
+class ReconstructConfig:
+    """Per-cluster VGGT inference (`sparse-vggt reconstruct`)."""
+
+    model: str = "facebook/VGGT-1B"  # hub repo id, local dir/file, or "random" (tests, demo)
+    preset: str = "vggt-1b"  # architecture preset: "vggt-1b" or "tiny" (tests, demo)
+    image_size: int = 518  # width after resize (multiple of 14)
+    preprocess_mode: str = "crop"  # crop | pad (as the reference load_and_preprocess_images)
+    attention: str = "sparse"  # sparse | dense global attention
+    special_tokens_global: bool = False  # every frame also attends to all frames' camera/register tokens
+    device: str = _runtime("auto", "auto | cuda | mps | cpu")
+    dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
+    head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT/camera heads")
+    attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
+    allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
+    depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
+    seed: int = 0  # seed for random-initialised weights
+
+
+@dataclass
+class MergeConfig:
+    """Sim(3) alignment of clusters and fusion (`sparse-vggt merge`)."""
+
+    grid_stride: int = 8  # pixel stride of the correspondence grid on shared frames
+    min_confidence_quantile: float = 0.3  # drop pixels below this depth_conf quantile (per frame)
+    ransac_iterations: int = 256
+    inlier_threshold: float = 0.05  # RANSAC inlier distance, relative to the overlap's point-cloud extent
+    huber_delta: float = 0.02  # IRLS Huber scale, relative to extent
+    min_inlier_ratio: float = 0.3  # pairwise edges below this are rejected
+    min_correspondences: int = 100  # pairwise edges with fewer valid correspondences are rejected
+    max_rmse: float = 0.05  # relative inlier RMSE above which an edge is rejected
+    optimize: bool = True  # Sim(3) pose-graph optimisation after the spanning-tree initialisation
+    fuse_confidence_quantile: float = 0.5  # points below this per-frame confidence quantile are not fused
+    fuse_stride: int = 4  # pixel stride when fusing points
+    voxel_size: float = 0.0  # 0 = automatic (scene extent / 1000)
+    depth_consistency: bool = True  # drop overlap-frame pixels whose depths disagree across clusters
+    depth_consistency_tolerance: float = 0.05  # relative depth disagreement tolerated
+
+
+@dataclass
+class ExportConfig:
+    """COLMAP, PLY, GLB and report (`sparse-vggt export`)."""
+
+    colmap_text: bool = False  # also write cameras.txt/images.txt/points3D.txt
+    ply: bool = True
+    glb: bool = True
+    max_points: int = 2_000_000  # cap on exported points (uniform subsample)
+    max_track_points: int = 200_000  # cap on COLMAP points3D with tracks
+    frustum_scale: float = 0.0  # 0 = automatic (2% of scene extent)
+
+
+@dataclass
+class OrchestrationConfig:
+    """How the Prefect flow runs the stages (never affects results)."""
+
+    dispatch: str = _runtime("local", "local | pool")
+    work_pool: str = _runtime("mac-mini", "Prefect work pool for pool dispatch")
+    cluster_deployment: str = _runtime("reconstruct-cluster/mac-mini", "deployment run per cluster in pool mode")
+    retries: int = _runtime(2, "retries for transient task errors")
+    retry_delay_s: float = _runtime(10.0, "first retry delay; doubles each retry")
+    oom_split: bool = _runtime(True, "split a cluster in two and retry on out-of-memory")
+    max_oom_splits: int = _runtime(4, "how many times a cluster may be halved")
+    accelerator_tag: str = _runtime("accelerator", "tag concurrency-limited to one model per accelerator")
+
+
+@dataclass
+class PipelineConfig:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    describe: DescribeConfig = field(default_factory=DescribeConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    # ---- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
+        cfg = cls()
+        for section, values in (data or {}).items():
+            if section not in _sections():
+                raise ConfigError(f"unknown config section [{section}]; known: {', '.join(_sections())}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section [{section}] must be a table, got {type(values).__name__}")
+            for name, value in values.items():
+                cfg.set(f"{section}.{name}", value)
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "PipelineConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # ---- overrides ---------------------------------------------------------------------------------
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.field`` to ``value``, coercing strings from the CLI to the field's type."""
+        if "." not in dotted:
+            raise ConfigError(f"override {dotted!r} must look like section.field (e.g. partition.k)")
+        section, name = dotted.split(".", 1)
+        if section not in _sections():
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join(_sections())}")
+        sub = getattr(self, section)
+        types = _field_types(type(sub))
+        if name not in types:
+            raise ConfigError(f"unknown field {section}.{name}; known: {', '.join(sorted(types))}")
+        setattr(sub, name, _coerce(value, types[name], dotted))
+
+    def apply_overrides(self, overrides: list[str] | None) -> "PipelineConfig":
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r} must look like section.field=value")
+            key, raw = item.split("=", 1)
+            self.set(key.strip(), raw.strip())
+        return self
+
+    def result_affecting(self) -> dict[str, dict[str, Any]]:
+        """The config without runtime-only fields: what must match to reuse a run directory."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in _sections():
+            sub = getattr(self, section)
+            out[section] = {
+                f.name: getattr(sub, f.name)
+                for f in dataclasses.fields(sub)
+                if not f.metadata.get("runtime", False)
+            }
+        return out
+
+    def diff(self, other: "PipelineConfig") -> list[str]:
+        """Result-affecting fields that differ, as 'section.field: old -> new' lines."""
+        a, b = self.result_affecting(), other.result_affecting()
+        lines = []
+        for section in a:
+            for name in a[section]:
+                if a[section][name] != b[section][name]:
+                    lines.append(f"{section}.{name}: {a[section][name]!r} -> {b[section][name]!r}")
+        return lines
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which field and why."""
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(PipelineConfig)]
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (item_type,) = typing.get_args(typ) or (str,)
+            if isinstance(value, str):
+                value = _parse_literal(value)
+                if isinstance(value, str):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError("expected a list")
+            return [_coerce(v, item_type, name) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on"}:
+                return True
+            if isinstance(value, str) and value.lower() in {"false", "0", "no", "off"}:
+                return False
+            raise TypeError("expected true/false")
+        if typ is int:
+            if isinstance(value, bool):
+                raise TypeError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError("expected an integer")
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot use {value!r} ({exc})") from exc
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the TOML file (if any), then ``--set`` overrides, in that order."""
+    cfg = PipelineConfig.from_toml(path) if path else PipelineConfig()
+    return cfg.apply_overrides(overrides)
