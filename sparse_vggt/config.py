@@ -71,6 +71,12 @@ class GraphConfig:
     verify_max_side: int = 640  # images are downscaled to this longer side for verification
     verify_min_inliers: int = 20  # pairs with fewer RANSAC inliers are removed
     verify_workers: int = _runtime(0, "processes for verification; 0 = cpu count")
+    # added by the graph stage (issue 7):
+    gps_neighbors: int = 10  # at most this many nearest GPS neighbours within gps_radius_m per image
+    pca_sample: int = 20000  # descriptors sampled to fit the PCA of the reduced candidate search
+    recall_sample: int = 256  # queries checked against exact search to measure recall (0 = off)
+    seed: int = 0  # PCA / recall sampling
+    memory_mb: int = _runtime(2048, "descriptors are cached in RAM (fp16) if they fit in about this much")
 
 
 @dataclass

@@ -1,0 +1,767 @@
+"""Covisibility graph: which photos probably see the same place.
+
+Reads ``store.zarr/descriptors`` (N_rows, D) for the ``ok`` rows of ``images.parquet`` and writes a symmetric CSR
+graph to ``store.zarr/graph`` (indptr, indices, weights, edge_source, component).
+
+Why this shape: at city scale N is 10^5-10^6, so an N x N similarity matrix (10^10-10^12 entries) can never exist.
+Candidate search runs on a reduced projection (PCA fitted on a sample; or faiss HNSW over the same projection),
+block by block, keeping only the best ``candidates`` per query; those candidates are then re-ranked by the exact
+cosine on the full descriptors. Descriptors are cached in RAM as fp16 when they fit ``graph.memory_mb``,
+otherwise streamed from Zarr in super-blocks. Recall against exact search is measured on a sample of queries and
+recorded, so an approximate search never silently degrades the graph.
+
+Edges come from retrieval (kNN by cosine, optional similarity threshold and mutual-kNN, union symmetrisation),
+plus priors where metadata exists: sequence neighbours (capture time, else file order) and GPS neighbours within
+a radius. Pairs whose GPS positions are farther apart than ``gps_max_distance_m`` are dropped whatever their
+similarity. Optional geometric verification (SIFT/ORB + RANSAC fundamental matrix, a process pool over pairs)
+removes failed pairs and weights verified ones by their inlier count. Components are reported, never joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+
+from .config import GraphConfig, PipelineConfig
+from .progress import track
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+# bits of graph/edge_source
+SRC_RETRIEVAL, SRC_SEQUENCE, SRC_GPS, SRC_VERIFIED = 1, 2, 4, 8
+_EARTH_RADIUS_M = 6_371_008.8
+
+
+class GraphError(ValueError):
+    """The graph cannot be built from this input; the message says what to fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# descriptor access
+
+
+class DescriptorSource:
+    """The ok rows of a (N_rows, D) descriptor array, as unit-norm float32 blocks.
+
+    ``array`` is a Zarr array (or anything sliceable like a NumPy array). The first pass (constructor) checks
+    every row for NaN/Inf and zero norm, records the norms and, if ``n * D * 2`` bytes fit ``memory_bytes``,
+    keeps an fp16 copy in RAM so later passes do not decode Zarr again.
+    """
+
+    def __init__(self, array: Any, rows: np.ndarray, memory_bytes: int = 2 << 30,
+                 names: Sequence[str] | None = None, read_rows: int = 4096):
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if self.rows.size and np.any(np.diff(self.rows) <= 0):
+            raise ValueError("rows must be strictly increasing")
+        self.n = int(self.rows.size)
+        self.dim = int(array.shape[1])
+        self.names = names
+        self.read_rows = read_rows
+        self.memory_bytes = memory_bytes
+        self.cache: np.ndarray | None = None
+        cache = self.n * self.dim * 2 <= memory_bytes
+        if cache:
+            self.cache = np.empty((self.n, self.dim), dtype=np.float16)
+        self.inv_norm = np.empty(self.n, dtype=np.float32)
+        for start, block in self._read_raw_blocks(read_rows):
+            stop = start + block.shape[0]
+            f = block.astype(np.float32)
+            bad = ~np.isfinite(f).all(axis=1)
+            if bad.any():
+                raise GraphError(self._bad_rows_message(start + np.flatnonzero(bad), "NaN or Inf values"))
+            norms = np.linalg.norm(f, axis=1)
+            zero = norms <= 1e-12
+            if zero.any():
+                raise GraphError(self._bad_rows_message(start + np.flatnonzero(zero), "all-zero descriptors"))
+            self.inv_norm[start:stop] = 1.0 / norms
+            if self.cache is not None:
+                self.cache[start:stop] = block.astype(np.float16, copy=False)
+
+    def _bad_rows_message(self, local: np.ndarray, what: str) -> str:
+        if self.names is not None:
+            shown = ", ".join(str(self.names[i]) for i in local[:5])
+        else:
+            shown = ", ".join(f"row {int(self.rows[i])}" for i in local[:5])
+        return (f"{local.size} kept image(s) have {what} in store.zarr/descriptors (e.g. {shown}). Re-run "
+                "`sparse-vggt describe --force`, or fix the bring-your-own descriptor file.")
+
+    def _read_raw_blocks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Raw (un-normalised) blocks of ok rows, reading contiguous row ranges of the array."""
+        for start in range(0, self.n, block):
+            sel = self.rows[start:start + block]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            chunk = np.asarray(self.array[lo:hi])
+            yield start, chunk[sel - lo]
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Unit-norm float32 rows [start, stop) of the ok rows."""
+        if self.cache is not None:
+            raw = self.cache[start:stop]
+        else:
+            sel = self.rows[start:stop]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            raw = np.asarray(self.array[lo:hi])[sel - lo]
+        out = torch.from_numpy(raw.astype(np.float32))
+        return out.mul_(torch.from_numpy(self.inv_norm[start:stop])[:, None])
+
+    def blocks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, self.n, size):
+            yield start, self.block(start, min(self.n, start + size))
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        """Unit-norm float32 rows at arbitrary local indices (any order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.cache is not None:
+            raw = self.cache[idx].astype(np.float32)
+        else:
+            order = np.argsort(idx, kind="stable")
+            rows = self.rows[idx[order]]
+            raw_sorted = _oindex(self.array, rows).astype(np.float32)
+            raw = np.empty_like(raw_sorted)
+            raw[order] = raw_sorted
+        out = torch.from_numpy(raw)
+        return out.mul_(torch.from_numpy(self.inv_norm[idx])[:, None])
+
+
+def _oindex(array: Any, rows: np.ndarray) -> np.ndarray:
+    if isinstance(array, np.ndarray):
+        return array[rows]
+    uniq, inv = np.unique(rows, return_inverse=True)
+    return np.asarray(array.oindex[uniq, :])[inv]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kNN search (local indices 0..n-1 of the source)
+
+
+def _merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    cs = torch.cat([best_s, s], dim=1)
+    ci = torch.cat([best_i, i], dim=1)
+    top_s, pos = torch.topk(cs, k=min(k, cs.shape[1]), dim=1)
+    return top_s, torch.gather(ci, 1, pos)
+
+
+def _blocked_topk(query_blocks: Iterator[tuple[int, torch.Tensor]], db_block: Any, n_db: int, k: int,
+                  block_size: int, exclude_self: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of every query against every database row, one (block x block) tile at a time."""
+    idx_out: list[np.ndarray] = []
+    sim_out: list[np.ndarray] = []
+    n_q_blocks = 0
+    for q_start, q in track(query_blocks, total=None, description=desc):
+        n_q_blocks += 1
+        b = q.shape[0]
+        best_s = torch.full((b, 0), -math.inf)
+        best_i = torch.zeros((b, 0), dtype=torch.int64)
+        for d_start in range(0, n_db, block_size):
+            d = db_block(d_start, min(n_db, d_start + block_size))
+            s = q @ d.T
+            if exclude_self:
+                lo, hi = max(q_start, d_start), min(q_start + b, d_start + d.shape[0])
+                if lo < hi:
+                    r = torch.arange(lo, hi)
+                    s[r - q_start, r - d_start] = -math.inf
+            ids = torch.arange(d_start, d_start + d.shape[0]).expand(b, -1)
+            best_s, best_i = _merge_topk(best_s, best_i, s, ids, k)
+        idx_out.append(best_i.numpy())
+        sim_out.append(best_s.numpy())
+    if not idx_out:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(idx_out), np.concatenate(sim_out).astype(np.float32)
+
+
+def knn_exact(src: DescriptorSource, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine kNN (self excluded), streaming both sides in blocks: O(n^2 D) time, O(block^2) memory."""
+    return _blocked_topk(src.blocks(block_size), src.block, src.n, k, block_size, True, "exact kNN")
+
+
+@dataclass
+class Projection:
+    """x -> [U^T (x - mu), x.mu] so that q'.c' + const(q) = q.c restricted to the PCA subspace (+ mean)."""
+
+    mean: torch.Tensor  # (D,)
+    basis: torch.Tensor  # (D, r)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x - self.mean) @ self.basis, torch.ones(x.shape[0], 1)], dim=1)
+
+    def database(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x - self.mean) @ self.basis, (x @ self.mean)[:, None]], dim=1)
+
+
+def fit_pca(src: DescriptorSource, dim: int, sample: int, seed: int = 0) -> Projection:
+    """PCA basis of a random sample of unit-norm descriptors (randomised SVD: never a D x D matrix)."""
+    rng = np.random.default_rng(seed)
+    m = min(src.n, max(sample, dim + 1))
+    idx = np.sort(rng.choice(src.n, size=m, replace=False))
+    x = src.take(idx)
+    mean = x.mean(0)
+    xc = x - mean
+    r = min(dim, xc.shape[0] - 1, xc.shape[1])
+    gen = torch.Generator().manual_seed(seed)
+    q = min(r + 16, min(xc.shape))
+    omega = torch.randn(xc.shape[1], q, generator=gen)
+    y = xc @ omega
+    for _ in range(2):  # power iterations sharpen the spectrum (descriptor spectra decay slowly)
+        y, _ = torch.linalg.qr(y)
+        y, _ = torch.linalg.qr(xc.T @ y)
+        y = xc @ y
+    qmat, _ = torch.linalg.qr(y)
+    _, _, vh = torch.linalg.svd(qmat.T @ xc, full_matrices=False)
+    return Projection(mean=mean, basis=vh[:r].T.contiguous())
+
+
+def _project_all(src: DescriptorSource, proj: Projection, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qs, ds = [], []
+    for _, x in track(src.blocks(block_size), total=math.ceil(src.n / block_size), description="projecting"):
+        qs.append(proj.query(x))
+        ds.append(proj.database(x))
+    return torch.cat(qs), torch.cat(ds)
+
+
+def candidates_pca(src: DescriptorSource, proj: Projection, c: int, block_size: int) -> np.ndarray:
+    """Best ``c`` candidates per query by the reduced score (blocked brute force over n x r)."""
+    q_red, d_red = _project_all(src, proj, block_size)
+    q_blocks = ((s, q_red[s:s + block_size]) for s in range(0, src.n, block_size))
+    idx, _ = _blocked_topk(q_blocks, lambda a, b: d_red[a:b], src.n, c, block_size, True, "candidate search")
+    return idx
+
+
+def candidates_faiss(src: DescriptorSource, proj: Projection, c: int, block_size: int) -> np.ndarray:
+    """Best ``c`` candidates per query from a faiss HNSW index over the reduced projection (sub-quadratic)."""
+    import faiss
+
+    q_red, d_red = _project_all(src, proj, block_size)
+    # inner product with the augmented (query, database) pair == reduced score; HNSW needs one vector space, so
+    # use the database form for both and correct the last coordinate: q.[..., 1] vs d.[..., x.mu] differ only by
+    # a per-query constant, which does not change the ranking for that query.
+    xb = d_red.numpy().astype(np.float32)
+    xq = q_red.numpy().astype(np.float32)
+    index = faiss.IndexHNSWFlat(xb.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.add(xb)
+    index.hnsw.efSearch = max(2 * (c + 1), 128)
+    _, idx = index.search(xq, c + 1)
+    out = np.empty((src.n, c), dtype=np.int64)
+    for i in range(src.n):  # drop self, keep c
+        row = idx[i][(idx[i] != i) & (idx[i] >= 0)][:c]
+        if row.size < c:  # HNSW may return fewer; pad with the best we have (re-rank removes duplicates)
+            row = np.concatenate([row, np.full(c - row.size, row[0] if row.size else (i + 1) % src.n)])
+        out[i] = row
+    return out
+
+
+def rerank(src: DescriptorSource, cand: np.ndarray, k: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine of each query against its candidates on the full descriptors; keep the best k."""
+    n, c = cand.shape
+    sims = pair_similarity(src, np.repeat(np.arange(n), c), cand.reshape(-1), chunk_queries=chunk,
+                           per_query=c).reshape(n, c)
+    # duplicates among candidates (faiss padding) must not count twice
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims_sorted = np.take_along_axis(sims, order, 1)
+    cand_sorted = np.take_along_axis(cand, order, 1)
+    dup = np.zeros_like(cand_sorted, dtype=bool)
+    srt = np.sort(cand_sorted, axis=1)
+    if np.any(srt[:, 1:] == srt[:, :-1]):
+        for i in np.flatnonzero(np.any(srt[:, 1:] == srt[:, :-1], axis=1)):
+            _, first = np.unique(cand_sorted[i], return_index=True)
+            mask = np.ones(c, bool)
+            mask[first] = False
+            dup[i] = mask
+    sims_sorted = np.where(dup, -np.inf, sims_sorted)
+    order2 = np.argsort(-sims_sorted, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand_sorted, order2, 1), np.take_along_axis(sims_sorted, order2, 1)
+
+
+def pair_similarity(src: DescriptorSource, i: np.ndarray, j: np.ndarray, chunk_queries: int = 64,
+                    per_query: int | None = None) -> np.ndarray:
+    """Exact cosine for arbitrary pairs (i[p], j[p]).
+
+    Cached descriptors: gathered in chunks. Streamed descriptors: pairs are grouped by super-block so every
+    super-block pair is decoded once and memory stays bounded by two super-blocks.
+    """
+    i = np.asarray(i, np.int64)
+    j = np.asarray(j, np.int64)
+    out = np.empty(i.size, dtype=np.float32)
+    if i.size == 0:
+        return out
+    if src.cached:
+        if per_query is not None:  # fixed candidates per query: one query row against its c rows (bmm)
+            n = i.size // per_query
+            for s in range(0, n, chunk_queries):
+                e = min(n, s + chunk_queries)
+                q = src.take(i[s * per_query:e * per_query:per_query])
+                d = src.take(j[s * per_query:e * per_query]).view(e - s, per_query, -1)
+                out[s * per_query:e * per_query] = torch.bmm(d, q[:, :, None]).reshape(-1).numpy()
+            return out
+        step = chunk_queries * 64
+        for s in range(0, i.size, step):
+            a = src.take(i[s:s + step])
+            b = src.take(j[s:s + step])
+            out[s:s + step] = (a * b).sum(1).numpy()
+        return out
+    # streaming: super-blocks of rows sized so two of them (float32) fit the memory budget
+    sb = max(src.read_rows, src.memory_bytes // (4 * src.dim * 4))
+    bi, bj = i // sb, j // sb
+    lo, hi = np.minimum(bi, bj), np.maximum(bi, bj)
+    key = lo * (src.n // sb + 1) + hi
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    for grp in np.split(order, bounds):
+        a_id, b_id = int(lo[grp[0]]), int(hi[grp[0]])
+        a0, b0 = a_id * sb, b_id * sb
+        blk = src.block(a0, min(src.n, a0 + sb))
+        na = blk.shape[0]
+        if b_id != a_id:
+            blk = torch.cat([blk, src.block(b0, min(src.n, b0 + sb))])
+
+        def local(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.where(x // sb == a_id, x - a0, x - b0 + na))
+
+        for s in range(0, grp.size, 8192):
+            g = grp[s:s + 8192]
+            out[g] = (blk[local(i[g])] * blk[local(j[g])]).sum(1).numpy()
+    return out
+
+
+def measure_recall(src: DescriptorSource, idx: np.ndarray, k: int, sample: int, block_size: int,
+                   seed: int = 0) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k over ``sample`` random queries (one streaming pass over the db)."""
+    if sample <= 0 or src.n < 2 or k == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed + 1)
+    q_idx = np.sort(rng.choice(src.n, size=min(sample, src.n), replace=False))
+    q = src.take(q_idx)
+    best_s = torch.full((q.shape[0], 0), -math.inf)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
+    for d_start, d in src.blocks(block_size):
+        s = q @ d.T
+        inside = (q_idx >= d_start) & (q_idx < d_start + d.shape[0])
+        rows = np.flatnonzero(inside)
+        s[rows, q_idx[rows] - d_start] = -math.inf
+        ids = torch.arange(d_start, d_start + d.shape[0]).expand(q.shape[0], -1)
+        best_s, best_i = _merge_topk(best_s, best_i, s, ids, k)
+    exact = best_i.numpy()
+    hits = [len(set(exact[r]) & set(idx[qi, :k])) for r, qi in enumerate(q_idx)]
+    return float(np.mean(hits) / k)
+
+
+def knn(src: DescriptorSource, k: int, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """kNN by cosine with the configured method; returns (indices, similarities, method used)."""
+    method = cfg.method.lower()
+    if method not in {"auto", "exact", "pca", "faiss"}:
+        raise GraphError(f"graph.method={cfg.method!r}: use auto, exact, pca or faiss")
+    if method == "auto":
+        method = "exact" if (src.n <= 8192 or src.dim <= cfg.pca_dim) else "pca"
+    if method == "exact" or src.n - 1 <= max(k, cfg.candidates):
+        idx, sim = knn_exact(src, k, cfg.block_size)
+        return idx, sim, "exact"
+    proj = fit_pca(src, cfg.pca_dim, cfg.pca_sample, cfg.seed)
+    c = max(k, min(cfg.candidates, src.n - 1))
+    if method == "faiss":
+        cand = candidates_faiss(src, proj, c, cfg.block_size)
+    else:
+        cand = candidates_pca(src, proj, c, cfg.block_size)
+    idx, sim = rerank(src, cand, k)
+    return idx, sim, method
+
+
+# ----------------------------------------------------------------------------------------------------------
+# edges
+
+
+def knn_pairs(idx: np.ndarray, sim: np.ndarray, min_similarity: float, mutual: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Undirected (i < j) retrieval pairs with their cosine; union symmetrisation unless ``mutual``."""
+    n, k = idx.shape
+    qi = np.repeat(np.arange(n, dtype=np.int64), k)
+    qj = idx.reshape(-1).astype(np.int64)
+    qs = sim.reshape(-1)
+    keep = np.isfinite(qs) & (qs >= min_similarity) & (qj != qi)
+    qi, qj, qs = qi[keep], qj[keep], qs[keep]
+    a, b = np.minimum(qi, qj), np.maximum(qi, qj)
+    key = a * n + b
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if mutual:
+        sel = counts >= 2  # found from both ends
+        uniq, first = uniq[sel], first[sel]
+    return a[first], b[first], qs[first].astype(np.float32)
+
+
+def sequence_pairs(order: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each image linked to the next ``window`` images of ``order`` (local indices)."""
+    if window <= 0 or order.size < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    a, b = [], []
+    for w in range(1, window + 1):
+        a.append(order[:-w])
+        b.append(order[w:])
+    a_, b_ = np.concatenate(a), np.concatenate(b)
+    return np.minimum(a_, b_), np.maximum(a_, b_)
+
+
+def _ecef(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return _EARTH_RADIUS_M * np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], 1)
+
+
+def gps_pairs(lat: np.ndarray, lon: np.ndarray, radius_m: float, max_neighbors: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of images with GPS within ``radius_m`` (chord distance; at most ``max_neighbors`` per image)."""
+    from scipy.spatial import cKDTree
+
+    has = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon))
+    if radius_m <= 0 or has.size < 2 or max_neighbors <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    xyz = _ecef(lat[has], lon[has])
+    tree = cKDTree(xyz)
+    kq = min(max_neighbors + 1, has.size)
+    dist, nb = tree.query(xyz, k=kq, distance_upper_bound=radius_m)
+    dist, nb = dist.reshape(has.size, kq), nb.reshape(has.size, kq)
+    rows = np.repeat(np.arange(has.size), kq)
+    ok = np.isfinite(dist.reshape(-1)) & (nb.reshape(-1) != rows) & (nb.reshape(-1) < has.size)
+    a = has[rows[ok]]
+    b = has[nb.reshape(-1)[ok]]
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def gps_distance(lat: np.ndarray, lon: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Great-circle-ish (chord) distance in metres; NaN where either image has no GPS."""
+    pa_, pb_ = _ecef(lat[a], lon[a]), _ecef(lat[b], lon[b])
+    return np.linalg.norm(pa_ - pb_, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometric verification (runs in worker processes)
+
+_VERIFY: dict[str, Any] = {}
+
+
+def _verify_init(root: str, paths: list[str], features: str, max_side: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _VERIFY.update(root=root, paths=paths, features=features, max_side=max_side)
+    _features.cache_clear()
+
+
+@lru_cache(maxsize=128)
+def _features(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    import cv2
+
+    from .ingest import load_image
+
+    img = load_image(Path(_VERIFY["root"]) / _VERIFY["paths"][i]).convert("L")
+    scale = _VERIFY["max_side"] / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    gray = np.asarray(img)
+    if _VERIFY["features"] == "orb":
+        det = cv2.ORB_create(nfeatures=4000)
+    else:
+        det = cv2.SIFT_create(nfeatures=2048)
+    kps, desc = det.detectAndCompute(gray, None)
+    pts = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
+    return pts, desc
+
+
+def _verify_pair(i: int, j: int) -> int:
+    import cv2
+
+    pi, di = _features(i)
+    pj, dj = _features(j)
+    if di is None or dj is None or len(pi) < 8 or len(pj) < 8:
+        return 0
+    norm = cv2.NORM_HAMMING if _VERIFY["features"] == "orb" else cv2.NORM_L2
+    matcher = cv2.BFMatcher(norm)
+    fwd = matcher.knnMatch(di, dj, k=2)
+    back = {m.queryIdx: m.trainIdx for m in matcher.match(dj, di)}
+    # Lowe ratio test + mutual nearest neighbour: keeps random matches (and thus chance F fits) rare
+    good = [m[0] for m in fwd
+            if len(m) == 2 and m[0].distance < 0.8 * m[1].distance and back.get(m[0].trainIdx) == m[0].queryIdx]
+    if len(good) < 8:
+        return 0
+    a = pi[[m.queryIdx for m in good]]
+    b = pj[[m.trainIdx for m in good]]
+    _, mask = cv2.findFundamentalMat(a, b, cv2.USAC_MAGSAC, 1.5, 0.999, 10000)
+    return 0 if mask is None else int(mask.sum())
+
+
+def _verify_batch(pairs: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(pairs), dtype=np.int32)
+    for n, (i, j) in enumerate(pairs):
+        try:
+            out[n] = _verify_pair(int(i), int(j))
+        except Exception as exc:  # one unreadable photo must not kill the stage; the pair is just unverified
+            log.warning("verification of %s / %s failed: %s", _VERIFY["paths"][i], _VERIFY["paths"][j], exc)
+            out[n] = -1
+    return out
+
+
+def verify_pairs(root: Path, paths: Sequence[str], a: np.ndarray, b: np.ndarray, cfg: GraphConfig
+                 ) -> np.ndarray:
+    """RANSAC inlier count per pair (-1 = an image could not be read), parallel over pairs.
+
+    Pairs are sorted by first image and split into contiguous batches so each worker's feature cache is
+    reused; features are never held for all images at once (city scale).
+    """
+    if cfg.verify_features not in {"sift", "orb"}:
+        raise GraphError(f"graph.verify_features={cfg.verify_features!r}: use sift or orb")
+    pairs = np.stack([a, b], 1)
+    order = np.lexsort((b, a))
+    pairs = pairs[order]
+    workers = cfg.verify_workers or (os.cpu_count() or 1)
+    batch = max(1, min(256, math.ceil(len(pairs) / (workers * 4))))
+    batches = [pairs[s:s + batch] for s in range(0, len(pairs), batch)]
+    init = (str(root), list(paths), cfg.verify_features, cfg.verify_max_side)
+    results: list[np.ndarray] = []
+    if workers <= 1:
+        _verify_init(*init)
+        for bt in track(batches, total=len(batches), description="verifying pairs"):
+            results.append(_verify_batch(bt))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # fork after torch/zarr threads started is unsafe
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_verify_init,
+                                 initargs=init) as pool:
+            for r in track(pool.map(_verify_batch, batches), total=len(batches), description="verifying pairs"):
+                results.append(r)
+    inl = np.concatenate(results) if results else np.zeros(0, np.int32)
+    out = np.empty_like(inl)
+    out[order] = inl
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# assembly
+
+
+def to_csr(n_rows: int, a: np.ndarray, b: np.ndarray, w: np.ndarray, src_bits: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric CSR (indptr, indices, weights, edge_source) over all rows from undirected pairs a < b."""
+    rows = np.concatenate([a, b])
+    cols = np.concatenate([b, a])
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    ww = np.concatenate([w, w])[order].astype(np.float32)
+    ss = np.concatenate([src_bits, src_bits])[order].astype(np.uint8)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr), cols.astype(np.int64), ww, ss
+
+
+def components(n_rows: int, ok_rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Connected-component id per row (0 = largest), -1 for rows that are not ok."""
+    mat = sp.csr_matrix((np.ones(indices.size, np.int8), indices, indptr), shape=(n_rows, n_rows))
+    sub = mat[ok_rows][:, ok_rows]
+    ncomp, lab = connected_components(sub, directed=False)
+    sizes = np.bincount(lab, minlength=ncomp)
+    rank = np.empty(ncomp, dtype=np.int64)
+    # largest first; ties by smallest member for determinism
+    first = np.full(ncomp, np.iinfo(np.int64).max)
+    np.minimum.at(first, lab, np.arange(lab.size))
+    rank[np.lexsort((first, -sizes))] = np.arange(ncomp)
+    out = np.full(n_rows, -1, dtype=np.int64)
+    out[ok_rows] = rank[lab]
+    return out
+
+
+def _degree_stats(indptr: np.ndarray, ok_rows: np.ndarray) -> dict[str, float]:
+    deg = np.diff(indptr)[ok_rows]
+    if deg.size == 0:
+        return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0, "isolated": 0}
+    return {"min": int(deg.min()), "mean": round(float(deg.mean()), 3), "median": float(np.median(deg)),
+            "max": int(deg.max()), "isolated": int((deg == 0).sum())}
+
+
+def _sequence_order(table: pa.Table, ok_rows: np.ndarray) -> tuple[np.ndarray, str]:
+    names = table.column("path").to_pylist()
+    ts = table.column("timestamp") if "timestamp" in table.column_names else None
+    if ts is not None:
+        vals = ts.to_pylist()
+        sub = [vals[r] for r in ok_rows]
+        if sub and all(v is not None for v in sub):
+            keys = [(v, names[r]) for v, r in zip(sub, ok_rows)]
+            return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64), "capture_time"
+    keys = [names[r] for r in ok_rows]
+    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64), "file_order"
+
+
+def _float_col(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(rows.size, np.nan)
+    col = table.column(name).to_numpy(zero_copy_only=False)
+    return np.asarray(col, dtype=np.float64)[rows]
+
+
+def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool = False) -> dict[str, Any]:
+    """The graph stage: kNN + priors (+ verification) -> symmetric CSR and components in store.zarr/graph."""
+    t0 = time.perf_counter()
+    store = RunStore.open(run_dir)
+    config = config or store.config()
+    cfg = config.graph
+    settings = config.result_affecting()["graph"]
+    if (not force and store.is_stage_complete("graph") and store.is_unit_complete("graph")
+            and store.zarr["graph"].attrs.get("config") == settings):
+        log.info("graph stage already finished in %s with the same settings; nothing to do", store.root)
+        return store.stage_manifest("graph")
+    store.require_stage("describe", "graph")
+    if cfg.k < 0:
+        raise GraphError(f"graph.k={cfg.k} must be >= 0")
+    table = store.read_table("images")
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    n_rows = len(status)
+    ok_rows = np.flatnonzero(status == "ok").astype(np.int64)
+    if ok_rows.size == 0:
+        raise GraphError(f"{store.root}: zero kept images (all {n_rows} were skipped at scan); nothing to "
+                         "connect. Check `sparse-vggt status` / images.parquet status column.")
+    if "descriptors" not in store.zarr:
+        raise GraphError(f"{store.root}: store.zarr/descriptors is missing; run `sparse-vggt describe` first.")
+    arr = store.zarr["descriptors"]
+    if arr.shape[0] != n_rows:
+        raise GraphError(f"store.zarr/descriptors has {arr.shape[0]} rows but images.parquet has {n_rows}; "
+                         "re-run `sparse-vggt describe --force`.")
+    names = table.column("path").to_pylist()
+    store.stage_started("graph")
+    ok_names = [names[r] for r in ok_rows]
+    src = DescriptorSource(arr, ok_rows, memory_bytes=cfg.memory_mb << 20, names=ok_names,
+                           read_rows=max(cfg.block_size, 1))
+    n = src.n
+    k = cfg.k
+    warnings: list[str] = []
+    if k >= n:
+        msg = f"graph.k={cfg.k} >= number of kept images {n}: clamped to k={n - 1} (every image links to all)"
+        log.warning(msg)
+        warnings.append(msg)
+        k = n - 1
+    priors: list[str] = []
+
+    # retrieval
+    recall = float("nan")
+    method = "none"
+    if k > 0:
+        idx, sim, method = knn(src, k, cfg)
+        if method != "exact":
+            recall = measure_recall(src, idx, k, cfg.recall_sample, cfg.block_size, cfg.seed)
+            log.info("%s kNN recall@%d vs exact on %d queries: %.4f", method, k, min(cfg.recall_sample, n), recall)
+        else:
+            recall = 1.0
+        ra, rb, rs = knn_pairs(idx, sim, cfg.min_similarity, cfg.mutual)
+    else:
+        ra = rb = np.zeros(0, np.int64)
+        rs = np.zeros(0, np.float32)
+    parts_a, parts_b, parts_src = [ra], [rb], [np.full(ra.size, SRC_RETRIEVAL, np.uint8)]
+
+    # priors
+    lat = _float_col(table, "gps_lat", ok_rows)
+    lon = _float_col(table, "gps_lon", ok_rows)
+    seq_basis = None
+    if cfg.sequence_neighbors > 0:
+        order, seq_basis = _sequence_order(table, ok_rows)
+        sa, sb = sequence_pairs(order, cfg.sequence_neighbors)
+        parts_a.append(sa), parts_b.append(sb), parts_src.append(np.full(sa.size, SRC_SEQUENCE, np.uint8))
+        priors.append(f"sequence:{cfg.sequence_neighbors}:{seq_basis}")
+    n_gps = int((np.isfinite(lat) & np.isfinite(lon)).sum())
+    if cfg.gps_radius_m > 0:
+        ga, gb = gps_pairs(lat, lon, cfg.gps_radius_m, cfg.gps_neighbors)
+        parts_a.append(ga), parts_b.append(gb), parts_src.append(np.full(ga.size, SRC_GPS, np.uint8))
+        priors.append(f"gps_radius:{cfg.gps_radius_m}m")
+    a = np.concatenate(parts_a)
+    b = np.concatenate(parts_b)
+    bits = np.concatenate(parts_src)
+    key = a * n + b
+    uniq, inv = np.unique(key, return_inverse=True)
+    merged_bits = np.zeros(uniq.size, np.uint8)
+    np.bitwise_or.at(merged_bits, inv, bits)
+    a, b, bits = uniq // n, uniq % n, merged_bits
+    # cosine weight for every pair (retrieval pairs already have it; priors get it computed exactly)
+    w = np.empty(a.size, np.float32)
+    rkey = ra * n + rb
+    pos = np.searchsorted(uniq, rkey)
+    w[pos] = rs
+    need = (bits & SRC_RETRIEVAL) == 0
+    if need.any():
+        w[need] = pair_similarity(src, a[need], b[need])
+    dropped_gps = 0
+    if cfg.gps_max_distance_m > 0:
+        d = gps_distance(lat, lon, a, b)
+        far = np.isfinite(d) & (d > cfg.gps_max_distance_m)
+        dropped_gps = int(far.sum())
+        a, b, w, bits = a[~far], b[~far], w[~far], bits[~far]
+        priors.append(f"gps_max_distance:{cfg.gps_max_distance_m}m")
+    candidates_pairs = int(a.size)
+
+    verify_info: dict[str, Any] = {}
+    weight_kind = "cosine"
+    if cfg.verify and a.size:
+        root = table.schema.metadata.get(b"photos_root") if table.schema.metadata else None
+        if root is None:
+            raise GraphError("images.parquet has no photos_root metadata; graph.verify needs the photos. "
+                             "Re-run `sparse-vggt scan`, or set graph.verify=false.")
+        inl = verify_pairs(Path(root.decode()), ok_names, a, b, cfg)
+        ok = inl >= cfg.verify_min_inliers
+        verify_info = {"pairs_checked": int(a.size), "pairs_verified": int(ok.sum()),
+                       "pairs_unreadable": int((inl < 0).sum()),
+                       "median_inliers_verified": float(np.median(inl[ok])) if ok.any() else 0.0}
+        a, b, w, bits = a[ok], b[ok], inl[ok].astype(np.float32), bits[ok] | SRC_VERIFIED
+        weight_kind = "inliers"
+        priors.append(f"verified:{cfg.verify_features}>={cfg.verify_min_inliers}")
+
+    ga_, gb_ = ok_rows[a], ok_rows[b]
+    indptr, indices, weights, edge_src = to_csr(n_rows, ga_, gb_, w, bits)
+    comp = components(n_rows, ok_rows, indptr, indices)
+    sizes = np.bincount(comp[ok_rows]) if n else np.zeros(0, np.int64)
+
+    store.remove_group("graph")
+    grp = store.group("graph")
+    chunk = max(1, min(1 << 20, max(indices.size, 1)))
+    store.write_array(grp, "indptr", indptr, chunks=(min(1 << 20, indptr.size),))
+    store.write_array(grp, "indices", indices, chunks=(chunk,))
+    store.write_array(grp, "weights", weights, chunks=(chunk,))
+    store.write_array(grp, "edge_source", edge_src, chunks=(chunk,))
+    store.write_array(grp, "component", comp, chunks=(min(1 << 20, comp.size),))
+    manifest: dict[str, Any] = {
+        "images": int(n), "rows": int(n_rows), "method": method, "k": int(k), "k_requested": int(cfg.k),
+        "mutual": bool(cfg.mutual), "min_similarity": float(cfg.min_similarity),
+        "recall_at_k": None if math.isnan(recall) else round(recall, 4),
+        "recall_sample": int(min(cfg.recall_sample, n)) if method not in ("exact", "none") else 0,
+        "candidate_pairs": candidates_pairs, "edges": int(indices.size // 2), "weights": weight_kind,
+        "priors": priors, "images_with_gps": n_gps, "pairs_dropped_by_gps": dropped_gps,
+        "degree": _degree_stats(indptr, ok_rows), "components": int(sizes.size),
+        "largest_component": int(sizes.max()) if sizes.size else 0,
+        "singleton_components": int((sizes == 1).sum()),
+        "component_sizes_top": [int(s) for s in sizes[:10]],
+        "seconds": round(time.perf_counter() - t0, 2), "warnings": warnings,
+    }
+    if verify_info:
+        manifest["verification"] = verify_info
+    store.mark_unit_complete("graph", config=settings, method=method, k=int(k), priors=priors, weights=weight_kind,
+                             mutual=bool(cfg.mutual), min_similarity=float(cfg.min_similarity),
+                             recall_at_k=manifest["recall_at_k"],
+                             edge_source_bits={"retrieval": SRC_RETRIEVAL, "sequence": SRC_SEQUENCE,
+                                               "gps": SRC_GPS, "verified": SRC_VERIFIED})
+    store.stage_finished("graph", manifest)
+    log.info("graph: %d images, %d edges, %d components (largest %d)", n, manifest["edges"],
+             manifest["components"], manifest["largest_component"])
+    return manifest
