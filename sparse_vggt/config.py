@@ -73,7 +73,7 @@ class GraphConfig:
     verify_workers: int = _runtime(0, "processes for verification; 0 = cpu count")
     # added by the graph stage (issue 7):
     gps_neighbors: int = 10  # at most this many nearest GPS neighbours within gps_radius_m per image
-    pca_sample: int = 20000  # descriptors sampled to fit the PCA of the reduced candidate search
+    pca_sample: int = 10000  # descriptors sampled to fit the PCA of the reduced candidate search
     recall_sample: int = 256  # queries checked against exact search to measure recall (0 = off)
     seed: int = 0  # PCA / recall sampling
     memory_mb: int = _runtime(2048, "descriptors are cached in RAM (fp16) if they fit in about this much")

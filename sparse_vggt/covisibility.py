@@ -73,14 +73,14 @@ class DescriptorSource:
         self.names = names
         self.read_rows = read_rows
         self.memory_bytes = memory_bytes
-        self.cache: np.ndarray | None = None
+        self.cache: torch.Tensor | None = None  # fp16; torch converts to fp32 with F16C, NumPy does not
         cache = self.n * self.dim * 2 <= memory_bytes
         if cache:
-            self.cache = np.empty((self.n, self.dim), dtype=np.float16)
+            self.cache = torch.empty((self.n, self.dim), dtype=torch.float16)
         self.inv_norm = np.empty(self.n, dtype=np.float32)
         for start, block in self._read_raw_blocks(read_rows):
             stop = start + block.shape[0]
-            f = block.astype(np.float32)
+            f = _to_f32(block).numpy()
             bad = ~np.isfinite(f).all(axis=1)
             if bad.any():
                 raise GraphError(self._bad_rows_message(start + np.flatnonzero(bad), "NaN or Inf values"))
@@ -90,7 +90,7 @@ class DescriptorSource:
                 raise GraphError(self._bad_rows_message(start + np.flatnonzero(zero), "all-zero descriptors"))
             self.inv_norm[start:stop] = 1.0 / norms
             if self.cache is not None:
-                self.cache[start:stop] = block.astype(np.float16, copy=False)
+                self.cache[start:stop] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float16))
 
     def _bad_rows_message(self, local: np.ndarray, what: str) -> str:
         if self.names is not None:
@@ -115,12 +115,11 @@ class DescriptorSource:
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Unit-norm float32 rows [start, stop) of the ok rows."""
         if self.cache is not None:
-            raw = self.cache[start:stop]
+            out = self.cache[start:stop].float()
         else:
             sel = self.rows[start:stop]
             lo, hi = int(sel[0]), int(sel[-1]) + 1
-            raw = np.asarray(self.array[lo:hi])[sel - lo]
-        out = torch.from_numpy(raw.astype(np.float32))
+            out = _to_f32(np.asarray(self.array[lo:hi])[sel - lo])
         return out.mul_(torch.from_numpy(self.inv_norm[start:stop])[:, None])
 
     def blocks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -131,15 +130,18 @@ class DescriptorSource:
         """Unit-norm float32 rows at arbitrary local indices (any order)."""
         idx = np.asarray(idx, dtype=np.int64)
         if self.cache is not None:
-            raw = self.cache[idx].astype(np.float32)
+            out = self.cache.index_select(0, torch.from_numpy(idx)).float()
         else:
             order = np.argsort(idx, kind="stable")
             rows = self.rows[idx[order]]
-            raw_sorted = _oindex(self.array, rows).astype(np.float32)
-            raw = np.empty_like(raw_sorted)
-            raw[order] = raw_sorted
-        out = torch.from_numpy(raw)
+            raw_sorted = _to_f32(_oindex(self.array, rows))
+            out = torch.empty_like(raw_sorted)
+            out[torch.from_numpy(order)] = raw_sorted
         return out.mul_(torch.from_numpy(self.inv_norm[idx])[:, None])
+
+
+def _to_f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
 def _oindex(array: Any, rows: np.ndarray) -> np.ndarray:
@@ -190,8 +192,33 @@ def _blocked_topk(query_blocks: Iterator[tuple[int, torch.Tensor]], db_block: An
 
 
 def knn_exact(src: DescriptorSource, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine kNN (self excluded), streaming both sides in blocks: O(n^2 D) time, O(block^2) memory."""
-    return _blocked_topk(src.blocks(block_size), src.block, src.n, k, block_size, True, "exact kNN")
+    """Exact cosine kNN (self excluded), O(n^2 D) time, O(block^2 + n k) memory.
+
+    Similarity is symmetric, so only tiles (a, b) with b >= a are computed and each tile updates the top-k of
+    both its row block and its column block: half the flops of a plain blocked search.
+    """
+    n = src.n
+    k = min(k, max(n - 1, 0))
+    best_s = torch.full((n, k), -math.inf)
+    best_i = torch.full((n, k), -1, dtype=torch.int64)
+    starts = list(range(0, n, block_size))
+    for ai in track(range(len(starts)), total=len(starts), description="exact kNN"):
+        a0 = starts[ai]
+        a1 = min(n, a0 + block_size)
+        blk_a = src.block(a0, a1)
+        for b0 in starts[ai:]:
+            b1 = min(n, b0 + block_size)
+            blk_b = blk_a if b0 == a0 else src.block(b0, b1)
+            sim = blk_a @ blk_b.T
+            if b0 == a0:
+                sim.fill_diagonal_(-math.inf)
+            ids_b = torch.arange(b0, b1).expand(a1 - a0, -1)
+            best_s[a0:a1], best_i[a0:a1] = _merge_topk(best_s[a0:a1], best_i[a0:a1], sim, ids_b, k)
+            if b0 != a0:
+                ids_a = torch.arange(a0, a1).expand(b1 - b0, -1)
+                best_s[b0:b1], best_i[b0:b1] = _merge_topk(best_s[b0:b1], best_i[b0:b1],
+                                                           sim.T.contiguous(), ids_a, k)
+    return best_i.numpy(), best_s.numpy().astype(np.float32)
 
 
 @dataclass
@@ -213,9 +240,9 @@ def fit_pca(src: DescriptorSource, dim: int, sample: int, seed: int = 0) -> Proj
     rng = np.random.default_rng(seed)
     m = min(src.n, max(sample, dim + 1))
     idx = np.sort(rng.choice(src.n, size=m, replace=False))
-    x = src.take(idx)
-    mean = x.mean(0)
-    xc = x - mean
+    xc = src.take(idx)
+    mean = xc.mean(0)
+    xc.sub_(mean)  # in place: the sample is the largest temporary of the graph stage
     r = min(dim, xc.shape[0] - 1, xc.shape[1])
     gen = torch.Generator().manual_seed(seed)
     q = min(r + 16, min(xc.shape))
@@ -615,6 +642,11 @@ def _float_col(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
     return np.asarray(col, dtype=np.float64)[rows]
 
 
+def _descriptors_version(store: RunStore) -> str | None:
+    """Changes whenever describe rewrites the descriptors, so a stale graph is never reused."""
+    return store.zarr["descriptors"].attrs.get("version") if "descriptors" in store.zarr else None
+
+
 def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The graph stage: kNN + priors (+ verification) -> symmetric CSR and components in store.zarr/graph."""
     t0 = time.perf_counter()
@@ -623,7 +655,8 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
     cfg = config.graph
     settings = config.result_affecting()["graph"]
     if (not force and store.is_stage_complete("graph") and store.is_unit_complete("graph")
-            and store.zarr["graph"].attrs.get("config") == settings):
+            and store.zarr["graph"].attrs.get("config") == settings
+            and store.zarr["graph"].attrs.get("descriptors_version") == _descriptors_version(store)):
         log.info("graph stage already finished in %s with the same settings; nothing to do", store.root)
         return store.stage_manifest("graph")
     store.require_stage("describe", "graph")
@@ -756,7 +789,8 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
     }
     if verify_info:
         manifest["verification"] = verify_info
-    store.mark_unit_complete("graph", config=settings, method=method, k=int(k), priors=priors, weights=weight_kind,
+    store.mark_unit_complete("graph", config=settings, descriptors_version=_descriptors_version(store),
+                             method=method, k=int(k), priors=priors, weights=weight_kind,
                              mutual=bool(cfg.mutual), min_similarity=float(cfg.min_similarity),
                              recall_at_k=manifest["recall_at_k"],
                              edge_source_bits={"retrieval": SRC_RETRIEVAL, "sequence": SRC_SEQUENCE,

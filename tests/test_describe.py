@@ -1,0 +1,159 @@
+"""Describe stage: bring-your-own descriptors, chunk markers, resume after a kill, bad input, MegaLoc path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import sparse_vggt.describe as describe_mod
+from sparse_vggt.config import PipelineConfig
+from sparse_vggt.describe import DescribeError, describe
+from sparse_vggt.store import RunStore
+
+STATUS = ["ok", "ok", "too small", "ok", "ok", "ok", "decode error", "ok", "ok"]
+
+
+def make_scan(root: Path, photos: Path | None = None, names: list[str] | None = None,
+              status: list[str] | None = None, chunk_size: int = 3) -> tuple[RunStore, PipelineConfig]:
+    status = status or STATUS
+    names = names or [f"sub/img_{i}.jpg" for i in range(len(status))]
+    chunk, kept = [], 0
+    for s in status:
+        chunk.append(kept // chunk_size if s == "ok" else -1)
+        kept += s == "ok"
+    cfg = PipelineConfig()
+    cfg.ingest.chunk_size = chunk_size
+    store = RunStore.create_or_open(root, cfg)
+    dups = [[] for _ in status]
+    dups[0] = ["other/copy_of_0.jpg"]
+    store.write_table("images", pa.table({
+        "image_id": pa.array(range(len(status)), pa.int64()), "path": names, "status": status,
+        "chunk_id": pa.array(chunk, pa.int64()), "duplicates": pa.array(dups, pa.list_(pa.string())),
+    }).replace_schema_metadata({b"photos_root": str(photos or root).encode()}))
+    store.stage_finished("scan", {})
+    return store, cfg
+
+
+def byo(tmp: Path, n_dim: int = 24) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(0)
+    names = [f"sub/img_{i}.jpg" for i in range(len(STATUS)) if STATUS[i] == "ok"]
+    names[0] = "other/copy_of_0.jpg"  # keyed by a duplicate's path: still found
+    vec = rng.standard_normal((len(names), n_dim)).astype(np.float32) * 40  # not unit norm: stored normalised
+    perm = rng.permutation(len(names))
+    return [names[i] for i in perm], vec[perm]
+
+
+def expected(names: list[str], vec: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(STATUS), vec.shape[1]), np.float32)
+    for name, v in zip(names, vec):
+        row = 0 if name == "other/copy_of_0.jpg" else int(name.split("_")[-1].split(".")[0])
+        out[row] = v / np.linalg.norm(v)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "parquet"])
+def test_bring_your_own_descriptors(tmp_path: Path, kind: str) -> None:
+    store, cfg = make_scan(tmp_path / "run")
+    names, vec = byo(tmp_path)
+    f = tmp_path / f"desc.{kind}"
+    if kind == "npy":
+        np.save(f, vec)
+        (tmp_path / "desc.txt").write_text("\n".join(names) + "\n")
+    elif kind == "npz":
+        np.savez(f, names=np.array(names), descriptors=vec)
+    else:
+        pq.write_table(pa.table({"name": names, "descriptor": [list(map(float, v)) for v in vec]}), f)
+    cfg.describe.descriptors_file = str(f)
+    manifest = describe(tmp_path / "run", cfg)
+    arr = store.zarr["descriptors"]
+    assert arr.dtype == np.float16 and arr.shape == (9, 24)
+    assert arr.chunks == (3, 24)  # Zarr row chunks = ingest chunk size
+    np.testing.assert_allclose(arr[:], expected(names, vec), atol=2e-3)
+    assert not arr[2].any() and not arr[6].any()  # skipped rows stay zero
+    assert manifest["chunks"] == 3 and manifest["dim"] == 24
+    assert store.complete_units("describe_chunks") == ["0", "1", "2"]
+    assert describe(tmp_path / "run", cfg) == manifest  # finished + same settings: no-op
+
+
+def test_resume_after_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, cfg = make_scan(tmp_path / "run")
+    names, vec = byo(tmp_path)
+    np.savez(tmp_path / "d.npz", names=np.array(names), descriptors=vec)
+    cfg.describe.descriptors_file = str(tmp_path / "d.npz")
+    real = describe_mod._write_rows
+    calls = []
+
+    def dying(arr, rows, values):  # the process "dies" while writing the second chunk
+        calls.append(rows)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(arr, rows, values)
+
+    monkeypatch.setattr(describe_mod, "_write_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        describe(tmp_path / "run", cfg)
+    assert store.complete_units("describe_chunks") == ["0"]
+    assert not store.is_stage_complete("describe")
+    monkeypatch.setattr(describe_mod, "_write_rows", real)
+    manifest = describe(tmp_path / "run", cfg)
+    assert manifest["chunks_resumed"] == 1 and manifest["chunks_computed"] == 2
+    np.testing.assert_allclose(store.zarr["descriptors"][:], expected(names, vec), atol=2e-3)
+
+
+def test_bad_descriptor_files(tmp_path: Path) -> None:
+    _, cfg = make_scan(tmp_path / "run")
+    names, vec = byo(tmp_path)
+    cases = {
+        "missing": (names[1:], vec[1:], "no descriptor for 1 kept image"),
+        "nan": (names, np.where(np.arange(vec.shape[0])[:, None] == 2, np.nan, vec), "NaN"),
+    }
+    for key, (n, v, msg) in cases.items():
+        np.savez(tmp_path / f"{key}.npz", names=np.array(n), descriptors=v)
+        cfg.describe.descriptors_file = str(tmp_path / f"{key}.npz")
+        with pytest.raises(DescribeError, match=msg):
+            describe(tmp_path / "run", cfg)
+    ragged = pa.table({"name": names, "vector": [[1.0] * (3 if i else 4) for i in range(len(names))]})
+    pq.write_table(ragged, tmp_path / "ragged.parquet")
+    cfg.describe.descriptors_file = str(tmp_path / "ragged.parquet")
+    with pytest.raises(DescribeError, match="different lengths"):
+        describe(tmp_path / "run", cfg)
+    np.save(tmp_path / "nonames.npy", vec)
+    cfg.describe.descriptors_file = str(tmp_path / "nonames.npy")
+    with pytest.raises(DescribeError, match="needs its image names"):
+        describe(tmp_path / "run", cfg)
+
+
+def test_dimension_change_replaces_descriptors_and_the_graph_notices(tmp_path: Path) -> None:
+    from sparse_vggt.covisibility import build_graph
+
+    store, cfg = make_scan(tmp_path / "run")
+    names, vec = byo(tmp_path)
+    np.savez(tmp_path / "a.npz", names=np.array(names), descriptors=vec)
+    cfg.describe.descriptors_file = str(tmp_path / "a.npz")
+    describe(tmp_path / "run", cfg)
+    build_graph(tmp_path / "run", cfg)
+    v1 = store.zarr["graph"].attrs["descriptors_version"]
+    np.savez(tmp_path / "b.npz", names=np.array(names), descriptors=vec[:, :10])
+    cfg.describe.descriptors_file = str(tmp_path / "b.npz")
+    assert describe(tmp_path / "run", cfg)["dim"] == 10
+    assert store.zarr["descriptors"].shape == (9, 10)
+    build_graph(tmp_path / "run", cfg)  # same graph settings, new descriptors: recomputed, not reused
+    v2 = store.zarr["graph"].attrs["descriptors_version"]
+    assert v2 != v1 and v2 == store.zarr["descriptors"].attrs["version"]
+
+
+def test_zero_kept_images(tmp_path: Path) -> None:
+    _, cfg = make_scan(tmp_path / "run", status=["too small", "decode error"])
+    with pytest.raises(DescribeError, match="zero kept images"):
+        describe(tmp_path / "run", cfg)
+
+
+def test_random_weights_need_explicit_permission(tmp_path: Path) -> None:
+    _, cfg = make_scan(tmp_path / "run")
+    cfg.describe.model, cfg.describe.preset = "random", "tiny"
+    with pytest.raises(DescribeError, match="allow_random_weights"):
+        describe(tmp_path / "run", cfg)
