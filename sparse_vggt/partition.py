@@ -482,31 +482,40 @@ def _candidates(u: np.ndarray, v: np.ndarray, w: np.ndarray, part: np.ndarray, n
     return _Cand(frame, src, dst, tie, pidx, rank, upk // nparts, upk % nparts, pair_tie)
 
 
-def _capacity_fill(cand: _Cand, selected: np.ndarray, size: np.ndarray, over: np.ndarray, M: int, m: int,
-                   stats: dict[str, int]) -> np.ndarray:
-    """Re-select the overlap of pairs touching overflowing clusters greedily under the size bound."""
-    is_over = np.zeros(size.size, bool)
-    is_over[over] = True
-    affected_pair = is_over[cand.pair_lo] | is_over[cand.pair_hi]
-    aff = affected_pair[cand.pair]
-    selected = selected & ~aff
-    size = size.copy()
-    np.subtract.at(size, cand.dst[aff & (cand.rank < m)], 1)  # undo the uncapped selection
-    idx = np.flatnonzero(aff)
+def _capacity_fill(cand: _Cand, aff_pair: np.ndarray, mc: np.ndarray, mg: np.ndarray, size: np.ndarray,
+                   M: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlap for the pairs around overflowing clusters, added greedily under the size bound.
+
+    Runs after bridging, so links between clusters get capacity first. Candidates go round-robin over the pairs
+    (every pair's best frame before any pair's second); a candidate is skipped only if it is already in the
+    cluster, its pair already shares ``m`` frames, or the receiving cluster is full (and stays full).
+    """
+    idx = np.flatnonzero(aff_pair[cand.pair])
+    if idx.size == 0:
+        return mc, mg
     idx = idx[np.lexsort((cand.pair[idx], cand.rank[idx]))]
-    count: dict[int, int] = {}
-    for c in idx.tolist():
+    nclusters = size.size
+    already = np.isin(cand.dst[idx] * n + cand.frame[idx], mc * n + mg)
+    S = _shared_matrix(mc, mg, nclusters, n)
+    aff_ids = np.flatnonzero(aff_pair)
+    count = dict(zip(aff_ids.tolist(),
+                     np.asarray(S[cand.pair_lo[aff_ids], cand.pair_hi[aff_ids]]).ravel().tolist()))
+    add_c: list[int] = []
+    add_g: list[int] = []
+    for c, dup in zip(idx.tolist(), already.tolist()):
+        if dup:
+            continue
         p = int(cand.pair[c])
-        if count.get(p, 0) >= m:
+        if count[p] >= m:
             continue
         d = int(cand.dst[c])
         if size[d] >= M:
             continue
-        selected[c] = True
+        add_c.append(d)
+        add_g.append(int(cand.frame[c]))
         size[d] += 1
-        count[p] = count.get(p, 0) + 1
-    stats["capacity_limited_clusters"] = int(is_over.sum())
-    return selected
+        count[p] += 1
+    return np.r_[mc, np.asarray(add_c, np.int64)], np.r_[mg, np.asarray(add_g, np.int64)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -611,49 +620,102 @@ class _Members:
         return s
 
 
-def _grow(A: sp.csr_matrix, part: np.ndarray, members: set[int], source_part: int, room: int, need: int,
-          allowed: set[int] | None = None) -> list[int]:
-    """Frames of core ``source_part`` to add to a cluster (``members``) in breadth-first order from it.
+def _grow(A: sp.csr_matrix, members: set[int], allowed: set[int], room: int, need: int) -> list[int]:
+    """Frames of ``allowed`` to add to a cluster (``members``) in breadth-first order from it.
 
     Each added frame is adjacent to the cluster or to a frame added before, so the cluster stays connected.
-    ``allowed`` optionally restricts the frames that may be added.
     """
     added: list[int] = []
-    if room <= 0 or need <= 0:
+    limit = min(room, need)
+    if limit <= 0:
         return added
     indptr, indices = A.indptr, A.indices
     seen = set(members)
     frontier = []
     for g in sorted(members):
         for h in indices[indptr[g]:indptr[g + 1]].tolist():
-            if h not in seen and part[h] == source_part and (allowed is None or h in allowed):
+            if h in allowed and h not in seen:
                 seen.add(h)
                 frontier.append(h)
-    while frontier and len(added) < min(room, need):
+    while frontier and len(added) < limit:
         nxt = []
         for g in sorted(frontier):
-            if len(added) >= min(room, need):
+            if len(added) >= limit:
                 break
             added.append(g)
             for h in indices[indptr[g]:indptr[g + 1]].tolist():
-                if h not in seen and part[h] == source_part and (allowed is None or h in allowed):
+                if h in allowed and h not in seen:
                     seen.add(h)
                     nxt.append(h)
         frontier = nxt
     return added
 
 
+def _tree_links(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, core_size: np.ndarray,
+                size: np.ndarray, comp_of_part: np.ndarray, tight: np.ndarray, cand: _Cand, M: int, m: int,
+                stats: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Link the clusters of capacity-bound components along a maximum-tie spanning tree of touching pairs.
+
+    Rooted at the largest core, each cluster takes up to ``m`` frames from its parent's cluster only (breadth-first
+    from itself, so it stays connected). A cluster thus spends at most ``m`` frames of room on linking, and the
+    core cap (<= max_cluster_frames - min_overlap_frames) always leaves that much.
+    """
+    nclusters = core_size.size
+    sel = tight[comp_of_part[cand.pair_lo]]
+    if not sel.any():
+        return mc, mg
+    lo, hi, tie = cand.pair_lo[sel], cand.pair_hi[sel], cand.pair_tie[sel]
+    cost = (tie.max() + 1.0) - tie  # positive; the minimum spanning tree of cost = maximum tie
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    T = minimum_spanning_tree(sp.csr_matrix((cost, (lo, hi)), shape=(nclusters, nclusters)))
+    T = (T + T.T).tocsr()
+    members = _Members(mc, mg, nclusters)
+    add_c: list[int] = []
+    add_g: list[int] = []
+    linked = 0
+    for c in np.flatnonzero(tight).tolist():
+        parts_c = np.flatnonzero(comp_of_part == c)
+        root = int(parts_c[np.argmax(core_size[parts_c])])
+        order, pred = breadth_first_order(T, root, directed=False, return_predecessors=True)
+        for child in order[1:].tolist():
+            par = int(pred[child])
+            sc, sp_ = members[child], members[par]
+            need = min(m, int(core_size[child] + core_size[par])) - len(sc & sp_)
+            for x, y in ((par, child), (child, par)):
+                if need <= 0:
+                    break
+                sy, sx = members[y], members[x]
+                got = _grow(A, sy, sx - sy, int(M - size[y]), need)
+                for g in got:
+                    sy.add(g)
+                    add_c.append(y)
+                    add_g.append(g)
+                size[y] += len(got)
+                need -= len(got)
+            linked += need <= 0
+    stats["tree_links"] = linked
+    if add_c:
+        mc = np.r_[mc, np.asarray(add_c, np.int64)]
+        mg = np.r_[mg, np.asarray(add_g, np.int64)]
+    return mc, mg
+
+
 def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, core_size: np.ndarray,
             size: np.ndarray, comp_of_part: np.ndarray, cand: _Cand, M: int, m: int,
-            stats: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Add bridging overlap until each component's linked cluster graph is connected (where capacity allows)."""
+            stats: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add bridging overlap until each component's linked cluster graph is connected (where capacity allows).
+
+    Kruskal over the touching pairs, strongest first; returns the components whose linked graph is still
+    disconnected (the caller then links them along a spanning tree instead).
+    """
     nclusters = core_size.size
     S = _shared_matrix(mc, mg, nclusters, A.shape[0])
     lab = _linked_labels(S, core_size, m)
     n_link = np.unique(lab).size
     n_comp = np.unique(comp_of_part).size
     if n_link == n_comp:
-        return mc, mg
+        return mc, mg, np.zeros(0, np.int64)
     parent = list(range(int(lab.max()) + 1))
 
     def find(x: int) -> int:
@@ -674,12 +736,15 @@ def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, 
             continue
         sa, sb = members[a], members[b]
         need = min(m, int(core_size[a] + core_size[b])) - len(sa & sb)
-        # fill the cluster with more room first, from the other core
+        # fill the cluster with more room first, from the other cluster's frames (core first, then overlap)
         for x, y in sorted(((a, b), (b, a)), key=lambda t: -(M - size[t[1]])):
             if need <= 0:
                 break
-            sy = members[y]
-            got = _grow(A, part, sy, x, int(M - size[y]), need)
+            sy, sx = members[y], members[x]
+            core_x = {g for g in sx if part[g] == x}
+            got = _grow(A, sy, core_x, int(M - size[y]), need)
+            if len(got) < need:
+                got += _grow(A, sy | set(got), sx - sy - set(got), int(M - size[y]) - len(got), need - len(got))
             for g in got:
                 sy.add(g)
                 add_c.append(y)
@@ -689,11 +754,14 @@ def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, 
         if need <= 0:
             parent[ra] = rb
             bridged += 1
-    stats["bridged_pairs"] = bridged
+    stats["bridged_pairs"] = stats.get("bridged_pairs", 0) + bridged
     if add_c:
         mc = np.r_[mc, np.asarray(add_c, np.int64)]
         mg = np.r_[mg, np.asarray(add_g, np.int64)]
-    return mc, mg
+    roots = np.array([find(int(x)) for x in lab.tolist()], np.int64)
+    cr = np.unique(np.c_[comp_of_part, roots], axis=0)
+    counts = np.bincount(cr[:, 0])
+    return mc, mg, np.flatnonzero(counts > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -786,19 +854,36 @@ def partition_graph(indptr: Any, indices: Any, weights: Any, component: Any,
             nparts += int(sl.max())
             overflow_splits += 1
     stats["overflow_splits"] = overflow_splits
-    if over.size:
-        selected = _capacity_fill(cand, selected, size, over, M, m, stats)
-    core_size = np.bincount(part[clustered_frame], minlength=nparts)
-    size = core_size + np.bincount(cand.dst[selected], minlength=nparts)
-    assert size.max(initial=0) <= M
-
-    # --- memberships + bridging -----------------------------------------------------------------------------
-    cf = np.flatnonzero(clustered_frame)
-    mc = np.r_[part[cf], cand.dst[selected]]
-    mg = np.r_[cf, cand.frame[selected]]
+    aff_pair = np.zeros(cand.pair_lo.size, bool)
     comp_of_part = np.zeros(nparts, np.int64)
-    comp_of_part[part[cf]] = comp[cf]
-    mc, mg = _bridge(A, part, mc, mg, core_size, size, comp_of_part, cand, M, m, stats)
+    comp_of_part[part[clustered_frame]] = comp[clustered_frame]
+    core_size = np.bincount(part[clustered_frame], minlength=nparts)
+    cf = np.flatnonzero(clustered_frame)
+    # Capacity-bound components (overflow left after the splits: star-like graphs, or tiny max_cluster_frames;
+    # or a linked graph Kruskal bridging could not connect) drop all their pair overlap, are linked first along
+    # a spanning tree (each cluster spends <= m frames of room on it), then get pair overlap greedily under M.
+    tight = np.zeros(int(comp.max()) + 1, bool)
+    tight[comp_of_part[over]] = True
+    stats["capacity_limited_clusters"] = int(over.size)
+    uncapped = selected
+    for _attempt in range(2):
+        aff_pair = tight[comp_of_part[cand.pair_lo]]
+        selected = uncapped & ~aff_pair[cand.pair]
+        size = core_size + np.bincount(cand.dst[selected], minlength=nparts)
+        assert size.max(initial=0) <= M
+        mc = np.r_[part[cf], cand.dst[selected]]
+        mg = np.r_[cf, cand.frame[selected]]
+        bstats: dict[str, Any] = {}
+        if aff_pair.any():
+            mc, mg = _tree_links(A, part, mc, mg, core_size, size, comp_of_part, tight, cand, M, m, bstats)
+        mc, mg, disconnected = _bridge(A, part, mc, mg, core_size, size, comp_of_part, cand, M, m, bstats)
+        if disconnected.size == 0 or tight[disconnected].all():
+            break
+        tight[disconnected] = True
+    stats.update(bstats)
+    stats["tight_components"] = int(tight.sum())
+    if aff_pair.any():
+        mc, mg = _capacity_fill(cand, aff_pair, mc, mg, size, M, m, n)
     core_flag = np.zeros(mc.size, bool)
     core_flag[:cf.size] = True
 
@@ -915,7 +1000,8 @@ def _report(clusters: Clusters, graph: _Graph, part: np.ndarray, new_id: np.ndar
         "cluster_graph_connected": linked_ok,
         "repair": {"pieces_moved": int(stats.get("pieces_moved", 0)), "orphan_parts": int(stats.get("orphan_parts", 0)),
                    "cap_recuts": int(stats.get("cap_recuts", 0)), "overflow_splits": int(stats.get("overflow_splits", 0)),
-                   "bridged_pairs": int(stats.get("bridged_pairs", 0))},
+                   "bridged_pairs": int(stats.get("bridged_pairs", 0)), "tree_links": int(stats.get("tree_links", 0)),
+                   "capacity_limited_components": int(stats.get("tight_components", 0))},
         "metis_seconds": round(float(stats.get("metis_seconds", 0.0)), 3),
         "max_cluster_frames": M, "min_overlap_frames": m, "k": cfg.k,
         "reference_frame": "core frame with the largest in-cluster weighted degree",
@@ -1034,7 +1120,7 @@ def split_clusters_in_memory(clusters: Clusters, cluster_id: int, A: sp.csr_matr
         if need <= 0:
             break
         want = (need + 1) // 2 if i == 0 else need
-        got = _grow(A, part, halves[i], new_ids[j], M - len(halves[i]), want, allowed=core_sets[j])
+        got = _grow(A, halves[i], core_sets[j] - halves[i], M - len(halves[i]), want)
         halves[i].update(got)
         need -= len(got)
     # 3) clusters that were linked to X stay linked to one half (frames only from X, so sizes stay <= |X|)
