@@ -425,7 +425,8 @@ def _dense(graph):
 
 
 @settings(max_examples=8, **SETTINGS)
-@given(kind=st.sampled_from(["grid", "city", "random", "chain"]), seed=st.integers(0, 1000), pick=st.integers(0, 99))
+@given(kind=st.sampled_from(["grid", "city", "random", "chain", "star", "clique"]), seed=st.integers(0, 1000),
+       pick=st.integers(0, 99))
 def test_split_keeps_invariants(kind, seed, pick):
     graph = build_graph([(kind, 300)], 0, seed)
     cfg = PartitionConfig(max_cluster_frames=48, min_overlap_frames=4, k=3)
@@ -433,6 +434,10 @@ def test_split_keeps_invariants(kind, seed, pick):
     cid = pick % cl.n_clusters
     old = {c: set(cl.image_id[cl.cluster_id == c].tolist()) for c in range(cl.n_clusters)}
     core_x = set(cl.image_id[(cl.cluster_id == cid) & cl.core].tolist())
+    if len(core_x) < 2:
+        with pytest.raises(PartitionError, match="cannot be split"):
+            split_clusters_in_memory(cl, cid, _dense(graph), cfg)
+        return
     new, ids = split_clusters_in_memory(cl, cid, _dense(graph), cfg)
     assert ids == [cl.n_clusters, cl.n_clusters + 1]
     assert cid not in set(new.cluster_id.tolist())
