@@ -128,7 +128,8 @@ def main() -> None:
                        "distribution": dist, "method": m["method"], "pca_dim": args.pca_dim,
                        "candidates": args.candidates, "recall_at_k": m["recall_at_k"],
                        "recall_sample": m["recall_sample"], "edges": m["edges"], "components": m["components"],
-                       "threads": args.threads, "memory_mb": args.memory_mb, "generate_seconds": round(gen_s, 1)}
+                       "threads": args.threads, "memory_mb": args.memory_mb, "generate_seconds": round(gen_s, 1),
+                       "timings": m.get("timings")}
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)

@@ -44,7 +44,8 @@ PRESETS = {
 }
 
 
-def sinkhorn_log(scores: torch.Tensor, dustbin: torch.Tensor, iters: int = 3, reg: float = 1.0) -> torch.Tensor:
+def sinkhorn_log(scores: torch.Tensor, dustbin: torch.Tensor, iters: int = 3, reg: float = 1.0,
+                 keep_dustbin: bool = False) -> torch.Tensor:
     """Soft assignment of N patches to m clusters + a dustbin, by log-domain Sinkhorn (SALAD).
 
     scores: (B, m, N). Returns P (B, m, N) without the dustbin row. Marginals: every row and column gets
@@ -64,7 +65,8 @@ def sinkhorn_log(scores: torch.Tensor, dustbin: torch.Tensor, iters: int = 3, re
         u = log_a - torch.logsumexp(aug + v[:, None, :], dim=2)
         v = log_b - torch.logsumexp(aug + u[:, :, None], dim=1)
     log_p = aug + u[:, :, None] + v[:, None, :] - norm
-    return log_p.exp()[:, :-1, :]
+    p = log_p.exp()
+    return p if keep_dustbin else p[:, :-1, :]
 
 
 class SALAD(nn.Module):
