@@ -26,14 +26,17 @@ Algorithm (per connected component; components are never joined):
    interleaved (best of A, best of B, 2nd of A, ...) and the first ``m`` are added to the other cluster as
    ``overlap``. So a touching pair shares at least ``min(m, boundary frames)``.
 6. Size bound: a cluster that would exceed ``M`` has its core bisected (when the core, not its neighbour count,
-   is the cause) and step 5 is redone; what still overflows afterwards (star-like graphs) is filled greedily under
-   the bound, so a pair may then share fewer than ``min(m, boundary)`` frames only if every cluster that could
-   receive a further boundary frame is full. ``M`` is never exceeded.
+   is the cause) and step 5 is redone. A component that still overflows (star-like graphs, tiny ``M``) is
+   *capacity-bound*: its pair overlap is dropped, its clusters are first linked along a maximum-tie spanning tree
+   of touching pairs (each cluster takes <= m frames from its parent, and the core cap leaves that room), then pair
+   overlap is re-added greedily under the bound. There, a touching pair may share fewer than
+   ``min(m, boundary frames)`` only if every cluster that could receive a further boundary frame is full.
+   ``M`` is never exceeded.
 7. Connectivity of the cluster graph: two clusters are *linked* when they share at least
    ``min(m, |core a| + |core b|)`` frames. If the linked graph of a component is disconnected (e.g. chains whose
-   cut boundary is two frames), the touching pairs joining its pieces, strongest first, get bridging overlap:
-   frames of one core, in breadth-first order from the other cluster (so the cluster stays connected), are added
-   until the pair is linked.
+   cut boundary is two frames), the touching pairs joining its pieces, strongest first (Kruskal), get bridging
+   overlap: frames of the other cluster, in breadth-first order from the receiving one (so it stays connected),
+   until the pair is linked; a component Kruskal cannot connect is treated as capacity-bound (step 6).
 8. Per cluster: the reference frame (position 0) is the core frame with the largest in-cluster weighted degree
    (sum of covisibility weights to the other frames of the cluster; ties -> smaller image id). The other frames
    follow in breadth-first (hop) distance from the reference, then by decreasing weighted degree, then image id.

@@ -519,3 +519,20 @@ def test_partition_stage_requires_graph(tmp_path):
     store = RunStore.create_or_open(tmp_path / "run", cfg)
     with pytest.raises(Exception, match="graph"):
         partition(store.root, cfg)
+
+
+def test_cli_partition_prints_report(tmp_path, capsys):
+    from sparse_vggt.cli import main
+
+    cfg = PipelineConfig()
+    cfg.partition.max_cluster_frames = 30
+    cfg.partition.min_overlap_frames = 3
+    store = _make_run(tmp_path, build_graph([("grid", 150), ("random", 1)], 1, 2), cfg)
+    assert main(["--no-progress", "partition", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "clusters" in out and "cut_ratio" in out
+    assert store.is_stage_complete("partition")
+    # a bad override is a clear CLI error, not a traceback
+    assert main(["--no-progress", "partition", str(store.root), "--force",
+                 "--set", "partition.min_overlap_frames=20"]) == 2
+    assert "min_overlap_frames" in capsys.readouterr().err
