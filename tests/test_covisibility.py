@@ -195,7 +195,7 @@ def test_verification_separates_two_unrelated_real_scenes(tmp_path: Path, sample
     names = []
     for p in sacre + fox:
         name = f"{p.parent.parent.name}_{p.name}"
-        (root / name).symlink_to(p)
+        (root / name).symlink_to(p.resolve())
         names.append(name)
     x = np.random.default_rng(6).standard_normal((len(names), 32))
     cfg = PipelineConfig()

@@ -104,9 +104,40 @@ def _backbone(p: MegaLocPreset) -> nn.Module:
 
     return DinoVisionTransformer(
         img_size=p.img_size, patch_size=14, embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads,
-        mlp_ratio=4.0, num_register_tokens=0, mask_token=False, interpolate_offset=0.1,
-        interpolate_antialias=False, init_values=1e-5,
+        mlp_ratio=4.0, qkv_bias=True, init_values=1e-5, num_register_tokens=0, mask_token=False,
+        interpolate_offset=0.1, interpolate_antialias=False,
     )
+
+
+def load_checkpoint(source: str | Path, filename: str = "model.safetensors", revision: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """State dict from a local file, a local directory holding ``filename``, or a Hugging Face repo id.
+
+    safetensors files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / filename
+    elif not path.exists():
+        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+            raise FileNotFoundError(f"MegaLoc checkpoint {source!r} is neither a file, a directory nor a hub "
+                                    "repo id like 'gberton/MegaLoc'")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(repo_id=str(source), filename=filename, revision=revision))
+        except Exception as exc:
+            raise RuntimeError(f"could not download {filename} from the Hugging Face repo {source!r} ({exc}). "
+                               "Download it elsewhere and pass the local file or directory, or set "
+                               "describe.model=random with describe.allow_random_weights=true for tests.") from exc
+    if not path.is_file():
+        raise FileNotFoundError(f"MegaLoc checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 class MegaLoc(nn.Module):
@@ -133,8 +164,8 @@ class MegaLoc(nn.Module):
         if h % 14 or w % 14:  # as the reference: resize the batch to the nearest multiples (round half even)
             h, w = round(h / 14) * 14, round(w / 14) * 14
             images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        tokens = self.backbone.forward_tokens(images)  # (B, 1 + N, C) after the final norm
-        cls, patches = tokens[:, 0], tokens[:, 1:]
+        out = self.backbone.forward_features(images)  # last layer, after the final LayerNorm
+        cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
         feat = patches.reshape(b, h // 14, w // 14, -1).permute(0, 3, 1, 2)
         desc = self.aggregator.linear(self.aggregator.agg(feat, cls))
         return F.normalize(desc, p=2, dim=1)
@@ -146,9 +177,6 @@ class MegaLoc(nn.Module):
 
         Loads strictly: a checkpoint with missing or unexpected keys is an error, never a partial model.
         """
-        from .. import weights
-
         model = cls(preset)
-        state = weights.load_state_dict_from(source, filename=filename, revision=revision)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(load_checkpoint(source, filename, revision), strict=True)
         return model.eval()
