@@ -399,21 +399,29 @@ def _repair(A: sp.csr_matrix, labels: np.ndarray, cap: int, stats: dict[str, int
 
 
 def _split_part(A: sp.csr_matrix, nparts: int, cap: int, wmax: float, tol: float, seed: int,
-                stats: dict[str, int]) -> np.ndarray:
+                stats: dict[str, int], use_metis: bool = True) -> np.ndarray:
     """Cut one connected part into ``nparts`` connected pieces of at most ``cap`` frames where possible."""
     n = A.shape[0]
-    sub = _metis(A, nparts, wmax, tol, seed)
-    if sub.max(initial=0) == 0 and n > 1:  # METIS gave one part: split a breadth-first order (prefix connected)
-        order = breadth_first_order(A, 0, directed=False, return_predecessors=False)
-        sub = np.zeros(n, np.int64)
-        sub[order[(n + 1) // 2:]] = 1
+    sub = _metis(A, nparts, wmax, tol, seed) if use_metis else np.zeros(n, np.int64)
+    if sub.max(initial=0) > 0:
+        sub = _repair(A, sub, cap, stats)
+        if np.bincount(sub).max() < n:
+            return sub
+    # METIS made no progress (one part, or repair folded everything back, e.g. on a star): cut a breadth-first
+    # order from a pseudo-peripheral frame into runs of min(cap, n - 1) frames (the first run is connected; repair
+    # fixes the others under the cap, so no part exceeds it afterwards)
+    stats["bfs_splits"] = stats.get("bfs_splits", 0) + 1
+    far = breadth_first_order(A, 0, directed=False, return_predecessors=False)[-1]
+    order = breadth_first_order(A, int(far), directed=False, return_predecessors=False)
+    sub = np.empty(n, np.int64)
+    sub[order] = np.arange(n) // max(1, min(cap, n - 1))
     return _repair(A, sub, cap, stats)
 
 
 def _enforce_cap(A: sp.csr_matrix, labels: np.ndarray, cap: int, wmax: float, tol: float, seed: int,
                  stats: dict[str, int]) -> np.ndarray:
     """Re-cut parts above the core cap (METIS's ufactor is a target, not a guarantee)."""
-    for _ in range(64):
+    for it in range(8):
         sizes = np.bincount(labels)
         over = np.flatnonzero(sizes > cap)
         if over.size == 0:
@@ -425,7 +433,8 @@ def _enforce_cap(A: sp.csr_matrix, labels: np.ndarray, cap: int, wmax: float, to
             idx = order[bounds[p]:bounds[p + 1]]
             sub = A[idx][:, idx]
             k = max(2, math.ceil(idx.size / max(1.0, cap / (1 + tol))))
-            sl = _split_part(sub, k, cap, wmax, tol, seed, stats)
+            # METIS first; parts it cannot shrink (star-like) get breadth-first prefixes of `cap` frames
+            sl = _split_part(sub, k, cap, wmax, tol, seed, stats, use_metis=it < 3)
             stats["cap_recuts"] = stats.get("cap_recuts", 0) + 1
             new = np.where(sl == 0, p, next_label + sl - 1)
             next_label += int(sl.max())
@@ -499,10 +508,9 @@ def _capacity_fill(cand: _Cand, aff_pair: np.ndarray, mc: np.ndarray, mg: np.nda
     idx = idx[np.lexsort((cand.pair[idx], cand.rank[idx]))]
     nclusters = size.size
     already = np.isin(cand.dst[idx] * n + cand.frame[idx], mc * n + mg)
-    S = _shared_matrix(mc, mg, nclusters, n)
     aff_ids = np.flatnonzero(aff_pair)
     count = dict(zip(aff_ids.tolist(),
-                     np.asarray(S[cand.pair_lo[aff_ids], cand.pair_hi[aff_ids]]).ravel().tolist()))
+                     _pair_shared(mc, mg, nclusters, n, cand.pair_lo[aff_ids], cand.pair_hi[aff_ids]).tolist()))
     add_c: list[int] = []
     add_g: list[int] = []
     for c, dup in zip(idx.tolist(), already.tolist()):
@@ -530,8 +538,16 @@ def _order_block(mc: np.ndarray, mg: np.ndarray, core: np.ndarray, A: sp.csr_mat
     R = mc.size
     n = A.shape[0]
     deg = np.diff(A.indptr)[mg].astype(np.int64)
-    rep = np.repeat(np.arange(R, dtype=np.int64), deg)
-    eidx = _ranges(A.indptr[mg], deg)
+    # in-cluster edges of each row: through the frame's graph neighbours, or, for hub frames with more
+    # neighbours than their cluster has frames, through the cluster's frames (bounds the work by R * M)
+    cstart = np.flatnonzero(np.r_[True, mc[1:] != mc[:-1]])
+    csize = np.diff(np.r_[cstart, R])
+    row_start = np.repeat(cstart, csize)
+    row_size = np.repeat(csize, csize)
+    low = deg <= row_size
+    rl = np.flatnonzero(low)
+    rep = np.repeat(rl, deg[rl])
+    eidx = _ranges(A.indptr[mg[rl]], deg[rl])
     h = A.indices[eidx].astype(np.int64)
     w = A.data[eidx]
     rkey = mc * n + mg
@@ -540,6 +556,15 @@ def _order_block(mc: np.ndarray, mg: np.ndarray, core: np.ndarray, A: sp.csr_mat
     ok = rkey[pos] == key
     i, j, w = rep[ok], pos[ok], w[ok]
     del rep, eidx, h, key, pos, ok
+    rh = np.flatnonzero(~low)
+    if rh.size:
+        gkeys = np.repeat(np.arange(n, dtype=np.int64), np.diff(A.indptr)) * n + A.indices
+        rep = np.repeat(rh, row_size[rh])
+        jj = _ranges(row_start[rh], row_size[rh])
+        key = mg[rep] * n + mg[jj]
+        pos = np.minimum(np.searchsorted(gkeys, key), max(gkeys.size - 1, 0))
+        ok = (gkeys[pos] == key) & (rep != jj) if gkeys.size else np.zeros(key.size, bool)
+        i, j, w = np.r_[i, rep[ok]], np.r_[j, jj[ok]], np.r_[w, A.data[pos[ok]]]
     strength = np.bincount(i, weights=w, minlength=R)
     # reference: core frame with the largest in-cluster weighted degree
     o = np.lexsort((mg, -strength, ~core, mc))
@@ -593,16 +618,23 @@ def _order_and_neighbors(mc: np.ndarray, mg: np.ndarray, core: np.ndarray, comp:
 # ---------------------------------------------------------------------------------------------------------------
 # shared-frame bookkeeping and bridging
 # ---------------------------------------------------------------------------------------------------------------
-def _shared_matrix(mc: np.ndarray, mg: np.ndarray, nclusters: int, n: int) -> sp.csr_matrix:
+def _pair_shared(mc: np.ndarray, mg: np.ndarray, nclusters: int, n: int, a: np.ndarray, b: np.ndarray
+                 ) -> np.ndarray:
+    """Shared-frame count of each cluster pair (a[i], b[i]); linear in the pairs' sizes.
+
+    (A full membership product M M^T would be quadratic in how many clusters hold a hub frame, e.g. a star.)
+    """
+    if a.size == 0:
+        return np.zeros(0, np.int64)
     Mm = sp.csr_matrix((np.ones(mc.size, np.int32), (mc, mg)), shape=(nclusters, n))
-    return (Mm @ Mm.T).tocsr()
+    return np.asarray(Mm[a].multiply(Mm[b]).sum(axis=1)).ravel().astype(np.int64)
 
 
-def _linked_labels(S: sp.csr_matrix, core_size: np.ndarray, m: int) -> np.ndarray:
-    coo = sp.triu(S, k=1).tocoo()
-    need = np.minimum(m, core_size[coo.row] + core_size[coo.col])
-    ok = coo.data >= need
-    L = sp.csr_matrix((np.ones(int(ok.sum()), np.int8), (coo.row[ok], coo.col[ok])), shape=S.shape)
+def _linked_labels(a: np.ndarray, b: np.ndarray, shared: np.ndarray, core_size: np.ndarray, m: int) -> np.ndarray:
+    """Connected components of the linked cluster graph restricted to the given (touching) pairs."""
+    ok = shared >= np.minimum(m, core_size[a] + core_size[b])
+    nc = core_size.size
+    L = sp.csr_matrix((np.ones(int(ok.sum()), np.int8), (a[ok], b[ok])), shape=(nc, nc))
     return connected_components(L, directed=False)[1]
 
 
@@ -623,6 +655,14 @@ class _Members:
         return s
 
 
+def _neighbors_in(A: sp.csr_matrix, g: int, allowed: set[int], allowed_arr: np.ndarray) -> list[int]:
+    """Neighbours of ``g`` inside ``allowed`` (vectorised for hub frames with many neighbours)."""
+    nb = A.indices[A.indptr[g]:A.indptr[g + 1]]
+    if nb.size > 64:
+        return nb[np.isin(nb, allowed_arr)].tolist()
+    return [h for h in nb.tolist() if h in allowed]
+
+
 def _grow(A: sp.csr_matrix, members: set[int], allowed: set[int], room: int, need: int) -> list[int]:
     """Frames of ``allowed`` to add to a cluster (``members``) in breadth-first order from it.
 
@@ -630,14 +670,14 @@ def _grow(A: sp.csr_matrix, members: set[int], allowed: set[int], room: int, nee
     """
     added: list[int] = []
     limit = min(room, need)
-    if limit <= 0:
+    if limit <= 0 or not allowed:
         return added
-    indptr, indices = A.indptr, A.indices
+    allowed_arr = np.fromiter(allowed, np.int64, len(allowed))
     seen = set(members)
     frontier = []
     for g in sorted(members):
-        for h in indices[indptr[g]:indptr[g + 1]].tolist():
-            if h in allowed and h not in seen:
+        for h in _neighbors_in(A, g, allowed, allowed_arr):
+            if h not in seen:
                 seen.add(h)
                 frontier.append(h)
     while frontier and len(added) < limit:
@@ -646,8 +686,8 @@ def _grow(A: sp.csr_matrix, members: set[int], allowed: set[int], room: int, nee
             if len(added) >= limit:
                 break
             added.append(g)
-            for h in indices[indptr[g]:indptr[g + 1]].tolist():
-                if h in allowed and h not in seen:
+            for h in _neighbors_in(A, g, allowed, allowed_arr):
+                if h not in seen:
                     seen.add(h)
                     nxt.append(h)
         frontier = nxt
@@ -713,8 +753,8 @@ def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, 
     disconnected (the caller then links them along a spanning tree instead).
     """
     nclusters = core_size.size
-    S = _shared_matrix(mc, mg, nclusters, A.shape[0])
-    lab = _linked_labels(S, core_size, m)
+    shared = _pair_shared(mc, mg, nclusters, A.shape[0], cand.pair_lo, cand.pair_hi)
+    lab = _linked_labels(cand.pair_lo, cand.pair_hi, shared, core_size, m)
     n_link = np.unique(lab).size
     n_comp = np.unique(comp_of_part).size
     if n_link == n_comp:
@@ -905,32 +945,29 @@ def partition_graph(indptr: Any, indices: Any, weights: Any, component: Any,
 # report
 # ---------------------------------------------------------------------------------------------------------------
 def cluster_pairs(clusters: Clusters, A: sp.csr_matrix, m: int) -> dict[str, np.ndarray]:
-    """Every pair of clusters that touch (core-adjacent) or share frames: shared count, boundary size, linked."""
+    """Every pair of clusters whose cores touch (an edge between them): shared frames, boundary frames, linked.
+
+    ``linked`` = shared >= min(m, |core a| + |core b|). Pairs that share frames without touching are not listed
+    (their count would be quadratic in hub frames); connectivity judged on touching pairs is conservative.
+    """
     nclusters = int(clusters.cluster_id.max()) + 1 if len(clusters) else 0
     n = A.shape[0]
-    S = _shared_matrix(clusters.cluster_id, clusters.image_id, nclusters, n)
     core_part = np.full(n, -1, np.int64)
     core_part[clusters.image_id[clusters.core]] = clusters.cluster_id[clusters.core]
     core_size = np.bincount(clusters.cluster_id[clusters.core], minlength=nclusters)
     coo = A.tocoo()
     pu, pv = core_part[coo.row], core_part[coo.col]
     cross = (pu >= 0) & (pv >= 0) & (pu != pv)
-    fk = np.unique(coo.row[cross].astype(np.int64) * max(nclusters, 1) + pv[cross])  # (frame, other core)
-    fsrc = core_part[fk // max(nclusters, 1)]
-    fdst = fk % max(nclusters, 1)
+    nc = max(nclusters, 1)
+    fk = np.unique(coo.row[cross].astype(np.int64) * nc + pv[cross])  # (boundary frame, other core)
+    fsrc, fdst = core_part[fk // nc], fk % nc
     lo, hi = np.minimum(fsrc, fdst), np.maximum(fsrc, fdst)
-    pk, boundary = np.unique(lo * nclusters + hi, return_counts=True)
-    St = sp.triu(S, k=1).tocoo()
-    sk = St.row.astype(np.int64) * nclusters + St.col
-    allk = np.union1d(pk, sk)
-    a, b = allk // max(nclusters, 1), allk % max(nclusters, 1)
-    shared = np.zeros(allk.size, np.int64)
-    shared[np.searchsorted(allk, sk)] = St.data
-    bnd = np.zeros(allk.size, np.int64)
-    bnd[np.searchsorted(allk, pk)] = boundary
-    touching = bnd > 0
+    pk, boundary = np.unique(lo * nc + hi, return_counts=True)
+    a, b = pk // nc, pk % nc
+    shared = _pair_shared(clusters.cluster_id, clusters.image_id, nclusters, n, a, b)
     linked = shared >= np.minimum(m, core_size[a] + core_size[b])
-    return {"a": a, "b": b, "shared": shared, "boundary": bnd, "touching": touching, "linked": linked}
+    return {"a": a, "b": b, "shared": shared, "boundary": boundary, "touching": np.ones(a.size, bool),
+            "linked": linked}
 
 
 def _report(clusters: Clusters, graph: _Graph, part: np.ndarray, new_id: np.ndarray, cand: _Cand,
@@ -1158,13 +1195,13 @@ def split_clusters_in_memory(clusters: Clusters, cluster_id: int, A: sp.csr_matr
 def _grow_any(A: sp.csr_matrix, members: set[int], allowed: set[int], targets: set[int], need: int, room: int
               ) -> list[int]:
     """Breadth-first growth of a cluster inside ``allowed`` until ``need`` frames of ``targets`` are added."""
-    indptr, indices = A.indptr, A.indices
+    allowed_arr = np.fromiter(allowed, np.int64, len(allowed))
     seen = set(members)
     prev: dict[int, int] = {}
     frontier = []
     for g in sorted(members):
-        for h in indices[indptr[g]:indptr[g + 1]].tolist():
-            if h in allowed and h not in seen:
+        for h in _neighbors_in(A, g, allowed, allowed_arr):
+            if h not in seen:
                 seen.add(h)
                 prev[h] = -1
                 frontier.append(h)
@@ -1173,8 +1210,8 @@ def _grow_any(A: sp.csr_matrix, members: set[int], allowed: set[int], targets: s
         order.extend(sorted(frontier))
         nxt = []
         for g in sorted(frontier):
-            for h in indices[indptr[g]:indptr[g + 1]].tolist():
-                if h in allowed and h not in seen:
+            for h in _neighbors_in(A, g, allowed, allowed_arr):
+                if h not in seen:
                     seen.add(h)
                     prev[h] = g
                     nxt.append(h)
