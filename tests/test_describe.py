@@ -157,3 +157,26 @@ def test_random_weights_need_explicit_permission(tmp_path: Path) -> None:
     cfg.describe.model, cfg.describe.preset = "random", "tiny"
     with pytest.raises(DescribeError, match="allow_random_weights"):
         describe(tmp_path / "run", cfg)
+
+
+def test_megaloc_describe_on_real_photos_and_resume(tmp_path: Path, sample_photos: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The model path end to end: tiny MegaLoc (same code as the full one), random weights, 5 real photos."""
+    pytest.importorskip("sparse_vggt.ingest", reason="needs sparse_vggt.ingest.load_image (ingest stage)")
+    photos = sorted(p.name for p in sample_photos.glob("*.jpg"))[:5]
+    store, cfg = make_scan(tmp_path / "run", photos=sample_photos, names=photos, status=["ok"] * 5, chunk_size=2)
+    cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
+    cfg.describe.image_size, cfg.describe.batch_size = 98, 2
+    with caplog.at_level("WARNING"):
+        manifest = describe(tmp_path / "run", cfg)
+    assert "RANDOM WEIGHTS" in caplog.text
+    arr = store.zarr["descriptors"][:].astype(np.float32)
+    assert arr.shape == (5, 96) and manifest["chunks"] == 3 and manifest["device"] == "cpu"
+    np.testing.assert_allclose(np.linalg.norm(arr, axis=1), 1.0, atol=2e-3)
+    assert len({tuple(np.round(r, 3)) for r in arr}) == 5  # different photos, different descriptors
+    # a killed run resumes: drop one chunk's marker and its rows, the rerun recomputes exactly those
+    store.zarr["describe_chunks/1"].attrs["complete"] = False
+    store.stage_invalidate("describe")
+    again = describe(tmp_path / "run", cfg)
+    assert again["chunks_computed"] == 1 and again["chunks_resumed"] == 2
+    np.testing.assert_allclose(store.zarr["descriptors"][:].astype(np.float32), arr, atol=1e-3)
