@@ -1,0 +1,416 @@
+"""Sparse global attention: each frame's queries see only the keys of its covisible frames.
+
+VGGT's global attention runs over all S·P tokens of a sequence, so its cost grows with S². Here the
+query tokens of frame i attend to the key tokens of N(i) = {i} ∪ neighbours(i) ∪ {0} (frame 0 is the
+reference frame that fixes the world coordinate system), optionally plus the camera/register tokens of
+every frame. Work and memory grow with S·|N| instead of S².
+
+`SparseGlobalAttention` wraps an existing attention module (ours or the reference implementation's) and
+reuses its ``qkv``, ``q_norm``, ``k_norm``, ``rope`` and ``proj`` submodules under the same names, so the
+state dict of a sparse model is identical to the dense one (checkpoints load either way).
+
+The frame count and neighbour sets are not arguments of ``forward`` (blocks call ``attn(x, pos=pos)``);
+they come from a shared `SparseContext` that the sparse model's forward fills in for the duration of a call.
+
+Two kernels:
+- ``sdpa`` (every device): query frames are processed in chunks; for a chunk the keys/values of its
+  neighbour frames are gathered and passed to ``F.scaled_dot_product_attention``, with a boolean key
+  mask only where neighbour sets in the chunk differ in size. The chunk size comes from a memory budget.
+- ``flex`` (CUDA): one ``flex_attention`` call with a block mask built directly from the neighbour sets
+  (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
+  built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so it is
+  used there only when explicitly requested (tests of the block mask).
+
+Neither path allocates an S×S×P×P or (S·P)² tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "flex")
+FLEX_BLOCK = 128
+
+
+# ---- neighbour sets -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeighborSets:
+    """The key-frame set N(i) of every query frame i (sorted, unique, always containing i and 0)."""
+
+    sets: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.sets)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.sets]
+
+    @classmethod
+    def build(
+        cls, neighbors: Any, num_frames: int, include_self: bool = True, include_reference: bool = True
+    ) -> "NeighborSets":
+        """Normalise per-frame neighbour lists (lists, arrays or an (S, k) tensor; negatives = padding).
+
+        Raises ValueError with the offending frame when lists are missing or out of range.
+        """
+        if isinstance(neighbors, NeighborSets):
+            if neighbors.num_frames != num_frames:
+                raise ValueError(f"neighbour sets are for {neighbors.num_frames} frames, input has {num_frames}")
+            return neighbors
+        if hasattr(neighbors, "tolist"):
+            neighbors = neighbors.tolist()
+        neighbors = list(neighbors)
+        if len(neighbors) != num_frames:
+            raise ValueError(
+                f"got neighbour lists for {len(neighbors)} frames but the input has {num_frames} frames; "
+                "pass one list of frame indices per frame (in input order)"
+            )
+        sets = []
+        for i, row in enumerate(neighbors):
+            if hasattr(row, "tolist"):
+                row = row.tolist()
+            if isinstance(row, int):
+                row = [row]
+            members = {int(j) for j in row if int(j) >= 0}
+            bad = [j for j in members if j >= num_frames]
+            if bad:
+                raise ValueError(f"frame {i} lists neighbour(s) {sorted(bad)} but there are only {num_frames} frames")
+            if include_self:
+                members.add(i)
+            if include_reference:
+                members.add(0)
+            sets.append(tuple(sorted(members)))
+        return cls(tuple(sets))
+
+    @classmethod
+    def full(cls, num_frames: int) -> "NeighborSets":
+        """Every frame attends to every frame: equals dense global attention."""
+        everything = tuple(range(num_frames))
+        return cls(tuple(everything for _ in range(num_frames)))
+
+    def membership(self, device: torch.device | str = "cpu") -> Tensor:
+        """(S, S) bool: member[i, j] is True iff frame j is in N(i). S² booleans, never S²P²."""
+        S = self.num_frames
+        rows = torch.tensor([i for i, s in enumerate(self.sets) for _ in s], dtype=torch.long)
+        cols = torch.tensor([j for s in self.sets for j in s], dtype=torch.long)
+        member = torch.zeros(S, S, dtype=torch.bool)
+        member[rows, cols] = True
+        return member.to(device)
+
+
+@dataclass
+class _Chunk:
+    queries: Tensor  # (c,) query frame indices
+    keys: Tensor  # (c, K) key frame indices (padded with the query frame itself)
+    valid: Tensor | None  # (c, K) bool, None when every row is full
+
+
+def plan_chunks(sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device) -> list[_Chunk]:
+    """Group query frames into chunks whose gathered keys/values fit ``budget_bytes``.
+
+    Frames are sorted by set size so that chunks need little padding (sets of equal size need no mask).
+    ``frame_bytes_per_key`` is the memory one (query frame, key frame) pair costs.
+    """
+    order = sorted(range(sets.num_frames), key=lambda i: (len(sets.sets[i]), i))
+    chunks: list[_Chunk] = []
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        kmax = len(sets.sets[order[start]])
+        while stop < len(order):
+            k_next = max(kmax, len(sets.sets[order[stop]]))
+            if (stop - start + 1) * k_next * frame_bytes_per_key > budget_bytes:
+                break
+            kmax = k_next
+            stop += 1
+        members = order[start:stop]
+        keys = torch.tensor([list(sets.sets[i]) + [i] * (kmax - len(sets.sets[i])) for i in members], dtype=torch.long)
+        full = all(len(sets.sets[i]) == kmax for i in members)
+        valid = None
+        if not full:
+            valid = torch.tensor([[j < len(sets.sets[i]) for j in range(kmax)] for i in members], dtype=torch.bool)
+            valid = valid.to(device)
+        chunks.append(_Chunk(torch.tensor(members, dtype=torch.long, device=device), keys.to(device), valid))
+        start = stop
+    return chunks
+
+
+# ---- shared context -------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseContext:
+    """State shared by every sparse attention module of one model, set per forward call."""
+
+    memory_budget_mb: float = 1024.0  # gathered K/V + scores of one query chunk
+    backend: str = "auto"  # auto | sdpa | flex
+    neighbors: NeighborSets | None = None
+    num_special: int = 0  # camera + register tokens at the start of each frame (patch_start_idx)
+    special_tokens_global: bool = False  # every frame's special tokens join every key set
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown sparse attention backend {self.backend!r}; use one of {BACKENDS}")
+
+    @contextlib.contextmanager
+    def use(self, neighbors: NeighborSets) -> Iterator["SparseContext"]:
+        """Activate ``neighbors`` for one forward pass (plans are cached for the duration only)."""
+        previous = self.neighbors
+        self.neighbors = neighbors
+        self._cache.clear()
+        try:
+            yield self
+        finally:
+            self.neighbors = previous
+            self._cache.clear()
+
+    def resolve_backend(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---- the module -----------------------------------------------------------------------------------
+
+
+class SparseGlobalAttention(nn.Module):
+    """Drop-in replacement for a global attention module, restricted to covisible frames.
+
+    ``num_special`` is the count of per-frame special tokens this module sees (the aggregator's
+    ``patch_start_idx``; 0 for modules whose "frames" are single tokens, e.g. the camera-head trunk).
+    """
+
+    def __init__(self, attn: nn.Module, context: SparseContext, num_special: int | None = None):
+        super().__init__()
+        for attr in ("qkv", "proj", "num_heads"):
+            if not hasattr(attn, attr):
+                raise TypeError(
+                    f"{type(attn).__name__} has no `{attr}`: sparse attention wraps attention modules with "
+                    "qkv/q_norm/k_norm/rope/proj like VGGT's"
+                )
+        # Same child names as the wrapped module -> identical state_dict keys.
+        for name, child in attn.named_children():
+            self.add_module(name, child)
+        self.num_heads = int(attn.num_heads)
+        self.head_dim = int(getattr(attn, "head_dim", attn.qkv.in_features // self.num_heads))
+        self.scale = float(getattr(attn, "scale", self.head_dim**-0.5))
+        self.context = context
+        self.num_special = num_special
+        self._dense = (attn,)  # tuple: not registered as a submodule; make_dense restores it
+
+    @property
+    def dense(self) -> nn.Module:
+        """The original attention module (shares all parameters with this one)."""
+        return self._dense[0]
+
+    def _sub(self, name: str) -> nn.Module | None:
+        return self._modules.get(name)
+
+    def forward(self, x: Tensor, pos: Tensor | None = None, **kwargs: Any) -> Tensor:
+        ctx = self.context
+        sets = ctx.neighbors
+        if sets is None:
+            raise RuntimeError(
+                "sparse global attention called without neighbour sets: call the sparse model as "
+                "model(images, neighbors=...) (or neighbors=None to compute them), not its blocks directly"
+            )
+        B, N, C = x.shape
+        S = sets.num_frames
+        if N % S:
+            raise ValueError(f"{N} tokens cannot be split into {S} frames")
+        P = N // S
+        H, D = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q_norm, k_norm, rope = self._sub("q_norm"), self._sub("k_norm"), self._sub("rope")
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        if rope is not None and pos is not None:
+            q = rope(q, pos)
+            k = rope(k, pos)
+        num_special = self.num_special if self.num_special is not None else ctx.num_special
+        num_special = min(num_special, P) if ctx.special_tokens_global else 0
+        out = self._attend(q, k, v, sets, P, num_special)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        out = self.proj(out)
+        proj_drop = self._sub("proj_drop")
+        return proj_drop(out) if proj_drop is not None else out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int) -> Tensor:
+        """(B, H, S·P, D) queries/keys/values -> attention output restricted to N(i) per query frame."""
+        if self.context.resolve_backend(q.device) == "flex":
+            return _flex_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
+        return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
+
+
+# ---- portable kernel: chunked gather + SDPA ---------------------------------------------------------
+
+
+def _chunked_sparse(
+    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext
+) -> Tensor:
+    """q, k, v: (B, H, S·P, D) -> (B, H, S·P, D), attending per query frame to its neighbour frames."""
+    B, H, N, D = q.shape
+    S = sets.num_frames
+    elt = q.element_size()
+    # One (query frame, key frame) pair: gathered K and V (2·H·P·D) + fp32 scores/probabilities (2·H·P·P).
+    pair_bytes = B * H * P * (2 * D * elt + 2 * P * 4)
+    key = ("plan", P, pair_bytes, str(q.device))
+    chunks = ctx._cache.get(key)
+    if chunks is None:
+        budget = int(ctx.memory_budget_mb * 2**20)
+        if num_special:
+            # Shared special keys cost the same for every query frame; reserve them in the budget.
+            budget = max(budget - S * num_special * B * H * P * 8, pair_bytes)
+        chunks = plan_chunks(sets, pair_bytes, budget, q.device)
+        ctx._cache[key] = chunks
+    q5, k5, v5 = (t.reshape(B, H, S, P, D) for t in (q, k, v))
+    out = torch.empty_like(q5)
+    if num_special:
+        member = ctx._cache.get(("member", str(q.device)))
+        if member is None:
+            member = sets.membership(q.device)
+            ctx._cache[("member", str(q.device))] = member
+        k_sp = k5[:, :, :, :num_special].reshape(B, H, 1, S * num_special, D)
+        v_sp = v5[:, :, :, :num_special].reshape(B, H, 1, S * num_special, D)
+    for ch in chunks:
+        c, K = ch.keys.shape
+        qc = q5.index_select(2, ch.queries)  # (B, H, c, P, D)
+        flat = ch.keys.reshape(-1)
+        kc = k5.index_select(2, flat).reshape(B, H, c, K * P, D)
+        vc = v5.index_select(2, flat).reshape(B, H, c, K * P, D)
+        mask = None
+        if ch.valid is not None:
+            mask = ch.valid.repeat_interleave(P, dim=1)  # (c, K·P)
+        if num_special:
+            # Special tokens of frames already in N(i) are there once; add only the others.
+            extra = ~member.index_select(0, ch.queries).repeat_interleave(num_special, dim=1)  # (c, S·ns)
+            kc = torch.cat([kc, k_sp.expand(B, H, c, -1, D)], dim=3)
+            vc = torch.cat([vc, v_sp.expand(B, H, c, -1, D)], dim=3)
+            base = mask if mask is not None else torch.ones(c, K * P, dtype=torch.bool, device=q.device)
+            mask = torch.cat([base, extra], dim=1)
+        if mask is not None:
+            mask = mask[None, None, :, None, :]  # broadcast over (B, H, ., P, .)
+        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
+        out.index_copy_(2, ch.queries, oc)
+    return out.reshape(B, H, N, D)
+
+
+# ---- CUDA kernel: FlexAttention with a block mask built from the neighbour sets ----------------------
+
+_COMPILED_FLEX: Any = None
+
+
+def _flex_fn(device: torch.device) -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention  # unfused reference path (small inputs, tests)
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def build_block_mask(
+    sets: NeighborSets, P: int, num_special: int, device: torch.device, block: int = FLEX_BLOCK
+) -> Any:
+    """A FlexAttention BlockMask for frames padded to ``Pp`` = ceil(P / block)·block tokens.
+
+    Built from per-block key lists (size S·nb × |N|·nb), so no dense token mask is ever formed.
+    Blocks entirely made of real tokens of a neighbour frame are "full"; blocks that hold padding (the
+    last block of a frame when P is not a multiple of ``block``) or special tokens of a non-neighbour
+    frame are "partial" and resolved by ``mask_mod``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    S = sets.num_frames
+    nb = math.ceil(P / block)
+    Pp = nb * block
+    last_partial = P % block != 0
+    member = sets.membership(device)
+    full_rows: list[list[int]] = []
+    part_rows: list[list[int]] = []
+    for i, s in enumerate(sets.sets):
+        full_blocks: list[int] = []
+        part_blocks: list[int] = []
+        for j in s:
+            for b in range(nb):
+                (part_blocks if (last_partial and b == nb - 1) else full_blocks).append(j * nb + b)
+        if num_special:
+            part_blocks += [j * nb for j in range(S) if j not in s]
+        for _ in range(nb):  # every query block of frame i has the same key blocks
+            full_rows.append(full_blocks)
+            part_rows.append(part_blocks)
+
+    def pack(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        idx = torch.zeros(len(rows), width, dtype=torch.int32)
+        for r, row in enumerate(rows):
+            if row:
+                idx[r, : len(row)] = torch.tensor(sorted(row), dtype=torch.int32)
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        return counts[None, None].to(device), idx[None, None].to(device)
+
+    full_n, full_i = pack(full_rows)
+    part_n, part_i = pack(part_rows)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        fq = q_idx // Pp
+        fk = kv_idx // Pp
+        tk = kv_idx % Pp
+        allowed = member[fq, fk] & (tk < P)
+        if num_special:
+            allowed = allowed | (tk < num_special)
+        return allowed
+
+    # compute_q_blocks=False: the transposed (query-block) index is only needed for backward, and
+    # building it goes through a dense (S·nb)² block matrix.
+    return BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(S * Pp, S * Pp), compute_q_blocks=False)
+
+
+def _flex_sparse(
+    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext
+) -> Tensor:
+    B, H, N, D = q.shape
+    S = sets.num_frames
+    nb = math.ceil(P / FLEX_BLOCK)
+    Pp = nb * FLEX_BLOCK
+    key = ("block_mask", P, num_special, str(q.device))
+    block_mask = ctx._cache.get(key)
+    if block_mask is None:
+        block_mask = build_block_mask(sets, P, num_special, q.device)
+        ctx._cache[key] = block_mask
+
+    def pad(t: Tensor) -> Tensor:
+        t = t.reshape(B, H, S, P, D)
+        if Pp != P:
+            t = F.pad(t, (0, 0, 0, Pp - P))
+        return t.reshape(B, H, S * Pp, D)
+
+    out = _flex_fn(q.device)(pad(q), pad(k), pad(v), block_mask=block_mask, scale=scale)
+    return out.reshape(B, H, S, Pp, D)[:, :, :, :P].reshape(B, H, N, D)

@@ -1,0 +1,474 @@
+"""Sparse global attention: exactness against dense / masked-dense models, information flow, memory.
+
+Models under test:
+- ``standin``: a small VGGT-shaped model defined here (aggregator with frame/global blocks whose attention
+  has qkv/q_norm/k_norm/rope/proj, a cross-frame camera trunk and a per-frame depth head), so these tests
+  run whatever else exists in the tree;
+- ``ours``: ``sparse_vggt.models.VGGT`` tiny preset, when present;
+- ``reference``: the reference implementation, only when ``SPARSE_VGGT_REFERENCE`` points at a checkout
+  (it is never part of the repo; used by developers as an oracle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparse_vggt.layers.sparse_attention import NeighborSets, SparseGlobalAttention, build_block_mask, plan_chunks
+from sparse_vggt.sparse import is_sparse, knn_neighbors, make_dense, make_sparse
+
+H_IMG, W_IMG = 42, 56  # 3 x 4 patches of 14 px
+# FlexAttention on CPU is the unfused reference path (it says so once); fine at these sizes.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+# ---- a small VGGT-shaped stand-in ---------------------------------------------------------------------
+
+
+class _Rope(nn.Module):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        freq = 1.0 / (10.0 ** (torch.arange(half, dtype=x.dtype) / half))
+        angle = (pos[..., 0:1].to(x.dtype) * 0.7 + pos[..., 1:2].to(x.dtype)) * freq  # (B, N, half)
+        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class _Attn(nn.Module):
+    def __init__(self, dim: int, heads: int, rope: nn.Module | None):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None and pos is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, rope: nn.Module | None = None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _Attn(dim, heads, rope)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), pos=pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class _Aggregator(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2, registers: int = 2):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 14, 14)
+        self.rope = _Rope()
+        self.frame_blocks = nn.ModuleList(_Block(dim, heads, self.rope) for _ in range(depth))
+        self.global_blocks = nn.ModuleList(_Block(dim, heads, self.rope) for _ in range(depth))
+        self.camera_token = nn.Parameter(torch.randn(1, 2, 1, dim))
+        self.register_token = nn.Parameter(torch.randn(1, 2, registers, dim))
+        self.patch_start_idx = 1 + registers
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        B, S, _, H, W = images.shape
+        patches = self.patch_embed(images.reshape(B * S, 3, H, W)).flatten(2).transpose(1, 2)
+        first = lambda t: torch.cat([t[:, :1].expand(B, 1, -1, -1), t[:, 1:].expand(B, S - 1, -1, -1)], 1)  # noqa: E731
+        special = torch.cat([first(self.camera_token), first(self.register_token)], dim=2).reshape(B * S, -1, patches.shape[-1])
+        tokens = torch.cat([special, patches], dim=1)
+        _, P, C = tokens.shape
+        gy, gx = torch.meshgrid(torch.arange(H // 14), torch.arange(W // 14), indexing="ij")
+        grid = torch.stack([gy.flatten(), gx.flatten()], -1) + 1
+        pos = torch.cat([torch.zeros(self.patch_start_idx, 2, dtype=torch.long), grid]).expand(B * S, P, 2)
+        out = []
+        for fb, gb in zip(self.frame_blocks, self.global_blocks):
+            tokens = fb(tokens.reshape(B * S, P, C), pos=pos)
+            f_int = tokens.reshape(B, S, P, C)
+            tokens = gb(tokens.reshape(B, S * P, C), pos=pos.reshape(B, S * P, 2))
+            out.append(torch.cat([f_int, tokens.reshape(B, S, P, C)], dim=-1))
+        return out, self.patch_start_idx
+
+
+class _StandIn(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.aggregator = _Aggregator(dim, heads)
+        self.camera_head = nn.Module()
+        self.camera_head.trunk = nn.Sequential(_Block(2 * dim, heads))
+        self.pose = nn.Linear(2 * dim, 9)
+        self.depth = nn.Linear(2 * dim, 14 * 14 * 2)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.dim() == 4:
+            images = images[None]
+        B, S, _, H, W = images.shape
+        toks, psi = self.aggregator(images)
+        last = toks[-1]
+        pose = self.pose(self.camera_head.trunk(last[:, :, 0]))
+        d = self.depth(last[:, :, psi:]).reshape(B, S, H // 14, W // 14, 14, 14, 2)
+        d = d.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, S, H, W, 2)
+        return {"pose_enc": pose, "depth": d[..., :1].exp(), "depth_conf": 1 + d[..., 1].exp()}
+
+
+def _standin() -> nn.Module:
+    torch.manual_seed(0)
+    return _StandIn().eval()
+
+
+def _ours() -> nn.Module:
+    try:
+        from sparse_vggt.models import VGGT  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"sparse_vggt.models.VGGT not available yet: {exc}")
+    torch.manual_seed(0)
+    for make in (lambda: VGGT.from_preset("tiny"), lambda: VGGT(preset="tiny")):
+        try:
+            return make().eval()
+        except (AttributeError, TypeError):
+            continue
+    pytest.skip("sparse_vggt.models.VGGT has no 'tiny' preset")
+
+
+def _reference() -> nn.Module:
+    root = os.environ.get("SPARSE_VGGT_REFERENCE")
+    if not root:
+        pytest.skip("set SPARSE_VGGT_REFERENCE to a reference VGGT checkout to compare against it")
+    sys.path.insert(0, root)
+    sys.modules.setdefault("einops", types.SimpleNamespace(rearrange=None, repeat=None))  # track head only
+    agg_mod = importlib.import_module("vggt.models.aggregator")
+    cam_mod = importlib.import_module("vggt.heads.camera_head")
+    dpt_mod = importlib.import_module("vggt.heads.dpt_head")
+    vggt_mod = importlib.import_module("vggt.models.vggt")
+    torch.manual_seed(0)
+    m = vggt_mod.VGGT.__new__(vggt_mod.VGGT)
+    nn.Module.__init__(m)
+    m.aggregator = agg_mod.Aggregator(img_size=56, embed_dim=32, depth=4, num_heads=4, patch_embed="conv")
+    m.camera_head = cam_mod.CameraHead(dim_in=64, trunk_depth=1, num_heads=4)
+    m.depth_head = dpt_mod.DPTHead(dim_in=64, output_dim=2, activation="exp", conf_activation="expp1", features=16,
+                                   out_channels=[8, 16, 32, 32], intermediate_layer_idx=[0, 1, 2, 3])
+    m.point_head = m.track_head = None
+    with torch.no_grad():  # the published init makes attention nearly irrelevant; make it matter
+        for name, p in m.named_parameters():
+            if any(s in name for s in ("ls1", "ls2", "camera_token", "register_token")):
+                p.normal_(0, 0.5)
+    return m.eval()
+
+
+MODELS = {"standin": _standin, "ours": _ours, "reference": _reference}
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    return MODELS[request.param]()
+
+
+def _images(S: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(S, 3, H_IMG, W_IMG, generator=g)
+
+
+def _random_neighbors(S: int, seed: int, kmax: int = 3) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [rng.sample([j for j in range(S) if j != i], rng.randint(0, min(kmax, S - 1))) for i in range(S)]
+
+
+def _run(model: nn.Module, images: torch.Tensor, **kw) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward, also capturing the aggregator's output tokens."""
+    captured: list = []
+    handle = model.aggregator.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    try:
+        with torch.no_grad():
+            out = model(images, **kw)
+    finally:
+        handle.remove()
+    return captured[0], out
+
+
+def _outputs(out: dict) -> dict[str, torch.Tensor]:
+    return {k: out[k] for k in ("pose_enc", "depth", "depth_conf") if k in out}
+
+
+# ---- neighbour sets and plans -------------------------------------------------------------------------
+
+
+def test_neighbor_sets_normalise_and_validate() -> None:
+    sets = NeighborSets.build([[2, 2, -1], [], [1], [0, 3]], 4)
+    assert sets.sets == ((0, 2), (0, 1), (0, 1, 2), (0, 3))
+    assert NeighborSets.build(torch.tensor([[1, -1], [0, 2], [1, 0]]), 3).sets == ((0, 1), (0, 1, 2), (0, 1, 2))
+    member = sets.membership()
+    assert member.shape == (4, 4) and member[2].tolist() == [True, True, True, False]
+    with pytest.raises(ValueError, match="3 frames but the input has 4"):
+        NeighborSets.build([[1], [0], [1]], 4)
+    with pytest.raises(ValueError, match=r"frame 1 lists neighbour\(s\) \[7\]"):
+        NeighborSets.build([[1], [7], [1]], 3)
+
+
+def test_plan_chunks_cover_frames_once_within_budget() -> None:
+    sets = NeighborSets.build(_random_neighbors(23, seed=3, kmax=6), 23)
+    pair = 1000
+    for budget in (pair, 5 * pair, 40 * pair, 10**9):
+        chunks = plan_chunks(sets, pair, budget, torch.device("cpu"))
+        seen = torch.cat([c.queries for c in chunks]).tolist()
+        assert sorted(seen) == list(range(23))
+        for c in chunks:
+            n, K = c.keys.shape
+            assert n == 1 or n * K * pair <= budget
+            sizes = [len(sets.sets[i]) for i in c.queries.tolist()]
+            assert K == max(sizes)
+            assert (c.valid is None) == (min(sizes) == K)
+            for row, i in enumerate(c.queries.tolist()):
+                keys = c.keys[row].tolist()
+                valid = c.valid[row].tolist() if c.valid is not None else [True] * K
+                assert sorted(j for j, ok in zip(keys, valid) if ok) == list(sets.sets[i])
+    assert len(plan_chunks(sets, pair, 10**9, torch.device("cpu"))) == 1
+
+
+def test_knn_neighbors_cosine() -> None:
+    desc = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    assert knn_neighbors(desc, 1) == [[1], [0], [3], [2], [1]] or knn_neighbors(desc, 1)[4] in ([1], [3])
+    nb = knn_neighbors(desc, 2)
+    assert all(len(r) == 2 and i not in r for i, r in enumerate(nb))
+    assert nb[0][0] == 1 and nb[2][0] == 3
+    assert knn_neighbors(desc[:1], 3) == [[]]
+
+
+# ---- (a) all frames == dense ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("special", [False, True])
+def test_all_frames_equals_dense(model: nn.Module, backend: str, special: bool) -> None:
+    images = _images(6)
+    dense_tokens, dense = _run(model, images)
+    make_sparse(model, backend=backend, special_tokens_global=special, memory_budget_mb=0.02)
+    tokens, out = _run(model, images, neighbors=[list(range(6))] * 6)
+    for a, b in zip(dense_tokens, tokens):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for key, value in _outputs(dense).items():
+        torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-5)
+
+
+# ---- (b) arbitrary neighbour sets == dense with the equivalent token mask --------------------------------
+
+
+class _MaskedDense(SparseGlobalAttention):
+    """Test oracle: full (S·P)² attention with the token mask equivalent to the neighbour sets."""
+
+    def _attend(self, q, k, v, sets, P, num_special):
+        S = sets.num_frames
+        frame = torch.arange(S * P) // P
+        tok = torch.arange(S * P) % P
+        member = sets.membership()
+        mask = member[frame[:, None], frame[None, :]]
+        if num_special:
+            mask = mask | (tok < num_special)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+
+def _swap_to_oracle(model: nn.Module) -> None:
+    for block in model.aggregator.global_blocks:
+        sparse = block.attn
+        block.attn = _MaskedDense(sparse.dense, sparse.context, sparse.num_special)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("special", [False, True])
+def test_random_neighbors_equal_masked_dense(model: nn.Module, seed: int, special: bool) -> None:
+    S = 7
+    images = _images(S, seed)
+    nbrs = _random_neighbors(S, seed)
+    backends = ["sdpa", "flex"] if seed == 0 else ["sdpa"]
+    make_sparse(model, special_tokens_global=special)
+    _swap_to_oracle(model)
+    ref_tokens, ref = _run(model, images, neighbors=nbrs)
+    for backend in backends:
+        make_sparse(model, backend=backend, special_tokens_global=special, memory_budget_mb=0.01)
+        tokens, out = _run(model, images, neighbors=nbrs)
+        for a, b in zip(ref_tokens, tokens):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for key, value in _outputs(ref).items():
+            torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-5)
+    # The mask matters: the same model with all frames gives different tokens.
+    all_tokens, _ = _run(model, images, neighbors=[list(range(S))] * S)
+    assert (all_tokens[-1] - tokens[-1]).abs().max() > 1e-4
+
+
+# ---- (c) information stops at the mask ----------------------------------------------------------------
+
+
+def _two_groups(S: int, split: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    nbrs = []
+    for i in range(S):
+        group = range(0, split) if i < split else range(split, S)
+        others = [j for j in group if j != i]
+        nbrs.append(rng.sample(others, rng.randint(1, len(others))))
+    return nbrs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_second_group_cannot_change_first_group(model: nn.Module, seed: int) -> None:
+    S, split = 8, 4 + seed % 2
+    nbrs = _two_groups(S, split, seed)
+    images = _images(S, seed)
+    changed = images.clone()
+    changed[split + seed % (S - split)] = torch.rand(3, H_IMG, W_IMG, generator=torch.Generator().manual_seed(99))
+
+    sparse_camera = hasattr(getattr(model, "camera_head", None), "trunk")
+    make_sparse(model, memory_budget_mb=0.01, sparse_camera_head=sparse_camera)
+    t1, o1 = _run(model, images, neighbors=nbrs)
+    t2, o2 = _run(model, changed, neighbors=nbrs)
+    for a, b in zip(t1, t2):
+        assert torch.equal(a[:, :split], b[:, :split])  # bit for bit
+        assert not torch.equal(a[:, split:], b[:, split:])
+    for key in ("depth", "depth_conf") + (("pose_enc",) if sparse_camera else ()):
+        assert torch.equal(o1[key][:, :split], o2[key][:, :split]), key
+
+    # Controls: the check can fail. Dense attention, or all frames' special tokens, leak group 2 into group 1.
+    make_sparse(model, memory_budget_mb=0.01, special_tokens_global=True)
+    s1, _ = _run(model, images, neighbors=nbrs)
+    s2, _ = _run(model, changed, neighbors=nbrs)
+    assert not torch.equal(s1[-1][:, :split], s2[-1][:, :split])
+    make_dense(model)
+    d1, _ = _run(model, images)
+    d2, _ = _run(model, changed)
+    assert not torch.equal(d1[-1][:, :split], d2[-1][:, :split])
+
+
+# ---- make_sparse / make_dense ------------------------------------------------------------------------
+
+
+def test_make_dense_restores_original_modules(model: nn.Module) -> None:
+    images = _images(5)
+    originals = [b.attn for b in model.aggregator.global_blocks]
+    keys = list(model.state_dict())
+    _, before = _run(model, images)
+    assert make_sparse(model, k=2) is model and is_sparse(model)
+    assert all(isinstance(b.attn, SparseGlobalAttention) for b in model.aggregator.global_blocks)
+    assert list(model.state_dict()) == keys  # checkpoints load into a sparse model unchanged
+    make_sparse(model, k=3)  # idempotent re-conversion
+    assert make_dense(model) is model and not is_sparse(model)
+    assert [b.attn for b in model.aggregator.global_blocks] == originals
+    assert "forward" not in model.__dict__
+    _, after = _run(model, images)
+    for key, value in _outputs(before).items():
+        assert torch.equal(after[key], value)
+
+
+def test_make_sparse_rejects_other_models() -> None:
+    with pytest.raises(TypeError, match="does not look like VGGT"):
+        make_sparse(nn.Linear(3, 3))
+
+
+def test_sparse_attention_without_neighbors_is_an_error() -> None:
+    model = make_sparse(_standin())
+    x = torch.randn(1, 4 * 15, 32)
+    with pytest.raises(RuntimeError, match="neighbors"):
+        model.aggregator.global_blocks[0].attn(x)
+
+
+def test_neighbors_none_uses_retrieval_knn() -> None:
+    S = 6
+    images = _images(S)
+    calls = []
+
+    def fake_megaloc(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return F.normalize(x.mean(dim=(2, 3)), dim=1)  # colour descriptor: deterministic, input-dependent
+
+    model = make_sparse(_standin(), k=2, retrieval=fake_megaloc)
+    tok_auto, _ = _run(model, images)
+    assert calls == [(S, 3, 322, 322)]
+    from sparse_vggt.sparse import retrieve_neighbors
+
+    nbrs = retrieve_neighbors(images, 2, retrieval=fake_megaloc)
+    assert all(len(r) == 2 for r in nbrs)
+    tok_explicit, _ = _run(model, images, neighbors=nbrs)
+    assert torch.equal(tok_auto[-1], tok_explicit[-1])
+
+
+# ---- never S×S×P×P or (S·P)² ---------------------------------------------------------------------------
+
+
+class _MaxNumel(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def _attention_peak_numel(attn: nn.Module, S: int, P: int, C: int, nbrs) -> int:
+    x = torch.randn(1, S * P, C)
+    with torch.no_grad(), _MaxNumel() as mode:
+        with attn.context.use(NeighborSets.build(nbrs, S)):
+            attn(x)
+    return mode.max_numel
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_no_quadratic_allocation(special: bool) -> None:
+    model = make_sparse(_standin(), special_tokens_global=special, memory_budget_mb=0.25)
+    attn = model.aggregator.global_blocks[0].attn
+    P, C, H, k = 40, 32, 4, 3
+    peaks = {}
+    for S in (48, 192):
+        nbrs = [[(i + d) % S for d in (1, 2, 3)] for i in range(S)]
+        peaks[S] = _attention_peak_numel(attn, S, P, C, nbrs)
+        linear = 3 * S * P * C  # qkv projection output: O(S·P·C)
+        budget_elems = 0.25 * 2**20 / 4
+        assert peaks[S] <= max(linear, budget_elems + S * 3 * P * C), (S, peaks[S])
+        assert peaks[S] < (S * P) ** 2 / 16
+    # Peak grows linearly (qkv), not quadratically, in S.
+    assert peaks[192] <= 4 * peaks[48] * 1.05
+    # The monitor does see quadratic tensors: the masked-dense oracle materialises an (S·P)² mask.
+    oracle = _MaskedDense(attn.dense, attn.context, attn.num_special)
+    S = 24
+    assert _attention_peak_numel(oracle, S, P, C, [[1]] * S) >= (S * P) ** 2
+
+
+def test_flex_block_mask_is_sparse_and_exact() -> None:
+    """The block mask lists only neighbour blocks; its dense rendering matches the token mask."""
+    S, P, ns = 5, 200, 5  # 2 blocks of 128 per frame, the second partial
+    nbrs = [[1], [], [4], [0], [2]]
+    sets = NeighborSets.build(nbrs, S)
+    bm = build_block_mask(sets, P, ns, torch.device("cpu"))
+    nb = 2
+    counts = (bm.kv_num_blocks + bm.full_kv_num_blocks)[0, 0]
+    for i, s in enumerate(sets.sets):
+        for b in range(nb):
+            assert counts[i * nb + b] == len(s) * nb + (S - len(s))  # own blocks + one special block each
+            full = set(bm.full_kv_indices[0, 0, i * nb + b, : bm.full_kv_num_blocks[0, 0, i * nb + b]].tolist())
+            part = set(bm.kv_indices[0, 0, i * nb + b, : bm.kv_num_blocks[0, 0, i * nb + b]].tolist())
+            assert full == {j * nb for j in s}  # whole blocks of real tokens of neighbour frames
+            assert part == {j * nb + 1 for j in s} | {j * nb for j in range(S) if j not in s}
+    # Index width is O(|N|·nb + S), not the S·nb of a dense block matrix.
+    assert bm.kv_indices.shape[-1] <= max(len(s) for s in sets.sets) * nb + S
+    # mask_mod resolves partial blocks token by token.
+    mm = bm.mask_mod
+    t = torch.tensor
+    Pp = nb * 128
+    assert mm(t(0), t(0), t(0), t(1 * Pp + 199)) and not mm(t(0), t(0), t(0), t(1 * Pp + 200))  # padding
+    assert mm(t(0), t(0), t(0), t(3 * Pp + 4)) and not mm(t(0), t(0), t(0), t(3 * Pp + 5))  # specials only
