@@ -17,10 +17,11 @@ only its tokens and depth maps, independent of frames it does not list.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from .layers.sparse_attention import NeighborSets, SparseContext, SparseGlobalAt
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_sparse", "make_dense", "is_sparse", "knn_neighbors", "retrieve_neighbors", "NeighborSets"]
+__all__ = ["make_sparse", "make_dense", "is_sparse", "neighbor_context", "knn_neighbors", "retrieve_neighbors",
+           "NeighborSets"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,6 +134,20 @@ def _sparse_forward(self: nn.Module, images: Tensor, *args: Any, neighbors: Any 
     sets = NeighborSets.build(neighbors, S)
     with state.context.use(sets):
         return state.original_forward(images, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def neighbor_context(model: nn.Module, neighbors: Any, num_frames: int) -> Iterator[NeighborSets]:
+    """Activate neighbour sets on a sparse model's attention modules without calling ``model`` itself.
+
+    For running a part of the model directly (e.g. ``model.aggregator(images)`` in benchmarks).
+    """
+    state: _SparseState | None = model.__dict__.get("_sparse_state")
+    if state is None:
+        raise RuntimeError("neighbor_context needs a model converted with make_sparse")
+    sets = NeighborSets.build(neighbors, num_frames)
+    with state.context.use(sets):
+        yield sets
 
 
 # ---- neighbours ------------------------------------------------------------------------------------

@@ -221,23 +221,25 @@ def test_neighbor_sets_normalise_and_validate() -> None:
 
 
 def test_plan_chunks_cover_frames_once_within_budget() -> None:
-    sets = NeighborSets.build(_random_neighbors(23, seed=3, kmax=6), 23)
+    S = 23
+    sets = NeighborSets.build(_random_neighbors(S, seed=3, kmax=6), S)
     pair = 1000
-    for budget in (pair, 5 * pair, 40 * pair, 10**9):
-        chunks = plan_chunks(sets, pair, budget, torch.device("cpu"))
-        seen = torch.cat([c.queries for c in chunks]).tolist()
-        assert sorted(seen) == list(range(23))
-        for c in chunks:
-            n, K = c.keys.shape
-            assert n == 1 or n * K * pair <= budget
-            sizes = [len(sets.sets[i]) for i in c.queries.tolist()]
-            assert K == max(sizes)
-            assert (c.valid is None) == (min(sizes) == K)
-            for row, i in enumerate(c.queries.tolist()):
-                keys = c.keys[row].tolist()
-                valid = c.valid[row].tolist() if c.valid is not None else [True] * K
-                assert sorted(j for j, ok in zip(keys, valid) if ok) == list(sets.sets[i])
-    assert len(plan_chunks(sets, pair, 10**9, torch.device("cpu"))) == 1
+    for special in (0, 10):
+        for budget in (pair, 5 * pair, 40 * pair, 10**9):
+            chunks = plan_chunks(sets, pair, budget, torch.device("cpu"), special)
+            seen = torch.cat([c.queries for c in chunks]).tolist()
+            assert sorted(seen) == list(range(S))
+            for c in chunks:
+                n, K = c.keys.shape
+                assert n == 1 or n * (K * pair + (S - K) * special) <= budget
+                for row, i in enumerate(c.queries.tolist()):
+                    assert tuple(c.keys[row].tolist()) == sets.sets[i]  # equal sizes: no padding, no mask
+                    if special:
+                        assert sorted(c.complement[row].tolist() + list(sets.sets[i])) == list(range(S))
+                    else:
+                        assert c.complement is None
+    # One chunk per distinct set size when the budget is large.
+    assert len(plan_chunks(sets, pair, 10**9, torch.device("cpu"))) == len(set(sets.sizes))
 
 
 def test_knn_neighbors_cosine() -> None:

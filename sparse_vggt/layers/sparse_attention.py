@@ -13,9 +13,11 @@ The frame count and neighbour sets are not arguments of ``forward`` (blocks call
 they come from a shared `SparseContext` that the sparse model's forward fills in for the duration of a call.
 
 Two kernels:
-- ``sdpa`` (every device): query frames are processed in chunks; for a chunk the keys/values of its
-  neighbour frames are gathered and passed to ``F.scaled_dot_product_attention``, with a boolean key
-  mask only where neighbour sets in the chunk differ in size. The chunk size comes from a memory budget.
+- ``sdpa`` (every device): query frames are grouped by neighbour-set size and processed in chunks; for
+  a chunk the keys/values of its neighbour frames are gathered and passed, unmasked, to
+  ``F.scaled_dot_product_attention`` (so its fused kernels apply). The chunk size comes from a memory
+  budget. With global special tokens, each chunk also gathers the special tokens of the frames outside
+  its sets (|outside| is the same for every frame of a chunk, so still no mask).
 - ``flex`` (CUDA): one ``flex_attention`` call with a block mask built directly from the neighbour sets
   (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
   built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so it is
@@ -115,37 +117,37 @@ class NeighborSets:
 @dataclass
 class _Chunk:
     queries: Tensor  # (c,) query frame indices
-    keys: Tensor  # (c, K) key frame indices (padded with the query frame itself)
-    valid: Tensor | None  # (c, K) bool, None when every row is full
+    keys: Tensor  # (c, K) key frame indices: N(i) for each query frame i (all of size K)
+    complement: Tensor | None = None  # (c, S-K) frames outside N(i), for global special tokens
 
 
-def plan_chunks(sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device) -> list[_Chunk]:
-    """Group query frames into chunks whose gathered keys/values fit ``budget_bytes``.
+def plan_chunks(
+    sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device, special_frame_bytes: int = 0
+) -> list[_Chunk]:
+    """Group query frames into chunks of equal set size whose gathered keys/values fit ``budget_bytes``.
 
-    Frames are sorted by set size so that chunks need little padding (sets of equal size need no mask).
-    ``frame_bytes_per_key`` is the memory one (query frame, key frame) pair costs.
+    Grouping by size means no padding and no attention mask, so SDPA can use its fused kernels; the
+    number of extra chunks is at most the number of distinct set sizes (a handful for kNN sets).
+    ``frame_bytes_per_key`` is the memory one (query frame, key frame) pair costs; with
+    ``special_frame_bytes`` > 0 every frame outside N(i) costs that much too (its special tokens are added)
+    and each chunk carries its complement frames.
     """
-    order = sorted(range(sets.num_frames), key=lambda i: (len(sets.sets[i]), i))
+    by_size: dict[int, list[int]] = {}
+    for i, s in enumerate(sets.sets):
+        by_size.setdefault(len(s), []).append(i)
     chunks: list[_Chunk] = []
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        kmax = len(sets.sets[order[start]])
-        while stop < len(order):
-            k_next = max(kmax, len(sets.sets[order[stop]]))
-            if (stop - start + 1) * k_next * frame_bytes_per_key > budget_bytes:
-                break
-            kmax = k_next
-            stop += 1
-        members = order[start:stop]
-        keys = torch.tensor([list(sets.sets[i]) + [i] * (kmax - len(sets.sets[i])) for i in members], dtype=torch.long)
-        full = all(len(sets.sets[i]) == kmax for i in members)
-        valid = None
-        if not full:
-            valid = torch.tensor([[j < len(sets.sets[i]) for j in range(kmax)] for i in members], dtype=torch.bool)
-            valid = valid.to(device)
-        chunks.append(_Chunk(torch.tensor(members, dtype=torch.long, device=device), keys.to(device), valid))
-        start = stop
+    for K in sorted(by_size):
+        frames = by_size[K]
+        per_frame = K * frame_bytes_per_key + (sets.num_frames - K) * special_frame_bytes
+        per_chunk = max(1, budget_bytes // max(1, per_frame))
+        for start in range(0, len(frames), per_chunk):
+            members = frames[start : start + per_chunk]
+            keys = torch.tensor([sets.sets[i] for i in members], dtype=torch.long, device=device)
+            comp = None
+            if special_frame_bytes:
+                rows = [sorted(set(range(sets.num_frames)) - set(sets.sets[i])) for i in members]
+                comp = torch.tensor(rows, dtype=torch.long, device=device).reshape(len(members), -1)
+            chunks.append(_Chunk(torch.tensor(members, dtype=torch.long, device=device), keys, comp))
     return chunks
 
 
@@ -276,47 +278,62 @@ def _chunked_sparse(
     B, H, N, D = q.shape
     S = sets.num_frames
     elt = q.element_size()
-    # One (query frame, key frame) pair: gathered K and V (2·H·P·D) + fp32 scores/probabilities (2·H·P·P).
+    # One (query frame, key frame) pair: gathered K and V (2·H·P·D) + scores/probabilities if the kernel
+    # materialises them (2·H·P·P fp32; fused kernels need less).
     pair_bytes = B * H * P * (2 * D * elt + 2 * P * 4)
-    key = ("plan", P, pair_bytes, str(q.device))
+    key = ("plan", P, pair_bytes, num_special, str(q.device))
     chunks = ctx._cache.get(key)
     if chunks is None:
         budget = int(ctx.memory_budget_mb * 2**20)
-        if num_special:
-            # Shared special keys cost the same for every query frame; reserve them in the budget.
-            budget = max(budget - S * num_special * B * H * P * 8, pair_bytes)
-        chunks = plan_chunks(sets, pair_bytes, budget, q.device)
+        special_bytes = B * H * num_special * (2 * D * elt + 2 * P * 4) if num_special else 0
+        chunks = plan_chunks(sets, pair_bytes, budget, q.device, special_bytes)
         ctx._cache[key] = chunks
     q5, k5, v5 = (t.reshape(B, H, S, P, D) for t in (q, k, v))
     out = torch.empty_like(q5)
+    # Gathers write into buffers reused across chunks and layers: on CPU, fresh multi-MB allocations are
+    # fresh pages, and page faults cost several times the copy itself. (Autograd needs fresh tensors.)
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+    def gather(name: str, src: Tensor, index: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if not reuse:
+            return src.index_select(2, index).reshape(shape)
+        buf = _workspace(ctx, name, (B, H, index.numel()) + tuple(src.shape[3:]), src)
+        torch.index_select(src, 2, index, out=buf)
+        return buf.view(shape)
+
     if num_special:
-        member = ctx._cache.get(("member", str(q.device)))
-        if member is None:
-            member = sets.membership(q.device)
-            ctx._cache[("member", str(q.device))] = member
-        k_sp = k5[:, :, :, :num_special].reshape(B, H, 1, S * num_special, D)
-        v_sp = v5[:, :, :, :num_special].reshape(B, H, 1, S * num_special, D)
+        k_sp = k5[:, :, :, :num_special]  # (B, H, S, ns, D): views, gathered per chunk below
+        v_sp = v5[:, :, :, :num_special]
     for ch in chunks:
         c, K = ch.keys.shape
-        qc = q5.index_select(2, ch.queries)  # (B, H, c, P, D)
+        qc = gather("q", q5, ch.queries, (B, H * c, P, D))
         flat = ch.keys.reshape(-1)
-        kc = k5.index_select(2, flat).reshape(B, H, c, K * P, D)
-        vc = v5.index_select(2, flat).reshape(B, H, c, K * P, D)
-        mask = None
-        if ch.valid is not None:
-            mask = ch.valid.repeat_interleave(P, dim=1)  # (c, K·P)
-        if num_special:
-            # Special tokens of frames already in N(i) are there once; add only the others.
-            extra = ~member.index_select(0, ch.queries).repeat_interleave(num_special, dim=1)  # (c, S·ns)
-            kc = torch.cat([kc, k_sp.expand(B, H, c, -1, D)], dim=3)
-            vc = torch.cat([vc, v_sp.expand(B, H, c, -1, D)], dim=3)
-            base = mask if mask is not None else torch.ones(c, K * P, dtype=torch.bool, device=q.device)
-            mask = torch.cat([base, extra], dim=1)
-        if mask is not None:
-            mask = mask[None, None, :, None, :]  # broadcast over (B, H, ., P, .)
-        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
-        out.index_copy_(2, ch.queries, oc)
+        kc = gather("k", k5, flat, (B, H, c, K * P, D))
+        vc = gather("v", v5, flat, (B, H, c, K * P, D))
+        comp = ch.complement
+        if num_special and comp is not None and comp.shape[1]:
+            # Special tokens of frames outside N(i) (those inside are already there, once).
+            n_extra = comp.shape[1] * num_special
+            ks = gather("ks", k_sp, comp.reshape(-1), (B, H, c, n_extra, D))
+            vs = gather("vs", v_sp, comp.reshape(-1), (B, H, c, n_extra, D))
+            kc = torch.cat([kc, ks], dim=3)
+            vc = torch.cat([vc, vs], dim=3)
+        # 4-D (B, H·c, L, D): the fused CPU/CUDA kernels take 4-D inputs only (5-D falls back to math).
+        L = kc.shape[3]
+        oc = F.scaled_dot_product_attention(qc, kc.reshape(B, H * c, L, D), vc.reshape(B, H * c, L, D), scale=scale)
+        out.index_copy_(2, ch.queries, oc.reshape(B, H, c, P, D))
     return out.reshape(B, H, N, D)
+
+
+def _workspace(ctx: SparseContext, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A contiguous tensor of ``shape`` backed by a buffer kept for the current forward call."""
+    numel = math.prod(shape)
+    key = ("workspace", name, like.dtype, str(like.device))
+    buf = ctx._cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        ctx._cache[key] = buf
+    return buf[:numel].view(shape)
 
 
 # ---- CUDA kernel: FlexAttention with a block mask built from the neighbour sets ----------------------

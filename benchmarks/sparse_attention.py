@@ -1,0 +1,249 @@
+"""Dense vs sparse global attention (one global block) and the whole aggregator, in one run.
+
+Each (bench, variant) runs in its own child process, so its peak memory is its own: on CPU the peak RSS
+increase over the measured call (VmHWM reset via /proc/self/clear_refs just before it; large allocations go
+straight to mmap so freed memory leaves RSS), on CUDA ``torch.cuda.max_memory_allocated`` above the
+inputs. Times are the median of ``--repeats`` calls after one warm-up call.
+
+Variants of global attention:
+- ``dense``: the model's own attention module (``F.scaled_dot_product_attention`` over all S·P tokens; on CPU
+  and CUDA this is a fused kernel whose memory is O(S·P), its time O((S·P)²));
+- ``dense-math``: the same attention computed as softmax(QKᵀ)V with the score matrix materialised, i.e. what
+  SDPA's math backend (and the reference's ``fused_attn=False`` path) allocates: memory O((S·P)²);
+- ``sparse``: `SparseGlobalAttention` with random k-neighbour sets (+ self + frame 0).
+
+    python benchmarks/sparse_attention.py --device cpu --frames 96 --neighbors 8
+    python benchmarks/sparse_attention.py --device cuda --preset vggt-1b --dtype bfloat16 --frames 100 200 500 1000 --neighbors 10 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PRESETS: dict[str, dict[str, int]] = {
+    # CPU-sized: 126x126 px -> 9x9 patches (+5 special = 86 tokens/frame), width 128, 4 heads, 2 blocks of each kind.
+    "small": {"embed_dim": 128, "num_heads": 4, "depth": 2, "image": 126},
+    # The published VGGT-1B aggregator at 518x392 (37x28 patches + 5 = 1041 tokens/frame).
+    "vggt-1b": {"embed_dim": 1024, "num_heads": 16, "depth": 24, "image": 518},
+}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _build_aggregator(args: argparse.Namespace) -> Any:
+    """Our aggregator with the preset's width/depth and a conv patch embed (the DINOv2 trunk is not timed)."""
+    import torch
+
+    p = PRESETS[args.preset]
+    torch.manual_seed(0)
+    if args.reference:  # developer oracle only; never part of the project
+        sys.path.insert(0, args.reference)
+        from vggt.models.aggregator import Aggregator  # type: ignore[import-not-found]
+    else:
+        from sparse_vggt.models.aggregator import Aggregator
+    return Aggregator(img_size=p["image"], patch_size=14, embed_dim=p["embed_dim"], depth=p["depth"],
+                      num_heads=p["num_heads"], patch_embed="conv")
+
+
+def _image_hw(args: argparse.Namespace) -> tuple[int, int]:
+    side = PRESETS[args.preset]["image"]
+    if args.tokens:
+        g = max(1, round(args.tokens**0.5))
+        return 14 * g, 14 * g
+    return (side, side) if args.preset == "small" else (392, 518)
+
+
+def _neighbors(S: int, k: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [rng.sample([j for j in range(S) if j != i], min(k, S - 1)) for i in range(S)]
+
+
+def _math_attention(attn: Any, x: Any, pos: Any) -> Any:
+    """Dense attention with materialised scores (SDPA math backend / fused_attn=False)."""
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.rope is not None:
+        q, k = attn.rope(q, pos), attn.rope(k, pos)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    out = scores.softmax(dim=-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sparse_vggt.device import select_device, select_dtype
+    from sparse_vggt.sparse import make_sparse, neighbor_context
+
+    torch.set_grad_enabled(False)
+    device = select_device(args.device)
+    dtype = select_dtype(device, args.dtype)
+    S, k = args.frames[0], args.neighbors
+    agg = _build_aggregator(args).to(device).eval()
+    Hh, Ww = _image_hw(args)
+    P = agg.patch_start_idx + (Hh // 14) * (Ww // 14)
+    C = PRESETS[args.preset]["embed_dim"]
+    nbrs = _neighbors(S, k)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if args.variant == "sparse":
+        make_sparse(agg, k=k, memory_budget_mb=args.memory_mb, backend=args.backend)
+    if args.bench == "global_attention":
+        x = torch.randn(1, S * P, C, generator=gen).to(device)
+        gy, gx = torch.meshgrid(torch.arange(Hh // 14), torch.arange(Ww // 14), indexing="ij")
+        grid = torch.stack([gy.flatten(), gx.flatten()], -1) + 1
+        pos = torch.cat([torch.zeros(agg.patch_start_idx, 2, dtype=torch.long), grid]).repeat(S, 1)[None].to(device)
+        attn = agg.global_blocks[0].attn
+        if args.variant == "dense-math":
+            call = lambda: _math_attention(attn, x, pos)  # noqa: E731
+        else:
+            call = lambda: attn(x, pos=pos)  # noqa: E731
+    else:
+        x = torch.rand(1, S, 3, Hh, Ww, generator=gen).to(device)
+        if args.variant == "dense-math":
+            raise SystemExit("dense-math is a global_attention variant only")
+        if args.variant == "sparse":
+            call = lambda: agg(x, neighbors=nbrs)  # noqa: E731
+        else:
+            call = lambda: agg(x)  # noqa: E731
+
+    def run_once() -> float:
+        from sparse_vggt.device import autocast
+
+        with autocast(device, dtype):
+            if args.variant == "sparse" and args.bench == "global_attention":
+                with neighbor_context(agg, nbrs, S):
+                    t0 = time.perf_counter()
+                    out = call()
+            else:
+                t0 = time.perf_counter()
+                out = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        del out
+        return time.perf_counter() - t0
+
+    # Memory: the first call, measured alone.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        first = run_once()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_now()
+        _reset_hwm()
+        first = run_once()
+        peak = max(0, _hwm() - base)
+    times = [run_once() for _ in range(args.repeats)] if args.repeats else [first]
+    times.sort()
+    return {
+        "bench": args.bench, "variant": args.variant, "seconds": times[len(times) // 2], "peak_bytes": int(peak),
+        "first_call_seconds": first, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "frames": S, "neighbors": k, "tokens_per_frame": P, "embed_dim": C, "preset": args.preset,
+        "heads": PRESETS[args.preset]["num_heads"], "depth": PRESETS[args.preset]["depth"],
+        "image": f"{Ww}x{Hh}", "memory_mb": args.memory_mb, "backend": args.backend if args.variant == "sparse" else "",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+    }
+
+
+def _spawn(args: argparse.Namespace, bench: str, variant: str, frames: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_child", "--bench", bench, "--variant", variant, "--frames", str(frames)]
+    for name in ("device", "dtype", "neighbors", "preset", "tokens", "repeats", "memory_mb", "backend", "reference"):
+        value = getattr(args, name)
+        if value not in (None, ""):
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big frees go back to the OS: RSS peaks are honest
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"bench": bench, "variant": variant, "frames": frames, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--frames", type=int, nargs="+", default=[96])
+    ap.add_argument("--neighbors", type=int, default=8)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--tokens", type=int, default=0, help="patches per frame (square grid); 0 = preset image")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-mb", dest="memory_mb", type=float, default=64.0, help="sparse chunk budget")
+    ap.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"])
+    ap.add_argument("--benches", nargs="+", default=["global_attention", "aggregator"])
+    ap.add_argument("--variants", nargs="+", default=["dense", "dense-math", "sparse"])
+    ap.add_argument("--reference", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bench", default="global_attention", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        print(json.dumps(_child(args)))
+        return
+    rows = []
+    for frames in args.frames:
+        for bench in args.benches:
+            for variant in args.variants:
+                if bench != "global_attention" and variant == "dense-math":
+                    continue
+                row = _spawn(args, bench, variant, frames)
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    # Ratios dense / sparse, per bench and frame count.
+    by = {(r["bench"], r["variant"], r["frames"]): r for r in rows if "error" not in r}
+    for (bench, variant, frames), r in list(by.items()):
+        sp = by.get((bench, "sparse", frames))
+        if sp and variant != "sparse":
+            ratio = {"bench": bench, "variant": f"{variant}/sparse", "frames": frames, "neighbors": args.neighbors,
+                     "device": r["device"], "seconds": None, "peak_bytes": None,
+                     "speedup": r["seconds"] / sp["seconds"],
+                     "memory_ratio": (r["peak_bytes"] / sp["peak_bytes"]) if sp["peak_bytes"] else None}
+            rows.append(ratio)
+            if args.json:
+                print(json.dumps(ratio), flush=True)
+    if not args.json:
+        _table(rows)
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'bench':18} {'variant':18} {'frames':>6} {'tok/fr':>6} {'seconds':>9} {'peak MiB':>9} {'speedup':>8} {'mem x':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['bench']:18} {r['variant']:18} {r['frames']:>6} error: {r['error']}")
+            continue
+        secs = f"{r['seconds']:.3f}" if r.get("seconds") is not None else ""
+        peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else ""
+        sp = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
+        mem = f"{r['memory_ratio']:.1f}x" if r.get("memory_ratio") else ""
+        print(f"{r['bench']:18} {r['variant']:18} {r['frames']:>6} {r.get('tokens_per_frame', ''):>6} {secs:>9} {peak:>9} {sp:>8} {mem:>7}")
+
+
+if __name__ == "__main__":
+    main()
