@@ -1,0 +1,252 @@
+"""Reconstruct stage: one sparse-VGGT forward per cluster, written to ``store.zarr/clusters/<id>/``.
+
+For each cluster of ``tables/clusters.parquet`` the frames are loaded in the partitioner's order (position 0
+is the reference frame), preprocessed at the model resolution, and run through VGGT whose global attention
+spans only each frame's listed neighbours (`sparse_vggt.sparse`). Cameras are decoded from the pose encoding
+and intrinsics mapped back to original upright pixels; depth and confidence stay at model resolution with
+``depth_to_image`` mapping their pixel grid to the original image.
+
+A cluster's group gets its completion marker last; a complete cluster is skipped, an incomplete one is
+deleted and redone. CUDA/MPS out-of-memory becomes `ClusterOutOfMemory` so the orchestrator can split the
+cluster (`sparse_vggt.partition.split_cluster`) and retry. The model is built once per process and reused
+across clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .config import PipelineConfig, ReconstructConfig
+from .device import autocast, is_out_of_memory, select_device, select_dtype
+from .progress import track
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+STAGE = "reconstruct"
+_MODELS: dict[tuple[Any, ...], nn.Module] = {}
+
+
+class ClusterOutOfMemory(RuntimeError):
+    """The accelerator ran out of memory on this cluster; split it and retry."""
+
+    def __init__(self, cluster_id: int, message: str):
+        super().__init__(
+            f"cluster {cluster_id} does not fit in accelerator memory ({message}). Split it "
+            "(orchestration.oom_split, or sparse_vggt.partition.split_cluster) or lower partition.max_cluster_frames."
+        )
+        self.cluster_id = int(cluster_id)
+        self.message = message
+
+
+class ReconstructError(RuntimeError):
+    """Input of the reconstruct stage is inconsistent; the message says what to fix."""
+
+
+# ---- cluster table ---------------------------------------------------------------------------------
+
+
+def cluster_frames(clusters: pa.Table, cluster_id: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Image ids of one cluster in position order, and each frame's neighbours as positions."""
+    ids = np.asarray(clusters.column("cluster_id").to_numpy())
+    rows = np.nonzero(ids == cluster_id)[0]
+    if rows.size == 0:
+        raise ReconstructError(f"cluster {cluster_id} is not in clusters.parquet")
+    sub = clusters.take(pa.array(rows))
+    positions = np.asarray(sub.column("position").to_numpy(), dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    if not np.array_equal(positions[order], np.arange(len(rows))):
+        raise ReconstructError(
+            f"cluster {cluster_id}: positions must be 0..{len(rows) - 1} exactly once, got {sorted(positions.tolist())}"
+        )
+    image_ids = np.asarray(sub.column("image_id").to_numpy(), dtype=np.int64)[order]
+    pos_of = {int(img): p for p, img in enumerate(image_ids)}
+    neighbor_lists = sub.column("neighbors").to_pylist()
+    neighbors: list[list[int]] = []
+    for r in order:
+        listed = neighbor_lists[r] or []
+        missing = [int(j) for j in listed if int(j) not in pos_of]
+        if missing:
+            raise ReconstructError(
+                f"cluster {cluster_id}: image {int(sub.column('image_id')[r].as_py())} lists neighbours {missing} "
+                "that are not in the cluster; re-run `sparse-vggt partition`"
+            )
+        neighbors.append([pos_of[int(j)] for j in listed])
+    return image_ids, neighbors
+
+
+# ---- model -----------------------------------------------------------------------------------------
+
+
+def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.Module:
+    """The configured VGGT (sparse or dense global attention), cached for the life of the process."""
+    key = (cfg.model, cfg.preset, cfg.seed, cfg.attention, cfg.special_tokens_global, cfg.attention_memory_mb,
+           k, str(device))
+    model = _MODELS.get(key)
+    if model is not None:
+        return model
+    if cfg.model == "random" and not cfg.allow_random_weights:
+        raise ReconstructError(
+            "reconstruct.model='random' gives meaningless reconstructions; set "
+            "reconstruct.allow_random_weights=true if that is really what you want (tests, demos)"
+        )
+    from .models import VGGT
+
+    if cfg.model == "random":
+        log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless",
+                    cfg.preset, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = _build(VGGT, cfg.preset)
+    else:
+        model = VGGT.from_pretrained(cfg.model, preset=cfg.preset)
+    model = model.to(device).eval()
+    if cfg.attention == "sparse":
+        from .sparse import make_sparse
+
+        make_sparse(model, k=k, special_tokens_global=cfg.special_tokens_global,
+                    memory_budget_mb=cfg.attention_memory_mb)
+    elif cfg.attention != "dense":
+        raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
+    _MODELS.clear()  # one model per process: a different config replaces it
+    _MODELS[key] = model
+    return model
+
+
+def _build(cls: Any, preset: str) -> nn.Module:
+    if hasattr(cls, "from_preset"):
+        return cls.from_preset(preset)
+    return cls(preset=preset)
+
+
+# ---- images ----------------------------------------------------------------------------------------
+
+
+def _load_frames(store: RunStore, image_ids: np.ndarray, cfg: ReconstructConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """(S, 3, h, w) in [0, 1] at model resolution and (S, 2, 3) affine maps model pixel -> original pixel."""
+    from .ingest import load_image
+    from .preprocess import preprocess_images
+
+    images = store.read_table("images")
+    root = Path((images.schema.metadata or {}).get(b"photos_root", b"").decode())
+    paths = images.column("path").to_pylist()
+    status = images.column("status").to_pylist()
+    pils = []
+    for img in image_ids.tolist():
+        if img < 0 or img >= len(paths):
+            raise ReconstructError(f"image id {img} is not a row of images.parquet")
+        if status[img] != "ok":
+            raise ReconstructError(f"image {paths[img]} (id {img}) was skipped by scan ({status[img]}) but is in a cluster")
+        pils.append(load_image(root / paths[img]))
+    tensor, to_image = preprocess_images(pils, image_size=cfg.image_size, mode=cfg.preprocess_mode)
+    return tensor, np.asarray(to_image, dtype=np.float32)
+
+
+# ---- cameras ---------------------------------------------------------------------------------------
+
+
+def decode_cameras(pose_enc: torch.Tensor, hw: tuple[int, int], to_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 9) pose encodings -> world->camera (S,3,4) extrinsics and (S,3,3) intrinsics in original pixels."""
+    from .geometry import pose_encoding_to_extri_intri
+
+    extri, intri = pose_encoding_to_extri_intri(pose_enc[None].float(), hw)
+    extri = extri[0].cpu().numpy().astype(np.float32)
+    intri = intri[0].cpu().numpy().astype(np.float64)
+    A = np.zeros((len(to_image), 3, 3))
+    A[:, :2] = to_image
+    A[:, 2, 2] = 1.0
+    return extri, (A @ intri).astype(np.float32)
+
+
+# ---- stage -----------------------------------------------------------------------------------------
+
+
+def _group(cluster_id: int) -> str:
+    return f"clusters/{int(cluster_id)}"
+
+
+def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineConfig) -> dict[str, Any]:
+    """Reconstruct one cluster (no-op if complete). Raises ClusterOutOfMemory on CUDA/MPS OOM."""
+    store = RunStore.open(run_dir)
+    store.require_stage("partition", "reconstruct")
+    path = _group(cluster_id)
+    if store.is_unit_complete(path):
+        return {"cluster_id": int(cluster_id), "skipped": True}
+    cfg = config.reconstruct
+    image_ids, neighbors = cluster_frames(store.read_table("clusters"), int(cluster_id))
+    device = select_device(cfg.device)
+    dtype = select_dtype(device, cfg.dtype)
+    try:
+        images, to_image = _load_frames(store, image_ids, cfg)
+        model = load_model(cfg, device, k=config.partition.k)
+        with torch.no_grad(), autocast(device, dtype):
+            kwargs = {"neighbors": neighbors} if cfg.attention == "sparse" else {}
+            out = model(images.to(device), **kwargs)
+        h, w = images.shape[-2:]
+        extri, intri = decode_cameras(out["pose_enc"][0], (h, w), to_image)
+        depth = out["depth"][0, ..., 0].float().cpu().numpy()
+        conf = out["depth_conf"][0].float().cpu().numpy()
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            _free(device)
+            raise ClusterOutOfMemory(int(cluster_id), str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        raise
+    if not (np.isfinite(extri).all() and np.isfinite(intri).all()):
+        raise ReconstructError(f"cluster {cluster_id}: the model produced non-finite cameras (dtype {dtype})")
+    store.remove_group(path)  # a killed earlier attempt may have left partial arrays
+    grp = store.group(path)
+    n = len(image_ids)
+    depth_dtype = np.dtype(cfg.depth_dtype)
+    store.write_array(grp, "extrinsics", extri, chunks=(n, 3, 4))
+    store.write_array(grp, "intrinsics", intri, chunks=(n, 3, 3))
+    store.write_array(grp, "depth", depth.astype(depth_dtype), chunks=(1, h, w))
+    store.write_array(grp, "depth_conf", conf.astype(depth_dtype), chunks=(1, h, w))
+    store.write_array(grp, "image_ids", image_ids.astype(np.int64), chunks=(n,))
+    store.write_array(grp, "depth_to_image", to_image.astype(np.float32), chunks=(n, 2, 3))
+    k = max((len(nb) for nb in neighbors), default=0)
+    store.mark_unit_complete(
+        path, model=cfg.model, preset=cfg.preset, k=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
+        attention=cfg.attention, special_tokens_global=cfg.special_tokens_global, image_size=cfg.image_size,
+        preprocess_mode=cfg.preprocess_mode, frames=n,
+    )
+    log.info("cluster %d: %d frames reconstructed (%s, %s)", cluster_id, n, device.type, dtype)
+    return {"cluster_id": int(cluster_id), "skipped": False, "frames": n, "depth_shape": [n, int(h), int(w)]}
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterable[int] | None = None) -> dict[str, Any]:
+    """Reconstruct the given (default: all) clusters; the stage finishes once every cluster is complete."""
+    store = RunStore.open(run_dir)
+    store.require_stage("partition", "reconstruct")
+    all_ids = sorted({int(c) for c in store.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
+    todo = all_ids if cluster_ids is None else sorted({int(c) for c in cluster_ids})
+    unknown = sorted(set(todo) - set(all_ids))
+    if unknown:
+        raise ReconstructError(f"clusters {unknown} are not in clusters.parquet (known: {len(all_ids)} clusters)")
+    if not store.is_stage_complete(STAGE):
+        store.stage_started(STAGE)
+    done = skipped = frames = 0
+    for cid in track(todo, total=len(todo), description="reconstruct"):
+        result = reconstruct_cluster(run_dir, cid, config)
+        skipped += bool(result["skipped"])
+        done += not result["skipped"]
+        frames += int(result.get("frames", 0))
+    complete = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
+    pending = [c for c in all_ids if c not in complete]
+    manifest = {"clusters": len(all_ids), "reconstructed": done, "skipped_complete": skipped,
+                "frames": frames, "pending": len(pending)}
+    if not pending:
+        store.stage_finished(STAGE, manifest)
+    return manifest
