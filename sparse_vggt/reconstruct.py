@@ -88,7 +88,7 @@ def cluster_frames(clusters: pa.Table, cluster_id: int) -> tuple[np.ndarray, lis
 def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.Module:
     """The configured VGGT (sparse or dense global attention), cached for the life of the process."""
     key = (cfg.model, cfg.preset, cfg.seed, cfg.attention, cfg.special_tokens_global, cfg.attention_memory_mb,
-           k, str(device))
+           cfg.attention_backend, k, str(device))
     model = _MODELS.get(key)
     if model is not None:
         return model
@@ -111,7 +111,7 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         from .sparse import make_sparse
 
         make_sparse(model, k=k, special_tokens_global=cfg.special_tokens_global,
-                    memory_budget_mb=cfg.attention_memory_mb)
+                    memory_budget_mb=cfg.attention_memory_mb, backend=cfg.attention_backend)
     elif cfg.attention != "dense":
         raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
     _MODELS.clear()  # one model per process: a different config replaces it

@@ -250,7 +250,9 @@ class SparseGlobalAttention(nn.Module):
         q_norm, k_norm, rope = self._sub("q_norm"), self._sub("k_norm"), self._sub("rope")
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
-        if rope is not None and pos is not None:
+        if rope is not None:
+            if pos is None:
+                raise ValueError("this attention uses RoPE: pass token positions (B, N, 2)")
             q = rope(q, pos)
             k = rope(k, pos)
         num_special = self.num_special if self.num_special is not None else ctx.num_special
