@@ -163,6 +163,49 @@ def _merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: 
     return top_s, torch.gather(ci, 1, pos)
 
 
+def _full_merge(best_s: torch.Tensor, best_i: torch.Tensor, sim: torch.Tensor, col0: int, k: int) -> None:
+    ids = torch.arange(col0, col0 + sim.shape[1]).expand(sim.shape[0], -1)
+    top_s, top_i = _merge_topk(best_s, best_i, sim.contiguous(), ids, k)
+    best_s.copy_(top_s)
+    best_i.copy_(top_i)
+
+
+def _update_topk(best_s: torch.Tensor, best_i: torch.Tensor, sim: torch.Tensor, col0: int, k: int) -> None:
+    """Merge a score tile (rows x cols, column ids col0..) into sorted per-row top-k lists, in place.
+
+    Only scores above a row's current k-th best can enter, and after the first tiles almost none do, so the
+    tile is filtered with one comparison pass and only the surviving entries are merged (a full top-k over
+    every tile would dominate the search cost).
+    """
+    thr = best_s[:, -1]
+    if bool(torch.isinf(thr).any()):  # rows not full yet: everything may enter
+        _full_merge(best_s, best_i, sim, col0, k)
+        return
+    if sim.is_contiguous():
+        r, c = (sim > thr[:, None]).nonzero(as_tuple=True)
+    else:  # a transposed view: compare and scan in memory order, then group by row
+        c, r = (sim.T > thr[None, :]).nonzero(as_tuple=True)
+        order = torch.argsort(r, stable=True)
+        r, c = r[order], c[order]
+    if r.numel() == 0:
+        return
+    if r.numel() > sim.numel() // 8:
+        _full_merge(best_s, best_i, sim, col0, k)
+        return
+    rows, counts = torch.unique_consecutive(r, return_counts=True)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(r.numel()) - torch.repeat_interleave(starts, counts)
+    slot = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+    new_s = torch.full((rows.numel(), width), -math.inf, dtype=best_s.dtype)
+    new_i = torch.full((rows.numel(), width), -1, dtype=torch.int64)
+    new_s[slot, pos] = sim[r, c]
+    new_i[slot, pos] = c + col0
+    top_s, top_i = _merge_topk(best_s[rows], best_i[rows], new_s, new_i, k)
+    best_s[rows] = top_s
+    best_i[rows] = top_i
+
+
 def symmetric_topk(block: Any, n: int, k: int, block_size: int, bias: torch.Tensor | None = None,
                    desc: str = "kNN") -> tuple[np.ndarray, np.ndarray]:
     """Top-k of score(i, j) = <x_i, x_j> + bias_j over j != i, for all i, one upper-triangle tile at a time.
@@ -186,14 +229,12 @@ def symmetric_topk(block: Any, n: int, k: int, block_size: int, bias: torch.Tens
             sim = gram if bias is None else gram + bias[b0:b1][None, :]
             if b0 == a0:
                 sim.fill_diagonal_(-math.inf)
-            ids_b = torch.arange(b0, b1).expand(a1 - a0, -1)
-            best_s[a0:a1], best_i[a0:a1] = _merge_topk(best_s[a0:a1], best_i[a0:a1], sim, ids_b, k)
+            _update_topk(best_s[a0:a1], best_i[a0:a1], sim, b0, k)
             if b0 != a0:
-                sim_t = gram.T.contiguous()
+                sim_t = gram.T
                 if bias is not None:
-                    sim_t += bias[a0:a1][None, :]
-                ids_a = torch.arange(a0, a1).expand(b1 - b0, -1)
-                best_s[b0:b1], best_i[b0:b1] = _merge_topk(best_s[b0:b1], best_i[b0:b1], sim_t, ids_a, k)
+                    sim_t = sim_t + bias[a0:a1][None, :]
+                _update_topk(best_s[b0:b1], best_i[b0:b1], sim_t, a0, k)
     return best_i.numpy(), best_s.numpy().astype(np.float32)
 
 
