@@ -55,7 +55,10 @@ def _reset_hwm() -> None:
 
 
 def _build_aggregator(args: argparse.Namespace) -> Any:
-    """Our aggregator with the preset's width/depth and a conv patch embed (the DINOv2 trunk is not timed)."""
+    """Our aggregator with the preset's width/depth and a conv patch embed (the DINOv2 trunk is not timed).
+
+    ``--reference DIR`` (hidden, developers only) builds the reference implementation's instead, as an oracle.
+    """
     import torch
 
     p = PRESETS[args.preset]
@@ -82,6 +85,11 @@ def _neighbors(S: int, k: int, seed: int = 0) -> list[list[int]]:
     return [rng.sample([j for j in range(S) if j != i], min(k, S - 1)) for i in range(S)]
 
 
+def _with(cm: Any, fn: Any) -> Any:
+    with cm:
+        return fn()
+
+
 def _math_attention(attn: Any, x: Any, pos: Any) -> Any:
     """Dense attention with materialised scores (SDPA math backend / fused_attn=False)."""
     B, N, C = x.shape
@@ -98,31 +106,46 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sparse_vggt.device import select_device, select_dtype
-    from sparse_vggt.sparse import make_sparse, neighbor_context
+    from sparse_vggt.sparse import make_sparse
 
     torch.set_grad_enabled(False)
     device = select_device(args.device)
     dtype = select_dtype(device, args.dtype)
     S, k = args.frames[0], args.neighbors
-    agg = _build_aggregator(args).to(device).eval()
     Hh, Ww = _image_hw(args)
-    P = agg.patch_start_idx + (Hh // 14) * (Ww // 14)
+    special = 5  # camera + 4 register tokens per frame
+    P = special + (Hh // 14) * (Ww // 14)
     C = PRESETS[args.preset]["embed_dim"]
     nbrs = _neighbors(S, k)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    if args.variant == "sparse":
-        make_sparse(agg, k=k, memory_budget_mb=args.memory_mb, backend=args.backend)
     if args.bench == "global_attention":
+        # One global attention module of the aggregator (our layers: qkv, q/k LayerNorm, 2-D RoPE, proj).
+        from sparse_vggt.layers.attention import Attention
+        from sparse_vggt.layers.rope import RotaryPositionEmbedding2D
+        from sparse_vggt.layers.sparse_attention import SparseContext, SparseGlobalAttention
+
+        torch.manual_seed(0)
+        attn = Attention(C, PRESETS[args.preset]["num_heads"], qk_norm=True, rope=RotaryPositionEmbedding2D(100.0))
+        attn = attn.to(device).eval()
+        ctx = SparseContext(memory_budget_mb=args.memory_mb, backend=args.backend, num_special=special)
+        sparse_attn = SparseGlobalAttention(attn, ctx, num_special=special)
         x = torch.randn(1, S * P, C, generator=gen).to(device)
         gy, gx = torch.meshgrid(torch.arange(Hh // 14), torch.arange(Ww // 14), indexing="ij")
         grid = torch.stack([gy.flatten(), gx.flatten()], -1) + 1
-        pos = torch.cat([torch.zeros(agg.patch_start_idx, 2, dtype=torch.long), grid]).repeat(S, 1)[None].to(device)
-        attn = agg.global_blocks[0].attn
-        if args.variant == "dense-math":
+        pos = torch.cat([torch.zeros(special, 2, dtype=torch.long), grid]).repeat(S, 1)[None].to(device)
+        if args.variant == "sparse":
+            from sparse_vggt.layers.sparse_attention import NeighborSets
+
+            sets = NeighborSets.build(nbrs, S)
+            call = lambda: _with(ctx.use(sets), lambda: sparse_attn(x, pos=pos))  # noqa: E731
+        elif args.variant == "dense-math":
             call = lambda: _math_attention(attn, x, pos)  # noqa: E731
         else:
             call = lambda: attn(x, pos=pos)  # noqa: E731
     else:
+        agg = _build_aggregator(args).to(device).eval()
+        if args.variant == "sparse":
+            make_sparse(agg, k=k, memory_budget_mb=args.memory_mb, backend=args.backend)
         x = torch.rand(1, S, 3, Hh, Ww, generator=gen).to(device)
         if args.variant == "dense-math":
             raise SystemExit("dense-math is a global_attention variant only")
@@ -135,13 +158,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         from sparse_vggt.device import autocast
 
         with autocast(device, dtype):
-            if args.variant == "sparse" and args.bench == "global_attention":
-                with neighbor_context(agg, nbrs, S):
-                    t0 = time.perf_counter()
-                    out = call()
-            else:
-                t0 = time.perf_counter()
-                out = call()
+            t0 = time.perf_counter()
+            out = call()
         if device.type == "cuda":
             torch.cuda.synchronize()
         del out

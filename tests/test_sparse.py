@@ -474,3 +474,19 @@ def test_flex_block_mask_is_sparse_and_exact() -> None:
     Pp = nb * 128
     assert mm(t(0), t(0), t(0), t(1 * Pp + 199)) and not mm(t(0), t(0), t(0), t(1 * Pp + 200))  # padding
     assert mm(t(0), t(0), t(0), t(3 * Pp + 4)) and not mm(t(0), t(0), t(0), t(3 * Pp + 5))  # specials only
+
+
+def test_neighbors_none_with_megaloc_model() -> None:
+    """The real retrieval path: MegaLoc (tiny preset, random weights) on the input frames, k per frame."""
+    megaloc = pytest.importorskip("sparse_vggt.models.megaloc")
+    torch.manual_seed(0)
+    retrieval = megaloc.MegaLoc("tiny").eval()
+    model = make_sparse(_standin(), k=3, retrieval=retrieval)
+    images = _images(6)
+    from sparse_vggt.sparse import retrieve_neighbors
+
+    nbrs = retrieve_neighbors(images, 3, retrieval=retrieval)
+    assert len(nbrs) == 6 and all(len(r) == 3 and i not in r for i, r in enumerate(nbrs))
+    tok_auto, _ = _run(model, images)
+    tok_explicit, _ = _run(model, images, neighbors=nbrs)
+    assert torch.equal(tok_auto[-1], tok_explicit[-1])
