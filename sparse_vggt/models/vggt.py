@@ -1,0 +1,155 @@
+"""VGGT: aggregator + camera, depth, point and track heads (facebook/VGGT-1B layout).
+
+``VGGT()`` is the 1B configuration; its state dict has exactly the names and shapes of the public checkpoint.
+``VGGT(**config)`` or ``VGGT.from_preset("tiny")`` build smaller models for tests and benchmarks.
+``VGGT.from_pretrained(name_or_path)`` loads a checkpoint (hub repo id, directory or file; strict).
+
+Forward: ``model(images, query_points=None)``, images (S, 3, H, W) or (B, S, 3, H, W) in [0, 1], H and W
+multiples of 14. Returns the reference's keys: pose_enc (B, S, 9), pose_enc_list, depth (B, S, H, W, 1),
+depth_conf (B, S, H, W), world_points (B, S, H, W, 3), world_points_conf, images (eval mode) and, with
+query points (N, 2) / (B, N, 2) in frame-0 pixels, track (B, S, N, 2), vis and conf (B, S, N).
+
+Camera/depth/point heads run in fp32 with autocast disabled (as the reference); the track head under the
+caller's autocast. ``predict`` wraps inference (inference_mode, device autocast dtype, frame-chunked heads).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .aggregator import Aggregator
+from .heads.camera_head import CameraHead
+from .heads.dpt_head import DPTHead
+from .heads.track_head import TrackHead
+
+log = logging.getLogger(__name__)
+
+# Small configurations running the same code paths. "tiny": seconds on a CPU (tests, demo smoke runs);
+# "small": DINOv2-S patch embed + 384-wide aggregator (oracle comparisons, benchmarks without the 1B weights).
+PRESETS: dict[str, dict[str, Any]] = {
+    "vggt-1b": {},
+    "tiny": dict(img_size=224, embed_dim=64, depth=4, num_heads=4,
+                 patch_embed=dict(embed_dim=64, depth=2, num_heads=4), intermediate_layer_idx=(0, 1, 2, 3),
+                 camera_trunk_depth=1, camera_num_heads=4, dpt_features=32, dpt_out_channels=(16, 32, 64, 64),
+                 track_features=16, track_hidden_size=32, track_depth=2, track_num_heads=4,
+                 track_num_virtual_tracks=8),
+    "small": dict(embed_dim=384, depth=24, num_heads=6, patch_embed="dinov2_vits14_reg", camera_num_heads=8,
+                  dpt_features=128, dpt_out_channels=(96, 192, 384, 384)),
+}
+
+
+class VGGT(nn.Module):
+    def __init__(self, img_size: int = 518, patch_size: int = 14, embed_dim: int = 1024,
+                 enable_camera: bool = True, enable_point: bool = True, enable_depth: bool = True,
+                 enable_track: bool = True, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 num_register_tokens: int = 4, patch_embed: str | dict = "dinov2_vitl14_reg", qk_norm: bool = True,
+                 rope_freq: float = 100.0, init_values: float = 0.01,
+                 intermediate_layer_idx: Sequence[int] = (4, 11, 17, 23), camera_trunk_depth: int = 4,
+                 camera_num_heads: int = 16, dpt_features: int = 256,
+                 dpt_out_channels: Sequence[int] = (256, 512, 1024, 1024), track_features: int = 128,
+                 track_hidden_size: int = 384, track_depth: int = 6, track_num_heads: int = 8,
+                 track_num_virtual_tracks: int = 64, track_iters: int = 4, head_chunk_frames: int | None = 8):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        dim = 2 * embed_dim
+        idx = tuple(intermediate_layer_idx)
+        self.aggregator = Aggregator(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                     num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                     num_register_tokens=num_register_tokens, patch_embed=patch_embed,
+                                     qk_norm=qk_norm, rope_freq=rope_freq, init_values=init_values)
+        self.camera_head = (CameraHead(dim, trunk_depth=camera_trunk_depth, num_heads=camera_num_heads)
+                            if enable_camera else None)
+        dpt = dict(patch_size=patch_size, features=dpt_features, out_channels=dpt_out_channels,
+                   intermediate_layer_idx=idx)
+        self.point_head = (DPTHead(dim, output_dim=4, activation="inv_log", conf_activation="expp1", **dpt)
+                           if enable_point else None)
+        self.depth_head = (DPTHead(dim, output_dim=2, activation="exp", conf_activation="expp1", **dpt)
+                           if enable_depth else None)
+        self.track_head = (TrackHead(dim, patch_size, features=track_features, iters=track_iters,
+                                     hidden_size=track_hidden_size, depth=track_depth, num_heads=track_num_heads,
+                                     num_virtual_tracks=track_num_virtual_tracks, out_channels=dpt_out_channels,
+                                     intermediate_layer_idx=idx, max_scale=img_size)
+                           if enable_track else None)
+        self.head_chunk_frames = head_chunk_frames
+        needed = set(idx) if (enable_point or enable_depth or enable_track) else set()
+        self.aggregator.keep_layers = sorted({i % depth for i in needed} | {depth - 1})
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "VGGT":
+        if name not in PRESETS:
+            raise ValueError(f"unknown VGGT preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "facebook/VGGT-1B", preset: str | None = None,
+                        revision: str | None = None, map_location: str | torch.device = "cpu",
+                        **config: Any) -> "VGGT":
+        """Load weights strictly from a hub repo id (``model.safetensors`` or ``model.pt``), a directory or a file.
+
+        The model is built on the meta device and the checkpoint tensors are assigned, so peak memory is one
+        copy of the weights. ``preset``/``config`` select the architecture (default: VGGT-1B).
+        """
+        from ..weights import load_checkpoint_into, resolve_checkpoint
+
+        path = resolve_checkpoint(name_or_path, ("model.safetensors", "model.pt"), revision=revision)
+        kwargs = {**(PRESETS[preset] if preset else {}), **config}
+        with torch.device("meta"):
+            model = cls(**kwargs)
+        load_checkpoint_into(model, path, map_location=map_location)
+        log.info("loaded VGGT weights from %s", path)
+        return model.eval()
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, query_points: torch.Tensor | None = None,
+                head_chunk_frames: int | None = -1) -> dict[str, Any]:
+        """See the module docstring. ``head_chunk_frames``: frames per DPT-head chunk (-1: the model default,
+        None: all frames at once)."""
+        if images.dim() == 4:
+            images = images.unsqueeze(0)
+        if images.dim() != 5:
+            raise ValueError(f"images must be (S, 3, H, W) or (B, S, 3, H, W), got {tuple(images.shape)}")
+        if query_points is not None and query_points.dim() == 2:
+            query_points = query_points.unsqueeze(0)
+        chunk = self.head_chunk_frames if head_chunk_frames == -1 else head_chunk_frames
+        tokens, patch_start_idx = self.aggregator(images)
+        out: dict[str, Any] = {}
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            head_tokens = [None if t is None else t.float() for t in tokens]
+            if self.camera_head is not None:
+                poses = self.camera_head(head_tokens)
+                out["pose_enc"] = poses[-1]
+                out["pose_enc_list"] = poses
+            if self.depth_head is not None:
+                out["depth"], out["depth_conf"] = self.depth_head(head_tokens, images, patch_start_idx, chunk)
+            if self.point_head is not None:
+                out["world_points"], out["world_points_conf"] = self.point_head(head_tokens, images,
+                                                                                patch_start_idx, chunk)
+            del head_tokens
+        if self.track_head is not None and query_points is not None:
+            tracks, vis, conf = self.track_head(tokens, images, patch_start_idx, query_points,
+                                                frames_chunk_size=chunk)
+            out["track"], out["vis"], out["conf"] = tracks[-1], vis, conf
+        if not self.training:
+            out["images"] = images
+        return out
+
+    def predict(self, images: torch.Tensor, query_points: torch.Tensor | None = None, device: str = "auto",
+                dtype: str = "auto", head_chunk_frames: int | None = -1) -> dict[str, Any]:
+        """Inference on ``device`` (moving the model there) under ``torch.inference_mode`` and the device's
+        autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device)."""
+        from ..device import autocast, select_device, select_dtype
+
+        dev = select_device(device)
+        dt = select_dtype(dev, dtype)
+        self.to(dev).eval()
+        with torch.inference_mode(), autocast(dev, dt):
+            return self(images.to(dev), None if query_points is None else query_points.to(dev),
+                        head_chunk_frames=head_chunk_frames)
