@@ -101,8 +101,10 @@ class AttnBlock(nn.Module):
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # need_weights=True keeps nn.MultiheadAttention on its explicit-softmax path, as the reference calls it;
+        # the fused path differs by rounding, which the 4 tracker iterations amplify (measured ~1e-2 px).
         x = self.norm1(x)
-        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.attn(x, x, x, need_weights=True)[0]
         return x + self.mlp(self.norm2(x))
 
 
@@ -118,7 +120,7 @@ class CrossAttnBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
         context = self.norm_context(context)
-        x = x + self.cross_attn(x, context, context, need_weights=False)[0]
+        x = x + self.cross_attn(x, context, context, need_weights=True)[0]
         return x + self.mlp(self.norm2(x))
 
 
