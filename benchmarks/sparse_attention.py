@@ -109,6 +109,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from sparse_vggt.sparse import make_sparse
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     dtype = select_dtype(device, args.dtype)
     S, k = args.frames[0], args.neighbors
@@ -191,7 +193,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
 def _spawn(args: argparse.Namespace, bench: str, variant: str, frames: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--_child", "--bench", bench, "--variant", variant, "--frames", str(frames)]
-    for name in ("device", "dtype", "neighbors", "preset", "tokens", "repeats", "memory_mb", "backend", "reference"):
+    for name in ("device", "dtype", "neighbors", "preset", "tokens", "repeats", "memory_mb", "backend", "threads",
+                 "reference"):
         value = getattr(args, name)
         if value not in (None, ""):
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-mb", dest="memory_mb", type=float, default=64.0, help="sparse chunk budget")
     ap.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op CPU threads (0 = torch default); 1 keeps ratios stable on a shared machine")
     ap.add_argument("--benches", nargs="+", default=["global_attention", "aggregator"])
     ap.add_argument("--variants", nargs="+", default=["dense", "dense-math", "sparse"])
     ap.add_argument("--reference", default="", help=argparse.SUPPRESS)
