@@ -31,6 +31,7 @@ from .store import RunStore
 log = logging.getLogger(__name__)
 
 STAGE = "reconstruct"
+MIN_FOV = 1e-3  # radians; smaller predicted fields of view are clamped (see decode_cameras)
 _MODELS: dict[tuple[Any, ...], nn.Module] = {}
 
 
@@ -130,21 +131,20 @@ def _build(cls: Any, preset: str) -> nn.Module:
 
 def _load_frames(store: RunStore, image_ids: np.ndarray, cfg: ReconstructConfig) -> tuple[torch.Tensor, np.ndarray]:
     """(S, 3, h, w) in [0, 1] at model resolution and (S, 2, 3) affine maps model pixel -> original pixel."""
-    from .ingest import load_image
-    from .preprocess import preprocess_images
+    from .preprocess import preprocess_images  # reads files with sparse_vggt.ingest.load_image
 
     images = store.read_table("images")
     root = Path((images.schema.metadata or {}).get(b"photos_root", b"").decode())
     paths = images.column("path").to_pylist()
     status = images.column("status").to_pylist()
-    pils = []
+    files = []
     for img in image_ids.tolist():
         if img < 0 or img >= len(paths):
             raise ReconstructError(f"image id {img} is not a row of images.parquet")
         if status[img] != "ok":
             raise ReconstructError(f"image {paths[img]} (id {img}) was skipped by scan ({status[img]}) but is in a cluster")
-        pils.append(load_image(root / paths[img]))
-    tensor, to_image = preprocess_images(pils, image_size=cfg.image_size, mode=cfg.preprocess_mode)
+        files.append(root / paths[img])
+    tensor, to_image = preprocess_images(files, image_size=cfg.image_size, mode=cfg.preprocess_mode)
     return tensor, np.asarray(to_image, dtype=np.float32)
 
 
@@ -154,14 +154,19 @@ def _load_frames(store: RunStore, image_ids: np.ndarray, cfg: ReconstructConfig)
 def decode_cameras(pose_enc: torch.Tensor, hw: tuple[int, int], to_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(S, 9) pose encodings -> world->camera (S,3,4) extrinsics and (S,3,3) intrinsics in original pixels."""
     from .geometry import pose_encoding_to_extri_intri
+    from .preprocess import intrinsics_to_original
 
-    extri, intri = pose_encoding_to_extri_intri(pose_enc[None].float(), hw)
+    pose_enc = pose_enc.float().clone()
+    tiny = pose_enc[:, 7:9] < MIN_FOV
+    if bool(tiny.any()):
+        # The FoV head ends in a ReLU: 0 means an infinite focal length. Real checkpoints do not get here;
+        # random weights do. Keep the number finite and say so.
+        log.warning("%d frame(s) have a predicted field of view below %.0e rad; clamped (random weights?)",
+                    int(tiny.any(dim=1).sum()), MIN_FOV)
+        pose_enc[:, 7:9] = pose_enc[:, 7:9].clamp(min=MIN_FOV)
+    extri, intri = pose_encoding_to_extri_intri(pose_enc[None], hw)
     extri = extri[0].cpu().numpy().astype(np.float32)
-    intri = intri[0].cpu().numpy().astype(np.float64)
-    A = np.zeros((len(to_image), 3, 3))
-    A[:, :2] = to_image
-    A[:, 2, 2] = 1.0
-    return extri, (A @ intri).astype(np.float32)
+    return extri, intrinsics_to_original(intri[0], to_image).astype(np.float32)
 
 
 # ---- stage -----------------------------------------------------------------------------------------
