@@ -36,8 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(img_size=224, embed_dim=64, depth=4, num_heads=4,
                  patch_embed=dict(embed_dim=64, depth=2, num_heads=4), intermediate_layer_idx=(0, 1, 2, 3),
                  camera_trunk_depth=1, camera_num_heads=4, dpt_features=32, dpt_out_channels=(16, 32, 64, 64),
-                 track_features=16, track_hidden_size=32, track_depth=2, track_num_heads=4,
-                 track_num_virtual_tracks=8),
+                 track_features=16, track_hidden_size=32, track_depth=2, track_corr_levels=3),
     "small": dict(embed_dim=384, depth=24, num_heads=6, patch_embed="dinov2_vits14_reg", camera_num_heads=8,
                   dpt_features=128, dpt_out_channels=(96, 192, 384, 384)),
 }
@@ -53,7 +52,8 @@ class VGGT(nn.Module):
                  camera_num_heads: int = 16, dpt_features: int = 256,
                  dpt_out_channels: Sequence[int] = (256, 512, 1024, 1024), track_features: int = 128,
                  track_hidden_size: int = 384, track_depth: int = 6, track_num_heads: int = 8,
-                 track_num_virtual_tracks: int = 64, track_iters: int = 4, head_chunk_frames: int | None = 8):
+                 track_num_virtual_tracks: int = 64, track_iters: int = 4, track_corr_levels: int = 7,
+                 head_chunk_frames: int | None = 8):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         dim = 2 * embed_dim
@@ -73,7 +73,7 @@ class VGGT(nn.Module):
         self.track_head = (TrackHead(dim, patch_size, features=track_features, iters=track_iters,
                                      hidden_size=track_hidden_size, depth=track_depth, num_heads=track_num_heads,
                                      num_virtual_tracks=track_num_virtual_tracks, out_channels=dpt_out_channels,
-                                     intermediate_layer_idx=idx, max_scale=img_size)
+                                     intermediate_layer_idx=idx, corr_levels=track_corr_levels)
                            if enable_track else None)
         self.head_chunk_frames = head_chunk_frames
         needed = set(idx) if (enable_point or enable_depth or enable_track) else set()

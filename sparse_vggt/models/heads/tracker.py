@@ -210,7 +210,7 @@ class BaseTrackerPredictor(nn.Module):
         if min(hh, ww) < 2 ** (self.corr_levels - 1):
             raise ValueError(f"tracking needs feature maps of at least {2 ** (self.corr_levels - 1)} px per side for "
                              f"{self.corr_levels} correlation levels, got {hh}x{ww}; use larger images "
-                             f"(>= {2 ** (self.corr_levels - 1) * 2 * self.stride // 2} px) or fewer levels")
+                             f"(>= {2 ** (self.corr_levels - 1) * self.stride} px per side) or fewer levels")
         fmaps = self.fmap_norm(fmaps.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
         query = query_points / float(self.stride)
         coords = query.reshape(b, 1, n, 2).repeat(1, s, 1, 1)
