@@ -120,22 +120,34 @@ class ReconstructConfig:
 
 @dataclass
 class MergeConfig:
-    """Sim(3) alignment of clusters and fusion (`sparse-vggt merge`)."""
+    """Sim(3) alignment of clusters and fusion (`sparse-vggt merge`).
 
-    grid_stride: int = 8  # pixel stride of the correspondence grid on shared frames
+    Residual thresholds are relative to the depth of the point (|x_a - S x_b| / depth_a): VGGT depth errors grow
+    with depth and every cluster has its own scale, so relative residuals are the scale-free choice (issue 9).
+    """
+
+    grid_stride: int = 0  # pixel stride of the correspondence grid on shared frames; 0 = auto (~grid_points per frame)
+    grid_points: int = 2048  # target correspondences per shared frame when grid_stride = 0
+    max_pair_frames: int = 16  # shared frames used per cluster pair (evenly chosen; bounds hub pairs)
     min_confidence_quantile: float = 0.3  # drop pixels below this depth_conf quantile (per frame)
     ransac_iterations: int = 256
-    inlier_threshold: float = 0.05  # RANSAC inlier distance, relative to the overlap's point-cloud extent
-    huber_delta: float = 0.02  # IRLS Huber scale, relative to extent
+    inlier_threshold: float = 0.15  # RANSAC/IRLS inlier residual, relative to the point's depth
+    huber_delta: float = 0.05  # IRLS Huber scale, relative to depth
+    irls_iterations: int = 10
     min_inlier_ratio: float = 0.3  # pairwise edges below this are rejected
     min_correspondences: int = 100  # pairwise edges with fewer valid correspondences are rejected
-    max_rmse: float = 0.05  # relative inlier RMSE above which an edge is rejected
+    max_rmse: float = 0.1  # relative inlier RMSE above which an edge is rejected
+    max_nonfinite_fraction: float = 0.5  # clusters with more non-finite depth pixels are excluded
     optimize: bool = True  # Sim(3) pose-graph optimisation after the spanning-tree initialisation
+    max_iterations: int = 50  # Levenberg-Marquardt iterations of the pose graph
+    fuse: bool = True  # fuse a point cloud (else poses only)
     fuse_confidence_quantile: float = 0.5  # points below this per-frame confidence quantile are not fused
     fuse_stride: int = 4  # pixel stride when fusing points
     voxel_size: float = 0.0  # 0 = automatic (scene extent / 1000)
     depth_consistency: bool = True  # drop overlap-frame pixels whose depths disagree across clusters
-    depth_consistency_tolerance: float = 0.05  # relative depth disagreement tolerated
+    depth_consistency_tolerance: float = 0.05  # relative depth disagreement tolerated (vs the median over clusters)
+    colors: bool = True  # colour points from the photos (sparse_vggt.ingest.load_image)
+    seed: int = 0  # RANSAC sampling
 
 
 @dataclass
