@@ -1,0 +1,440 @@
+"""Ingest: find the photos, validate them by decoding, read their EXIF, write ``tables/images.parquet``.
+
+Every later stage reads pixels through :func:`load_image`, so EXIF orientation and colour-mode conversion
+happen in exactly one place. ``scan`` keeps one row per distinct file content (byte-identical copies are listed
+in the ``duplicates`` column of the first copy in sorted order): reconstructing the same photo twice only adds
+a degenerate zero-baseline pair. Image ids are row numbers of the sorted listing, so they are stable for a
+given folder; a finished scan is never silently redone over a changed folder (the ids would shift under the
+later stages).
+
+Bad files never stop a scan: empty, non-image, truncated and too-small files get a row whose ``status`` says
+why they were skipped. A scan that dies part-way (exception, SIGKILL) resumes from its last flushed progress
+file without duplicated or lost rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from .config import PipelineConfig
+from .progress import track
+from .store import RunStore, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+try:  # HEIC/HEIF support is optional at import time but pinned in the package dependencies
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_AVAILABLE = True
+except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
+    HEIF_AVAILABLE = False
+
+PROGRESS_FILE = "scan_progress.parquet"
+
+# EXIF tag numbers (EXIF 2.32)
+_ORIENTATION = 0x0112
+_EXIF_IFD = 0x8769
+_GPS_IFD = 0x8825
+_FOCAL_LENGTH = 0x920A
+_FOCAL_35MM = 0xA405
+_FOCAL_PLANE_X_RES = 0xA20E
+_FOCAL_PLANE_UNIT = 0xA210
+_PIXEL_X_DIM = 0xA002
+_PIXEL_Y_DIM = 0xA003
+_DATETIME_ORIGINAL = 0x9003
+_DATETIME_DIGITIZED = 0x9004
+_DATETIME = 0x0132
+_MM_PER_UNIT = {2: 25.4, 3: 10.0, 4: 1.0, 5: 0.001}  # FocalPlaneResolutionUnit: inch, cm, mm, micrometre
+
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("path", pa.string()),
+    ("sha256", pa.string()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("orientation", pa.int64()),
+    ("focal_px", pa.float64()),
+    ("gps_lat", pa.float64()),
+    ("gps_lon", pa.float64()),
+    ("gps_alt", pa.float64()),
+    ("timestamp", pa.timestamp("us")),
+    ("chunk_id", pa.int64()),
+    ("status", pa.string()),
+    ("duplicates", pa.list_(pa.string())),
+])
+_RECORD_FIELDS = [f.name for f in SCHEMA if f.name not in ("image_id", "chunk_id")]
+# the progress file also keys each record on the file's size and mtime so a resumed scan can trust it
+_PROGRESS_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("image_id", "chunk_id")]
+                             + [("size", pa.int64()), ("mtime_ns", pa.int64())])
+
+
+class IngestError(RuntimeError):
+    """The photos folder cannot be scanned as asked (missing, empty, changed under a finished scan)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading one image
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16/32-bit grey is rescaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0  # full 16-bit range -> 8 bit
+        else:
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
+        img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK (Pillow inverts Adobe CMYK JPEGs itself), YCbCr, L, 1, P, ...
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` into an upright 8-bit RGB image (EXIF orientation applied).
+
+    This is the project's single image reader: the describe, reconstruct, verification and merge-colour steps
+    all go through it, so every stage sees the same pixels in the same orientation.
+    """
+    with Image.open(path) as img:
+        img.load()
+        upright = ImageOps.exif_transpose(img) or img
+        return _to_rgb(upright).copy()
+
+
+@dataclass
+class _Record:
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    status: str = "ok"
+    width: int | None = None
+    height: int | None = None
+    orientation: int | None = None
+    focal_px: float | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+    gps_alt: float | None = None
+    timestamp: datetime | None = None
+    duplicates: list[str] = field(default_factory=list)
+
+
+def _rational(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _gps(gps: dict[int, Any]) -> tuple[float | None, float | None, float | None]:
+    """GPS IFD -> (lat, lon, alt) in degrees / metres; None where absent or malformed."""
+
+    def degrees(dms: Any, ref: Any, negative: str) -> float | None:
+        try:
+            d, m, s = (float(x) for x in dms)
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
+        value = d + m / 60.0 + s / 3600.0
+        if isinstance(ref, bytes):
+            ref = ref.decode(errors="ignore")
+        if str(ref).strip().upper().startswith(negative):
+            value = -value
+        return value if np.isfinite(value) else None
+
+    lat = degrees(gps.get(2), gps.get(1, "N"), "S")
+    lon = degrees(gps.get(4), gps.get(3, "E"), "W")
+    if lat is not None and not -90.0 <= lat <= 90.0:
+        lat = None
+    if lon is not None and not -180.0 <= lon <= 180.0:
+        lon = None
+    if lat is None or lon is None:
+        lat = lon = None
+    alt = _rational(gps.get(6))
+    if alt is not None:
+        ref = gps.get(5, 0)
+        if (ref[0] if isinstance(ref, bytes) and ref else ref) == 1:
+            alt = -alt
+    return lat, lon, alt
+
+
+def _timestamp(exif_ifd: dict[int, Any], base: Any) -> datetime | None:
+    for raw in (exif_ifd.get(_DATETIME_ORIGINAL), exif_ifd.get(_DATETIME_DIGITIZED), base.get(_DATETIME)):
+        if not raw:
+            continue
+        text = raw.decode(errors="ignore") if isinstance(raw, bytes) else str(raw)
+        try:
+            return datetime.strptime(text.strip().rstrip("\x00")[:19], "%Y:%m:%d %H:%M:%S")
+        except ValueError:
+            continue
+    return None
+
+
+def focal_from_exif(exif_ifd: dict[int, Any], stored_size: tuple[int, int]) -> float | None:
+    """Focal length in pixels of the stored image, like COLMAP's EXIF prior.
+
+    Prefers the 35 mm-equivalent focal length (f35 / 36 mm x the longer side: the 35 mm frame is 36 mm wide);
+    otherwise focal length (mm) x focal-plane resolution (pixels per mm of the sensor), rescaled from the
+    camera's recorded pixel width to the stored width. Returns None when neither is present or sane.
+    """
+    w, h = stored_size
+    f35 = _rational(exif_ifd.get(_FOCAL_35MM))
+    if f35 and f35 > 0:
+        return f35 / 36.0 * max(w, h)
+    f_mm = _rational(exif_ifd.get(_FOCAL_LENGTH))
+    xres = _rational(exif_ifd.get(_FOCAL_PLANE_X_RES))
+    unit = exif_ifd.get(_FOCAL_PLANE_UNIT, 2)
+    if not (f_mm and f_mm > 0 and xres and xres > 0 and unit in _MM_PER_UNIT):
+        return None
+    px_per_mm = xres / _MM_PER_UNIT[unit]
+    recorded_w = _rational(exif_ifd.get(_PIXEL_X_DIM))
+    scale = w / recorded_w if recorded_w and recorded_w > 0 else 1.0
+    focal = f_mm * px_per_mm * scale
+    return focal if 0 < focal < 1e6 else None
+
+
+def inspect_image(data: bytes, min_side: int, decode_check: bool = True) -> dict[str, Any]:
+    """Validate one file's bytes and read its metadata. Returns the record fields, ``status`` says why not ok."""
+    if not data:
+        return {"status": "empty file"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            stored = img.size
+            exif = img.getexif()
+            if decode_check:
+                img.load()  # raises on truncated / corrupt data
+    except Image.DecompressionBombWarning as exc:
+        return {"status": f"too large ({exc})"}
+    except Image.DecompressionBombError as exc:
+        return {"status": f"too large ({exc})"}
+    except Image.UnidentifiedImageError:
+        return {"status": "not an image (unidentified format)"}
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return {"status": f"truncated or corrupt ({str(exc).strip() or type(exc).__name__})"}
+    orientation = int(exif.get(_ORIENTATION, 1) or 1)
+    if orientation not in range(1, 9):
+        orientation = 1
+    w, h = stored if orientation < 5 else stored[::-1]  # 5-8 swap the axes
+    if min(w, h) < min_side:
+        return {"status": f"too small ({w}x{h} < {min_side} px)", "width": w, "height": h,
+                "orientation": orientation}
+    exif_ifd = dict(exif.get_ifd(_EXIF_IFD))
+    gps = dict(exif.get_ifd(_GPS_IFD))
+    lat, lon, alt = _gps(gps) if gps else (None, None, None)
+    return {"status": "ok", "width": w, "height": h, "orientation": orientation,
+            "focal_px": focal_from_exif(exif_ifd, (w, h)), "gps_lat": lat, "gps_lon": lon, "gps_alt": alt,
+            "timestamp": _timestamp(exif_ifd, exif)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the folder
+
+
+def find_photos(root: Path, extensions: Iterable[str], follow_symlinks: bool = False) -> list[str]:
+    """Paths (POSIX, relative to ``root``) of every photo under ``root``, sorted; extensions case-insensitive."""
+    exts = {("." + e.lower().lstrip(".")) for e in extensions}
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue  # ._AppleDouble files, .DS_Store
+            if os.path.splitext(name)[1].lower() in exts:
+                full = Path(dirpath) / name
+                if full.is_file():
+                    found.append(full.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _read_and_inspect(root: Path, rel: str, min_side: int, decode_check: bool) -> _Record:
+    full = root / rel
+    st = full.stat()
+    try:
+        data = full.read_bytes()
+    except OSError as exc:
+        return _Record(rel, "", st.st_size, st.st_mtime_ns, status=f"unreadable ({exc.strerror or exc})")
+    digest = hashlib.sha256(data).hexdigest()
+    info = inspect_image(data, min_side, decode_check)
+    return _Record(rel, digest, st.st_size, st.st_mtime_ns, **info)
+
+
+def _records_to_table(records: list[_Record], schema: pa.Schema) -> pa.Table:
+    cols = {f.name: [getattr(r, f.name) for r in records] for f in schema}
+    return pa.table(cols, schema=schema)
+
+
+def _load_progress(path: Path, root: Path) -> dict[str, _Record]:
+    """Records of an interrupted scan that still describe the same files (size and mtime unchanged)."""
+    if not path.exists():
+        return {}
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # a torn progress file only costs a rescan
+        log.warning("ignoring unreadable scan progress file %s (%s)", path, exc)
+        return {}
+    kept: dict[str, _Record] = {}
+    for row in rows:
+        full = root / row["path"]
+        try:
+            st = full.stat()
+        except OSError:
+            continue
+        if st.st_size == row["size"] and st.st_mtime_ns == row["mtime_ns"]:
+            kept[row["path"]] = _Record(**row)
+    return kept
+
+
+def _listing_fingerprint(root: Path, paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for rel in paths:
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def scan(photos: Path, run_dir: Path, config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Scan ``photos`` recursively into ``run_dir/tables/images.parquet``; returns the scan manifest.
+
+    A finished scan of the same, unchanged folder is a no-op; a changed folder under a finished scan is an
+    error (start a new run directory) because image ids are row numbers that later stages depend on.
+    """
+    photos = Path(photos).expanduser().resolve()
+    if not photos.is_dir():
+        raise IngestError(f"{photos} is not a folder. Pass the folder that contains the photos.")
+    cfg = config.ingest
+    if cfg.min_side < 1 or cfg.chunk_size < 1:
+        raise IngestError("ingest.min_side and ingest.chunk_size must be >= 1")
+    store = RunStore.create_or_open(run_dir, config, force=force)
+    paths = find_photos(photos, cfg.extensions, cfg.follow_symlinks)
+    if not paths:
+        raise IngestError(f"no photos with extensions {', '.join(cfg.extensions)} found under {photos}. "
+                          "Check the folder, or add extensions with --set ingest.extensions=[...]")
+    fingerprint = _listing_fingerprint(photos, paths)
+
+    if store.is_stage_complete("scan"):
+        manifest = store.stage_manifest("scan")
+        if manifest.get("photos_root") != str(photos):
+            raise IngestError(f"{store.root} was scanned from {manifest.get('photos_root')}, not {photos}. "
+                              "Use a new run directory for another photo folder.")
+        if manifest.get("listing_sha256") != fingerprint:
+            raise IngestError(f"the photos under {photos} changed since {store.root} was scanned (files added, "
+                              "removed or modified). Image ids would shift under the later stages: start a new "
+                              "run directory.")
+        log.info("scan already complete for %s (%d images kept); nothing to do", store.root, manifest["kept"])
+        return manifest
+
+    store.stage_started("scan")
+    progress_path = store.tables_dir / PROGRESS_FILE
+    done = _load_progress(progress_path, photos)
+    if done:
+        log.info("resuming an interrupted scan: %d of %d files already inspected", len(done), len(paths))
+    todo = [p for p in paths if p not in done]
+    flush_every = max(1, cfg.progress_every)
+
+    def flush() -> None:
+        table = _records_to_table([done[p] for p in paths if p in done], _PROGRESS_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(progress_path, sink.getvalue().to_pybytes())
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+        results = pool.map(lambda rel: _read_and_inspect(photos, rel, cfg.min_side, cfg.decode_check), todo)
+        for n, record in enumerate(track(results, total=len(todo), description="scan"), start=1):
+            done[record.path] = record
+            if n % flush_every == 0:
+                flush()
+    if todo:
+        flush()
+
+    table, manifest = _finalise([done[p] for p in paths], photos, cfg.chunk_size)
+    manifest["listing_sha256"] = fingerprint
+    store.write_table("images", table)
+    store.stage_finished("scan", manifest)
+    progress_path.unlink(missing_ok=True)
+    _log_summary(manifest)
+    return manifest
+
+
+def _finalise(records: list[_Record], photos: Path, chunk_size: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Fold byte-identical files into their first copy, number rows, chunk the kept images."""
+    unique: list[_Record] = []
+    first_by_hash: dict[str, _Record] = {}
+    for rec in records:
+        rec.duplicates = []
+        if rec.sha256 and rec.sha256 in first_by_hash:
+            first_by_hash[rec.sha256].duplicates.append(rec.path)
+            continue
+        if rec.sha256:
+            first_by_hash[rec.sha256] = rec
+        unique.append(rec)
+    chunk_ids: list[int] = []
+    kept = 0
+    for rec in unique:
+        if rec.status == "ok":
+            chunk_ids.append(kept // chunk_size)
+            kept += 1
+        else:
+            chunk_ids.append(-1)
+    cols = {name: [getattr(r, name) for r in unique] for name in _RECORD_FIELDS}
+    cols["image_id"] = list(range(len(unique)))
+    cols["chunk_id"] = chunk_ids
+    table = pa.table({f.name: cols[f.name] for f in SCHEMA}, schema=SCHEMA)
+    table = table.replace_schema_metadata({b"photos_root": str(photos).encode()})
+
+    skipped = [{"path": r.path, "reason": r.status} for r in unique if r.status != "ok"]
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        key = s["reason"].split(" (")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    ok = [r for r in unique if r.status == "ok"]
+    manifest = {
+        "photos_root": str(photos),
+        "files": len(records),
+        "unique": len(unique),
+        "duplicates": len(records) - len(unique),
+        "kept": len(ok),
+        "skipped": len(skipped),
+        "skip_reasons": reasons,
+        "chunks": (kept + chunk_size - 1) // chunk_size,
+        "with_focal": sum(r.focal_px is not None for r in ok),
+        "with_gps": sum(r.gps_lat is not None for r in ok),
+        "with_time": sum(r.timestamp is not None for r in ok),
+        "skipped_files": skipped,
+    }
+    return table, manifest
+
+
+def _log_summary(manifest: dict[str, Any]) -> None:
+    log.info("scan: %d files, %d unique, %d kept, %d skipped, %d chunks", manifest["files"], manifest["unique"],
+             manifest["kept"], manifest["skipped"], manifest["chunks"])
+    for item in manifest["skipped_files"][:20]:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    if manifest["skipped"] > 20:
+        log.warning("... and %d more skipped files (see images.parquet, column status)", manifest["skipped"] - 20)
