@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from . import progress
@@ -294,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, RunStoreError, FileNotFoundError, ValueError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+    except Exception as exc:
+        # errors raised on purpose by our stages (their messages say what to do) are printed without a
+        # traceback; anything else is a bug and keeps its traceback
+        ours = type(exc).__module__.startswith(("sparse_vggt", "flows", "tasks"))
+        if not (ours or isinstance(exc, (ConfigError, RunStoreError, FileNotFoundError, ValueError))):
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         if args.verbose:
             raise
         return 2

@@ -1,0 +1,124 @@
+"""PipelineConfig (TOML, overrides, diff) and RunStore (markers, atomic tables, config guard, status)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sparse_vggt.config import ConfigError, PipelineConfig, load_config
+from sparse_vggt.store import STAGES, ConfigMismatchError, RunStore, RunStoreError
+
+
+def test_config_round_trips_through_toml_and_json(tmp_path: Path) -> None:
+    cfg = PipelineConfig()
+    cfg.set("partition.max_cluster_frames", "64")
+    cfg.set("graph.mutual", "true")
+    cfg.set("ingest.extensions", "jpg,png")
+    cfg.set("merge.voxel_size", 0.25)
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    back = PipelineConfig.from_toml(path)
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+    assert back.partition.max_cluster_frames == 64 and back.graph.mutual is True
+    assert back.ingest.extensions == ["jpg", "png"]
+    assert PipelineConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_every_field_is_overridable_from_the_cli_syntax() -> None:
+    cfg = PipelineConfig()
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            raw = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            cfg.apply_overrides([f"{section}.{name}={raw}"])
+            assert getattr(getattr(cfg, section), name) == value, f"{section}.{name}"
+
+
+def test_bad_overrides_name_the_problem(tmp_path: Path) -> None:
+    cfg = PipelineConfig()
+    with pytest.raises(ConfigError, match="unknown field partition.nope"):
+        cfg.set("partition.nope", 1)
+    with pytest.raises(ConfigError, match="unknown config section"):
+        cfg.set("bogus.k", 1)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        cfg.apply_overrides(["partition.k"])
+    with pytest.raises(ConfigError):
+        cfg.set("partition.k", "ten")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[partition\nk=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, None)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml", None)
+
+
+def test_runtime_fields_do_not_count_as_config_changes() -> None:
+    a, b = PipelineConfig(), PipelineConfig()
+    b.set("reconstruct.device", "cpu")
+    b.set("orchestration.dispatch", "pool")
+    assert a.diff(b) == []
+    b.set("graph.k", 12)
+    assert a.diff(b) == ["graph.k: 10 -> 12"]
+
+
+def test_run_directory_guards_its_config(tmp_path: Path) -> None:
+    cfg = PipelineConfig()
+    store = RunStore.create_or_open(tmp_path / "run", cfg)
+    assert json.loads(store.run_json.read_text())["config"] == cfg.to_dict()
+    other = PipelineConfig()
+    other.set("partition.max_cluster_frames", 32)
+    with pytest.raises(ConfigMismatchError, match="partition.max_cluster_frames: 128 -> 32"):
+        RunStore.create_or_open(tmp_path / "run", other)
+    RunStore.create_or_open(tmp_path / "run", other, force=True)
+    meta = store.meta()
+    assert meta["config"]["partition"]["max_cluster_frames"] == 32
+    assert meta["history"][-1]["event"] == "config forced"
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "x.txt").write_text("x")
+    with pytest.raises(RunStoreError, match="not empty"):
+        RunStore.create_or_open(tmp_path / "notarun", cfg)
+    with pytest.raises(RunStoreError, match="not a run directory"):
+        RunStore.open(tmp_path / "nothing")
+
+
+def test_stage_and_unit_markers_and_status(tmp_path: Path) -> None:
+    store = RunStore.create_or_open(tmp_path / "run", PipelineConfig())
+    assert [r["state"] for r in store.status()["stages"]] == ["pending"] * len(STAGES)
+    with pytest.raises(RunStoreError, match="sparse-vggt scan"):
+        store.require_stage("scan", "describe")
+    store.stage_started("scan")
+    assert not store.is_stage_complete("scan")
+    store.stage_finished("scan", {"kept": np.int64(3)})
+    assert store.is_stage_complete("scan") and store.stage_manifest("scan") == {"kept": 3}
+
+    grp = store.group("clusters/0")
+    store.write_array(grp, "depth", np.ones((2, 4, 5), np.float16), chunks=(1, 4, 5))
+    assert not store.is_unit_complete("clusters/0") and store.complete_units("clusters") == []
+    store.mark_unit_complete("clusters/0", frames=2)
+    store.group("clusters/1")  # started, never finished
+    assert store.complete_units("clusters") == ["0"]
+    status = store.status()
+    assert status["stages"][0]["state"] == "finished" and status["units"]["clusters_complete"] == 1
+    store.remove_group("clusters/1")
+    assert "clusters/1" not in store.zarr
+    np.testing.assert_array_equal(store.zarr["clusters/0/depth"][...], np.ones((2, 4, 5), np.float16))
+
+
+def test_tables_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RunStore.create_or_open(tmp_path / "run", PipelineConfig())
+    store.write_table("t", pa.table({"a": [1, 2]}))
+    import pyarrow.parquet as pq
+
+    def torn(table, where, **kw):
+        Path(where).write_bytes(b"PAR1 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", torn)
+    with pytest.raises(OSError):
+        store.write_table("t", pa.table({"a": [9]}))
+    monkeypatch.undo()
+    assert store.read_table("t").column("a").to_pylist() == [1, 2]  # the old table survives intact
+    assert [p.name for p in store.tables_dir.iterdir()] == ["t.parquet"]  # no temp file left behind
