@@ -109,7 +109,7 @@ class ReconstructConfig:
     special_tokens_global: bool = False  # every frame also attends to all frames' camera/register tokens
     device: str = _runtime("auto", "auto | cuda | mps | cpu")
     dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
-    head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT/camera heads")
+    head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT heads (0: all at once)")
     attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
     # added by the reconstruct stage (issue 6): kernel of sparse global attention
     attention_backend: str = _runtime("auto", "auto (FlexAttention on CUDA, chunked SDPA elsewhere) | sdpa | flex")

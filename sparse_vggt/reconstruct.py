@@ -190,7 +190,9 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     try:
         images, to_image = _load_frames(store, image_ids, cfg)
         model = load_model(cfg, device, k=config.partition.k)
-        with torch.no_grad(), autocast(device, dtype):
+        if hasattr(model, "head_chunk_frames"):  # DPT heads in frame chunks: bounded activation memory
+            model.head_chunk_frames = cfg.head_chunk_frames or None
+        with torch.inference_mode(), autocast(device, dtype):
             kwargs = {"neighbors": neighbors} if cfg.attention == "sparse" else {}
             out = model(images.to(device), **kwargs)
         h, w = images.shape[-2:]

@@ -174,17 +174,19 @@ def _reference() -> nn.Module:
 MODELS = {"standin": _standin, "ours": _ours, "reference": _reference}
 
 
+def _model(kind: str) -> nn.Module:
+    return MODELS[kind]()
+
+
 @pytest.fixture(params=list(MODELS))
 def model(request: pytest.FixtureRequest) -> nn.Module:
-    m = MODELS[request.param]()
-    m.__dict__["_test_kind"] = request.param
-    return m
+    return _model(request.param)
 
 
-def _full_model_budget(model: nn.Module, *heavy: object) -> None:
-    """Full VGGT models (DPT heads) are slow on CPU: run their extra parametrisations only for the stand-in."""
-    if model.__dict__.get("_test_kind") != "standin" and any(heavy):
-        pytest.skip("covered by the first parametrisation for full models (CPU time budget)")
+def _cases(every_model: list[tuple], standin_only: list[tuple]) -> list[tuple]:
+    """(kind, *case) parameters: ``every_model`` cases for each model, ``standin_only`` extra cases for the
+    stand-in. Full VGGT models (DPT heads) are slow on CPU, so their redundant variants are not generated."""
+    return [(kind, *case) for kind in MODELS for case in every_model] + [("standin", *c) for c in standin_only]
 
 
 def _images(S: int, seed: int = 0) -> torch.Tensor:
@@ -262,10 +264,10 @@ def test_knn_neighbors_cosine() -> None:
 # ---- (a) all frames == dense ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-@pytest.mark.parametrize("special", [False, True])
-def test_all_frames_equals_dense(model: nn.Module, backend: str, special: bool) -> None:
-    _full_model_budget(model, special and backend == "flex")
+@pytest.mark.parametrize("kind,backend,special", _cases(
+    [("sdpa", False), ("flex", False), ("sdpa", True)], [("flex", True)]))
+def test_all_frames_equals_dense(kind: str, backend: str, special: bool) -> None:
+    model = _model(kind)
     images = _images(6)
     dense_tokens, dense = _run(model, images)
     make_sparse(model, backend=backend, special_tokens_global=special, memory_budget_mb=0.02)
@@ -299,10 +301,10 @@ def _swap_to_oracle(model: nn.Module) -> None:
         block.attn = _MaskedDense(sparse.dense, sparse.context, sparse.num_special)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("special", [False, True])
-def test_random_neighbors_equal_masked_dense(model: nn.Module, seed: int, special: bool) -> None:
-    _full_model_budget(model, seed)
+@pytest.mark.parametrize("kind,seed,special", _cases(
+    [(0, False), (0, True)], [(1, False), (1, True), (2, False), (2, True)]))
+def test_random_neighbors_equal_masked_dense(kind: str, seed: int, special: bool) -> None:
+    model = _model(kind)
     S = 7
     images = _images(S, seed)
     nbrs = _random_neighbors(S, seed)
@@ -335,9 +337,9 @@ def _two_groups(S: int, split: int, seed: int) -> list[list[int]]:
     return nbrs
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_second_group_cannot_change_first_group(model: nn.Module, seed: int) -> None:
-    _full_model_budget(model, seed == 2)
+@pytest.mark.parametrize("kind,seed", _cases([(0,), (1,)], [(2,)]))
+def test_second_group_cannot_change_first_group(kind: str, seed: int) -> None:
+    model = _model(kind)
     S, split = 8, 4 + seed % 2
     nbrs = _two_groups(S, split, seed)
     images = _images(S, seed)
@@ -461,6 +463,23 @@ def test_no_quadratic_allocation(special: bool) -> None:
     oracle = _MaskedDense(attn.dense, attn.context, attn.num_special)
     S = 24
     assert _attention_peak_numel(oracle, S, P, C, [[1]] * S) >= (S * P) ** 2
+
+
+def test_our_sparse_aggregator_has_no_quadratic_allocation() -> None:
+    """Whole aggregator of our VGGT (DINO patch embed, frame and global blocks), sparse: no tensor it
+    allocates is larger than the input pixels (O(S·H·W)); at S=96 that is well below (S·P)²."""
+    from sparse_vggt.sparse import neighbor_context
+
+    model = make_sparse(_ours(), memory_budget_mb=0.25)
+    P = model.aggregator.patch_start_idx + (H_IMG // 14) * (W_IMG // 14)
+    for S in (24, 96):
+        nbrs = [[(i + d) % S for d in (1, 2, 3)] for i in range(S)]
+        images = _images(S)[None]
+        with torch.no_grad(), neighbor_context(model, nbrs, S), _MaxNumel() as mode:
+            tokens, _ = model.aggregator(images)
+        assert tokens[-1].shape[:3] == (1, S, P)
+        assert mode.max_numel <= images.numel(), (S, mode.max_numel)
+    assert images.numel() < (S * P) ** 2 / 3
 
 
 def test_flex_block_mask_is_sparse_and_exact() -> None:

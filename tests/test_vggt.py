@@ -177,6 +177,49 @@ def test_predict_uses_inference_mode_and_fp32_on_cpu(tiny):
     assert out["depth"].is_inference()
 
 
+def test_autocast_dtype_per_device(monkeypatch):
+    """bf16 on CUDA where supported (fp16 otherwise), fp16 on MPS, fp32 on CPU."""
+    from sparse_vggt.device import select_dtype
+
+    assert select_dtype(torch.device("cpu")) == torch.float32
+    assert select_dtype(torch.device("mps")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert select_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert select_dtype(torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="float16 is not supported for CPU"):
+        select_dtype(torch.device("cpu"), "float16")
+
+
+def test_predict_autocast_runs_aggregator_in_low_precision_and_heads_in_fp32(tiny):
+    seen = []
+    hook = tiny.aggregator.global_blocks[0].attn.qkv.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    try:
+        images = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(3))
+        low = tiny.predict(images, device="cpu", dtype="bfloat16")
+        full = tiny.predict(images, device="cpu", dtype="float32")
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]
+    for key in ("pose_enc", "depth", "depth_conf", "world_points"):
+        assert low[key].dtype == torch.float32, key  # heads run with autocast disabled
+    assert not torch.equal(low["depth"], full["depth"])  # bf16 really was used upstream of the heads
+    torch.testing.assert_close(low["depth"], full["depth"], rtol=0.1, atol=0.1)
+
+
+def test_predict_passes_neighbors_to_a_sparse_model(tiny):
+    import copy
+
+    from sparse_vggt.sparse import make_sparse
+
+    images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(4))
+    dense = tiny.predict(images, device="cpu")
+    sparse = make_sparse(copy.deepcopy(tiny))
+    out = sparse.predict(images, device="cpu", neighbors=[[1, 2], [0, 2], [0, 1]])
+    torch.testing.assert_close(out["depth"], dense["depth"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["pose_enc"], dense["pose_enc"], rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_preset_runs_s4_at_224x168():
     model = VGGT.from_preset("tiny").eval()
     with torch.inference_mode():

@@ -118,3 +118,23 @@ def test_no_network_or_files_at_construction(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
     VGGT.from_preset("tiny")
+
+
+def test_hub_repo_id_downloads_through_huggingface_hub(tmp_path, monkeypatch, tiny_state):
+    """A repo id goes through ``hf_hub_download``: model.safetensors first, model.pt when the repo lacks it."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    torch.save(tiny_state, tmp_path / "model.pt")
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        if filename == "model.safetensors":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = VGGT.from_pretrained("facebook/VGGT-1B", preset="tiny", revision="main")
+    assert calls == [("facebook/VGGT-1B", "model.safetensors", "main"), ("facebook/VGGT-1B", "model.pt", "main")]
+    _assert_same(model, tiny_state)

@@ -142,9 +142,10 @@ class VGGT(nn.Module):
         return out
 
     def predict(self, images: torch.Tensor, query_points: torch.Tensor | None = None, device: str = "auto",
-                dtype: str = "auto", head_chunk_frames: int | None = -1) -> dict[str, Any]:
+                dtype: str = "auto", head_chunk_frames: int | None = -1, **forward_kwargs: Any) -> dict[str, Any]:
         """Inference on ``device`` (moving the model there) under ``torch.inference_mode`` and the device's
-        autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device)."""
+        autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device). ``forward_kwargs`` go to
+        the forward call, e.g. ``neighbors=`` of a model converted with `sparse_vggt.make_sparse`."""
         from ..device import autocast, select_device, select_dtype
 
         dev = select_device(device)
@@ -152,4 +153,4 @@ class VGGT(nn.Module):
         self.to(dev).eval()
         with torch.inference_mode(), autocast(dev, dt):
             return self(images.to(dev), None if query_points is None else query_points.to(dev),
-                        head_chunk_frames=head_chunk_frames)
+                        head_chunk_frames=head_chunk_frames, **forward_kwargs)
