@@ -19,7 +19,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -247,8 +247,14 @@ def _write_rows(arr: Any, rows: np.ndarray, values: np.ndarray) -> None:
         arr.oindex[rows, :] = values
 
 
-def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = False) -> dict[str, Any]:
-    """The describe stage (MegaLoc or a descriptor file) -> store.zarr/descriptors; resumable per chunk."""
+def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = False,
+             chunk_ids: Iterable[int] | None = None) -> dict[str, Any]:
+    """The describe stage (MegaLoc or a descriptor file) -> store.zarr/descriptors; resumable per chunk.
+
+    ``chunk_ids`` restricts the work to those ingest chunks (the orchestrator maps one task per chunk; an
+    empty list only prepares the array / finishes the stage). The stage is marked finished only once every
+    chunk is complete; a partial call returns a manifest with ``"pending"`` > 0.
+    """
     t0 = time.perf_counter()
     store = RunStore.open(run_dir)
     config = config or store.config()
@@ -299,6 +305,15 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         arr.attrs.update({"model": model_id, "dim": int(dim), "settings": settings, "complete": False})
     done = set(store.complete_units("describe_chunks"))
     pending = [c for c in chunks if str(c) not in done]
+    if chunk_ids is not None:  # orchestrated: only these chunks (added for the Prefect flow, issue 10)
+        wanted = {int(c) for c in chunk_ids}
+        if wanted - set(chunks):
+            raise DescribeError(f"chunks {sorted(wanted - set(chunks))} do not exist (chunk ids {min(chunks)}.."
+                                f"{max(chunks)} in images.parquet)")
+        later = [c for c in pending if c not in wanted]
+        pending = [c for c in pending if c in wanted]
+    else:
+        later = []
     paths = table.column("path").to_pylist()
     t_model = 0.0
     for cid in track(pending, total=len(pending), description="describing"):
@@ -314,15 +329,18 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         t_model += time.perf_counter() - t1
         _write_rows(arr, rows, vec.astype(np.float16))
         store.mark_unit_complete(f"describe_chunks/{cid}", images=int(rows.size), model=model_id)
-    version = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    arr.attrs.update({"complete": True, "version": version})
     manifest = {"images": int(ok.size), "rows": int(n_rows), "dim": int(dim), "model": model_id,
-                "chunks": len(chunks), "chunks_computed": len(pending), "chunks_resumed": len(chunks) - len(pending),
+                "chunks": len(chunks), "chunks_computed": len(pending),
+                "chunks_resumed": len(chunks) - len(pending) - len(later), "pending": len(later),
                 "seconds": round(time.perf_counter() - t0, 2)}
     if describer is not None:
         manifest.update(device=str(describer.device), dtype=str(describer.dtype).replace("torch.", ""),
                         image_size=cfg.image_size,
                         images_per_s=round(sum(chunks[c].size for c in pending) / t_model, 2) if t_model else None)
+    if later:
+        return manifest
+    version = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    arr.attrs.update({"complete": True, "version": version})
     store.stage_finished("describe", manifest)
     return manifest
 
