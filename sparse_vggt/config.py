@@ -174,6 +174,8 @@ class OrchestrationConfig:
     oom_split: bool = _runtime(True, "split a cluster in two and retry on out-of-memory")
     max_oom_splits: int = _runtime(4, "how many times a cluster may be halved")
     accelerator_tag: str = _runtime("accelerator", "tag concurrency-limited to one model per accelerator")
+    # added by the orchestration issue (10):
+    poll_interval_s: float = _runtime(1.0, "pool mode: seconds between state polls of a dispatched cluster run")
 
 
 @dataclass

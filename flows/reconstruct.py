@@ -1,0 +1,523 @@
+"""The end-to-end flow: photos -> COLMAP/PLY/GLB, plus the per-cluster flow the farm runs.
+
+``reconstruct(photos, run_dir, config)``: scan -> describe (one task per ingest chunk) -> covisibility graph ->
+partition -> one reconstruction per cluster -> merge -> export. Clusters run either as mapped tasks on this machine
+(``orchestration.dispatch = "local"``; a tag concurrency limit keeps one model per accelerator) or as one flow run
+per cluster on a Prefect work pool (``"pool"``; one process worker per Mac mini, run directory on shared storage).
+
+Resume: every stage and unit writes its completion marker last, and tasks are cached in the run directory, so a
+re-run of a finished run does no work and a killed run recomputes only unfinished units. An out-of-memory cluster
+is split in two with the partitioner and the halves are retried (at most ``orchestration.max_oom_splits`` times
+per original cluster). Skips, splits and failures are appended to ``<run>/orchestration/events.jsonl`` and end up
+in the final report (``<run>/orchestration/report.json`` and a Prefect artifact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Failed
+
+import sparse_vggt
+from sparse_vggt.config import ConfigError, PipelineConfig
+from sparse_vggt.store import RunStore, atomic_write_bytes
+from tasks.dispatch import OOM_MARK, dispatch_cluster_task
+from tasks.stages import (
+    artifact_key,
+    cached,
+    describe_chunk_task,
+    describe_finish_task,
+    describe_plan_task,
+    export_task,
+    graph_task,
+    merge_task,
+    partition_task,
+    publish_clusters,
+    reconstruct_cluster_task,
+    reconstruct_finish_task,
+    retry_options,
+    scan_task,
+    split_cluster_task,
+)
+
+log = logging.getLogger(__name__)
+
+DEMO_PHOTOS = Path(sparse_vggt.__file__).parent / "data" / "sacre_coeur" / "images"
+# small, random-weight settings: the whole demo runs in minutes on 2 CPU cores (geometry is meaningless)
+DEMO_SETTINGS: dict[str, Any] = {
+    "ingest.chunk_size": 4,
+    "describe.model": "random",
+    "describe.preset": "tiny",
+    "describe.allow_random_weights": True,
+    "describe.image_size": 112,
+    "graph.k": 4,
+    "partition.max_cluster_frames": 6,
+    "partition.min_overlap_frames": 2,
+    "partition.k": 4,
+    "reconstruct.model": "random",
+    "reconstruct.preset": "tiny",
+    "reconstruct.allow_random_weights": True,
+    "reconstruct.image_size": 112,
+    "merge.min_correspondences": 20,
+    "orchestration.retries": 0,
+}
+
+
+class FlowParameterError(ValueError):
+    """The flow's parameters are invalid; raised before any work starts."""
+
+
+class ClusterFailures(RuntimeError):
+    """Some clusters could not be reconstructed; they are listed in the report and a re-run retries them."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and bookkeeping
+
+
+def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: dict[str, Any] | None,
+                        force: bool = False) -> tuple[PipelineConfig, dict[str, Any]]:
+    """Check everything we can before any work starts; returns the config object and its dict."""
+    problems: list[str] = []
+    try:
+        cfg = PipelineConfig.from_dict(config or {})
+    except ConfigError as exc:
+        raise FlowParameterError(f"invalid config: {exc}") from exc
+    if photos is not None and not Path(photos).expanduser().is_dir():
+        problems.append(f"photos={photos!s} is not a folder (pass the folder that contains the photos)")
+    run = Path(run_dir).expanduser()
+    parent = run if run.exists() else run.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if run.exists() and not run.is_dir():
+        problems.append(f"run_dir={run} exists and is not a folder")
+    elif not os.access(parent, os.W_OK):
+        problems.append(f"run_dir={run}: {parent} is not writable")
+    orch = cfg.orchestration
+    if orch.dispatch not in ("local", "pool"):
+        problems.append(f"orchestration.dispatch={orch.dispatch!r}: use 'local' or 'pool'")
+    if orch.dispatch == "pool" and "/" not in orch.cluster_deployment:
+        problems.append(f"orchestration.cluster_deployment={orch.cluster_deployment!r} must be 'FLOW/DEPLOYMENT' "
+                        "(see `sparse-vggt deploy`)")
+    if orch.retries < 0 or orch.retry_delay_s < 0 or orch.max_oom_splits < 0:
+        problems.append("orchestration.retries, retry_delay_s and max_oom_splits must be >= 0")
+    if orch.poll_interval_s <= 0:
+        problems.append("orchestration.poll_interval_s must be > 0")
+    for section in ("describe", "reconstruct"):
+        sub = getattr(cfg, section)
+        if sub.model == "random" and not sub.allow_random_weights and not (section == "describe" and sub.descriptors_file):
+            problems.append(f"{section}.model='random' needs {section}.allow_random_weights=true (tests, demos); "
+                            f"otherwise point {section}.model at a checkpoint")
+    if cfg.reconstruct.image_size % 14 or cfg.describe.image_size % 14:
+        problems.append("describe.image_size and reconstruct.image_size must be multiples of 14")
+    try:
+        from sparse_vggt.partition import validate_config
+
+        validate_config(cfg.partition)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise FlowParameterError("invalid flow parameters:\n  " + "\n  ".join(problems))
+    if photos is not None:
+        RunStore.create_or_open(run, cfg, force=force)  # refuses a conflicting recorded config before any work
+    return cfg, cfg.to_dict()
+
+
+def record_event(run_dir: str | Path, kind: str, **info: Any) -> dict[str, Any]:
+    """Append one skip/split/failure to <run>/orchestration/events.jsonl (locked: several workers may write)."""
+    event = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind,
+             "flow_run": _flow_run_name(), **info}
+    path = Path(run_dir) / "orchestration" / "events.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(event, default=str) + "\n")
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return event
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "orchestration" / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def _flow_run_name() -> str | None:
+    try:
+        return runtime_flow_run.name
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return None
+
+
+def _slug(run_dir: str | Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name) or "run"
+
+
+def _main_run_name() -> str:
+    params = runtime_flow_run.parameters
+    cfg = params.get("config") or {}
+    dispatch = (cfg.get("orchestration") or {}).get("dispatch", "local")
+    return f"reconstruct-{_slug(params['run_dir'])}-{dispatch}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def ensure_accelerator_limit(tag: str, limit: int = 1) -> None:
+    """Create the tag concurrency limit (one model per accelerator) unless an operator already set one."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag(tag)
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+
+
+class _Work:
+    """Which stage tasks really ran in this flow run (versus cache hits): the proof that a re-run is free."""
+
+    def __init__(self) -> None:
+        self.executed: dict[str, int] = {}
+        self.cached: dict[str, int] = {}
+
+    def add(self, name: str, state: Any) -> None:
+        bucket = self.cached if state.name == "Cached" else self.executed
+        bucket[name] = bucket.get(name, 0) + 1
+
+    def call(self, t: Any, *args: Any) -> Any:
+        state = t(*args, return_state=True)
+        self.add(t.name, state)
+        return state.result()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cluster stage
+
+
+def _pending_clusters(run_dir: str) -> tuple[list[int], list[int]]:
+    store = RunStore.open(run_dir)
+    ids = sorted({int(c) for c in store.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
+    done = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
+    return ids, [c for c in ids if c not in done]
+
+
+def _failure(state: Any) -> BaseException | None:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], ids: list[int], work: _Work,
+                       progress: Any) -> dict[int, tuple[str, Any]]:
+    """Run clusters ``ids`` (local tasks or pool flow runs); returns cluster -> ("ok"|"oom"|"failed", info)."""
+    from sparse_vggt.reconstruct import ClusterOutOfMemory
+
+    orch = cfg.orchestration
+    if orch.dispatch == "pool":
+        t = dispatch_cluster_task.with_options(**retry_options(cfgd))
+        futures = {t.submit(run_dir, cfgd, c, orch.cluster_deployment, _slug(run_dir), orch.poll_interval_s): c
+                   for c in ids}
+    else:
+        t = cached(run_dir, reconstruct_cluster_task, tags=[orch.accelerator_tag], **retry_options(cfgd))
+        futures = {t.submit(run_dir, cfgd, c): c for c in ids}
+    out: dict[int, tuple[str, Any]] = {}
+    for fut in as_completed(list(futures)):
+        cid = futures[fut]
+        fut.wait()
+        state = fut.state
+        work.add(t.name, state)
+        exc = _failure(state)
+        if exc is None:
+            out[cid] = ("ok", state.result())
+        elif isinstance(exc, ClusterOutOfMemory):
+            out[cid] = ("oom", str(exc))
+        else:
+            out[cid] = ("failed", f"{type(exc).__name__}: {exc}")
+        progress()
+    return out
+
+
+def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: _Work) -> dict[str, Any]:
+    """Every unfinished cluster, with OOM splitting; returns counts and the failures."""
+    logger = get_run_logger()
+    all_ids, pending = _pending_clusters(run_dir)
+    total = max(1, len(pending))
+    state = {"done": 0, "total": total}
+    pid = create_progress_artifact(progress=0.0 if pending else 100.0, key=artifact_key(run_dir, "reconstruct-progress"),
+                                   description=f"clusters reconstructed ({len(all_ids) - len(pending)} of "
+                                               f"{len(all_ids)} already complete)")
+
+    def tick() -> None:
+        state["done"] += 1
+        update_progress_artifact(pid, min(100.0, 100.0 * state["done"] / state["total"]))
+
+    depth = {c: 0 for c in pending}
+    failures: list[dict[str, Any]] = []
+    splits: list[dict[str, Any]] = []
+    rounds = 0
+    while pending:
+        rounds += 1
+        logger.info("reconstructing %d cluster(s) (%s dispatch, round %d)", len(pending), cfg.orchestration.dispatch,
+                    rounds)
+        results = _run_cluster_round(run_dir, cfg, cfgd, pending, work, tick)
+        nxt: list[int] = []
+        for cid in sorted(results):
+            kind, info = results[cid]
+            if kind == "oom" and cfg.orchestration.oom_split and depth[cid] < cfg.orchestration.max_oom_splits:
+                try:
+                    halves = work.call(split_cluster_task, run_dir, cfgd, cid)
+                except Exception as exc:  # noqa: BLE001 - a cluster that cannot be split is a recorded failure
+                    failures.append(record_event(run_dir, "cluster_failed", cluster_id=cid,
+                                                 reason=f"out of memory and could not split: {exc}"))
+                    continue
+                for h in halves:
+                    depth[h] = depth[cid] + 1
+                nxt.extend(halves)
+                state["total"] += len(halves)
+                splits.append(record_event(run_dir, "oom_split", cluster_id=cid, into=halves, reason=info))
+                logger.warning("cluster %d ran out of memory; split into %s", cid, halves)
+            elif kind == "oom":
+                failures.append(record_event(run_dir, "cluster_failed", cluster_id=cid,
+                                             reason=f"out of memory after {depth[cid]} split(s): {info}"))
+            elif kind == "failed":
+                failures.append(record_event(run_dir, "cluster_failed", cluster_id=cid, reason=info))
+        pending = nxt
+        if splits:
+            publish_clusters(run_dir, f"clusters after {len(splits)} out-of-memory split(s)")
+    update_progress_artifact(pid, 100.0)
+    return {"failures": failures, "splits": splits, "rounds": rounds}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _outputs(run_dir: str) -> dict[str, Any]:
+    export_dir = RunStore(run_dir).export_dir
+    files = sorted(str(p.relative_to(export_dir)) for p in export_dir.rglob("*") if p.is_file()) if export_dir.exists() else []
+    return {"export_dir": str(export_dir.resolve()), "files": files}
+
+
+def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work, seconds: float,
+                 cluster_info: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    store = RunStore.open(run_dir)
+    scan = store.stage_manifest("scan")
+    part = store.stage_manifest("partition")
+    random_weights = [s for s in ("describe", "reconstruct") if getattr(cfg, s).model == "random"]
+    report: dict[str, Any] = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "flow_run": _flow_run_name(),
+        "dispatch": cfg.orchestration.dispatch,
+        "seconds": round(seconds, 2),
+        "images_kept": scan.get("kept"),
+        "images_skipped": scan.get("skipped"),
+        "skipped_images": scan.get("skipped_files", []),
+        "components_skipped": part.get("small_components_skipped"),
+        "singletons_skipped": (part.get("singletons", 0) or 0) - (part.get("singletons_reconstructed", 0) or 0),
+        "frames_not_clustered": part.get("frames_skipped"),
+        "clusters": len(_pending_clusters(run_dir)[0]),
+        "oom_splits": part.get("splits", []),
+        "failures": [e for e in read_events(run_dir) if e["kind"] == "cluster_failed"],
+        "stages_executed": dict(work.executed),
+        "stages_cached": dict(work.cached),
+        "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
+        "outputs": _outputs(run_dir),
+        "random_weights": random_weights,
+    }
+    if cluster_info.get("failures"):
+        report["failures_this_run"] = cluster_info["failures"]
+    return report
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    lines = ["# sparse-vggt run report", ""]
+    if report["random_weights"]:
+        lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
+                  "meaningless.**", ""]
+    for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
+                "components_skipped", "singletons_skipped", "frames_not_clustered"):
+        lines.append(f"- **{key}**: {report.get(key)}")
+    lines.append(f"- **stage tasks executed**: {report['stages_executed'] or 'none'}; cached: {report['stages_cached'] or 'none'}")
+    if report["skipped_images"]:
+        lines += ["", "## Skipped images", "", "| path | reason |", "|---|---|"]
+        lines += [f"| {s['path']} | {s['reason']} |" for s in report["skipped_images"][:200]]
+    if report["oom_splits"]:
+        lines += ["", "## Out-of-memory splits", ""] + [f"- cluster {s['cluster']} -> {s['into']}" for s in report["oom_splits"]]
+    if report["failures"]:
+        lines += ["", "## Failures", ""] + [f"- cluster {f.get('cluster_id')}: {f.get('reason')} ({f.get('time')})"
+                                            for f in report["failures"]]
+    if report["merge"]:
+        lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
+    out = report["outputs"]
+    lines += ["", "## Outputs", "", f"`{out['export_dir']}`", ""] + [f"- `{f}`" for f in out["files"]]
+    return "\n".join(lines)
+
+
+def _publish_report(run_dir: str, report: dict[str, Any]) -> None:
+    path = Path(run_dir) / "orchestration" / "report.json"
+    atomic_write_bytes(path, json.dumps(report, indent=2, default=str).encode())
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=_report_markdown(report),
+                                 description="final report with output paths")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flows
+
+
+@flow(name="sparse-vggt-reconstruct", flow_run_name=_main_run_name, log_prints=True)
+def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+    """Photos folder -> run directory with COLMAP/PLY/GLB exports (see the module docstring)."""
+    t0 = time.perf_counter()
+    photos, run_dir = str(Path(photos).expanduser().resolve()), str(Path(run_dir).expanduser().resolve())
+    cfg, cfgd = validate_parameters(photos, run_dir, config, force)
+    logger = get_run_logger()
+    orch = cfg.orchestration
+    if orch.dispatch == "local":
+        ensure_accelerator_limit(orch.accelerator_tag)
+    work = _Work()
+    retry = retry_options(cfgd)
+    manifests: dict[str, dict[str, Any]] = {}
+
+    manifests["scan"] = work.call(scan_task.with_options(**retry), photos, run_dir, cfgd, force)
+    for s in manifests["scan"].get("skipped_files", []):
+        logger.warning("skipped %s: %s", s["path"], s["reason"])
+
+    # a finished describe stage needs no plan (the finish task below is a cache hit)
+    described = RunStore.open(run_dir).is_stage_complete("describe")
+    plan = {"pending": []} if described else work.call(describe_plan_task.with_options(**retry), run_dir, cfgd)
+    if plan["pending"]:
+        chunk_task = cached(run_dir, describe_chunk_task, tags=[orch.accelerator_tag] if orch.dispatch == "local" else [],
+                            **retry)
+        pid = create_progress_artifact(progress=0.0, key=artifact_key(run_dir, "describe-progress"),
+                                       description=f"descriptor chunks ({len(plan['chunks']) - len(plan['pending'])} "
+                                                   f"of {len(plan['chunks'])} already complete)")
+        futures = [chunk_task.submit(run_dir, cfgd, c) for c in plan["pending"]]
+        for n, fut in enumerate(as_completed(futures), start=1):
+            fut.wait()
+            work.add(chunk_task.name, fut.state)
+            update_progress_artifact(pid, 100.0 * n / len(futures))
+        for fut in futures:
+            fut.result()  # raises the first chunk failure (after its retries)
+    manifests["describe"] = work.call(cached(run_dir, describe_finish_task, **retry), run_dir, cfgd)
+    manifests["graph"] = work.call(cached(run_dir, graph_task, **retry), run_dir, cfgd)
+    manifests["partition"] = work.call(cached(run_dir, partition_task, **retry), run_dir, cfgd)
+
+    cluster_info = run_clusters(run_dir, cfg, cfgd, work)
+    if cluster_info["failures"]:
+        report = build_report(run_dir, manifests, work, time.perf_counter() - t0, cluster_info, cfg)
+        _publish_report(run_dir, report)
+        raise ClusterFailures(
+            f"{len(cluster_info['failures'])} cluster(s) failed: "
+            + "; ".join(f"{f['cluster_id']}: {f['reason']}" for f in cluster_info["failures"])
+            + f". Details in {run_dir}/orchestration/report.json; re-run the same command to retry them.")
+    manifests["reconstruct"] = work.call(cached(run_dir, reconstruct_finish_task, **retry), run_dir, cfgd)
+    manifests["merge"] = work.call(cached(run_dir, merge_task, **retry), run_dir, cfgd)
+    manifests["export"] = work.call(cached(run_dir, export_task, **retry), run_dir, cfgd)
+
+    report = build_report(run_dir, manifests, work, time.perf_counter() - t0, cluster_info, cfg)
+    _publish_report(run_dir, report)
+    logger.info("outputs in %s: %s", report["outputs"]["export_dir"], ", ".join(report["outputs"]["files"]))
+    return report
+
+
+def _cluster_run_name() -> str:
+    p = runtime_flow_run.parameters
+    return f"cluster-{p['cluster_id']}-{_slug(p['run_dir'])}"
+
+
+@flow(name="sparse-vggt-cluster", flow_run_name=_cluster_run_name)
+def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any]) -> Any:
+    """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts."""
+    from sparse_vggt.reconstruct import ClusterOutOfMemory
+
+    if not (Path(run_dir) / "run.json").exists():
+        raise FlowParameterError(f"{run_dir} is not visible on worker {socket.gethostname()}: mount the shared "
+                                 "storage at the same path on every worker (deploy/README.md)")
+    cfgd = PipelineConfig.from_dict(config).to_dict()
+    worker = os.environ.get("SPARSE_VGGT_WORKER_NAME") or socket.gethostname()
+    started = time.time()
+    try:
+        state = cached(run_dir, reconstruct_cluster_task, **retry_options(cfgd))(run_dir, cfgd, int(cluster_id),
+                                                                                 return_state=True)
+        result = state.result()
+    except ClusterOutOfMemory as exc:
+        return Failed(message=f"{OOM_MARK}: {exc.message}")
+    record = {"cluster_id": int(cluster_id), "worker": worker, "host": socket.gethostname(), "pid": os.getpid(),
+              "flow_run": _flow_run_name(), "cached": state.name == "Cached", "skipped": bool(result.get("skipped")),
+              "seconds": round(time.time() - started, 3)}
+    atomic_write_bytes(Path(run_dir) / "orchestration" / "clusters" / f"{int(cluster_id)}.json",
+                       json.dumps(record).encode())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry points for the CLI
+
+
+def run_pipeline(photos: Path, run_dir: Path, cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """`sparse-vggt run`: the main flow (ephemeral Prefect unless PREFECT_API_URL points at a server)."""
+    cfg_d = cfg.to_dict()
+    validate_parameters(photos, run_dir, cfg_d, force)  # clear errors before Prefect starts anything
+    return reconstruct(str(photos), str(run_dir), cfg_d, force)
+
+
+RANDOM_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  DEMO WITH RANDOM WEIGHTS: the models are randomly initialised, so every pose, depth map and point\n"
+    "!!  of this run is MEANINGLESS. It shows the pipeline end to end; for real results load checkpoints\n"
+    "!!  (describe.model / reconstruct.model) and run `sparse-vggt run PHOTOS RUN`.\n" + "!" * 78 + "\n"
+)
+
+
+def demo_config(overrides: list[str] | None = None) -> PipelineConfig:
+    cfg = PipelineConfig()
+    for key, value in DEMO_SETTINGS.items():
+        cfg.set(key, value)
+    return cfg.apply_overrides(overrides)
+
+
+def run_demo(run_dir: Path, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """`sparse-vggt demo`: the whole flow on the bundled photos, locally, small and (by default) random."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    cfg = demo_config(overrides)
+    cfg.orchestration.dispatch = "local"
+    random = [s for s in ("describe", "reconstruct") if getattr(cfg, s).model == "random"]
+    if random:
+        console.print(f"[bold red]{RANDOM_BANNER}[/]", highlight=False)
+    console.print(f"demo: {len(list(DEMO_PHOTOS.iterdir()))} photos from {DEMO_PHOTOS} -> {Path(run_dir).resolve()} "
+                  "(Prefect ephemeral mode unless PREFECT_API_URL is set)", highlight=False)
+    report = run_pipeline(DEMO_PHOTOS, Path(run_dir), cfg, force=force)
+    out = report["outputs"]
+    console.print(f"\n[bold green]outputs[/] in {out['export_dir']}:", highlight=False)
+    for f in out["files"]:
+        console.print(f"  {f}", highlight=False)
+    console.print(f"report: {Path(run_dir).resolve() / 'orchestration' / 'report.json'}", highlight=False)
+    if random:
+        console.print(f"[bold red]{RANDOM_BANNER}[/]", highlight=False)
+    return {k: report[k] for k in ("run_dir", "seconds", "images_kept", "images_skipped", "clusters", "oom_splits",
+                                   "stages_executed", "random_weights")} | {"export_dir": out["export_dir"],
+                                                                            "outputs": out["files"]}

@@ -1,0 +1,330 @@
+"""One Prefect task per pipeline stage.
+
+Each task calls the library entry function with a run-directory path and a config dict, publishes a Prefect
+artifact describing what the stage produced, and returns the stage's small manifest. Tensors and arrays never
+cross a task boundary: the run directory is the data plane, Prefect only sees paths and counts.
+
+Caching: :class:`StageCache` keys a task on its inputs (the result-affecting part of the config only, so moving a
+run from a laptop to the farm keeps the cache), the task's source and the library's source. Cache records and
+results live inside the run directory (``<run>/.prefect/``), so they travel with it on shared storage and vanish
+with it. Underneath, the library's own completion markers make every stage and unit a no-op once complete, so
+even a cache miss on a finished run does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import CachePolicy, TaskSource
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import hash_objects
+
+import sparse_vggt
+from sparse_vggt.config import PipelineConfig
+from sparse_vggt.store import RunStore
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_ROWS = 500  # rows shown per table artifact (the full tables are in the run directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cache policy
+
+
+@lru_cache(maxsize=1)
+def library_source_hash() -> str:
+    """Hash of every library source file: a code change anywhere in ``sparse_vggt`` invalidates the cache."""
+    root = Path(sparse_vggt.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _config_key(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = PipelineConfig.from_dict(config)
+    key: dict[str, Any] = cfg.result_affecting()
+    f = cfg.describe.descriptors_file
+    if f:  # bring-your-own descriptors: the file's identity is an input too
+        p = Path(f)
+        key["descriptors_file_stat"] = [p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else None
+    return key
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Inputs (result-affecting config) + task source + library source; see the module docstring."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        keyed = {}
+        for name, value in (inputs or {}).items():
+            if name == "config":
+                value = _config_key(value)
+            elif name == "run_dir":
+                value = str(Path(value).resolve())
+            keyed[name] = value
+        source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        return hash_objects(keyed, source, library_source_hash(), raise_on_failure=True)
+
+
+def cache_dirs(run_dir: str | Path) -> tuple[Path, Path]:
+    """(result storage, cache-key storage) inside the run directory."""
+    base = Path(run_dir).resolve() / ".prefect"
+    return base / "results", base / "cache"
+
+
+def cached(run_dir: str | Path, t: Any, **options: Any) -> Any:
+    """``t`` with its results and cache records stored in the run directory."""
+    results, keys = cache_dirs(run_dir)
+    return t.with_options(result_storage=results, cache_policy=StageCache().configure(key_storage=keys),
+                          persist_result=True, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retries: only transient errors are retried
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying as is (e.g. the worker running a cluster flow died)."""
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """I/O hiccups (shared storage, network) and lost workers are retried; our own errors and OOM are not."""
+    from sparse_vggt.reconstruct import ClusterOutOfMemory
+
+    if exc is None or isinstance(exc, ClusterOutOfMemory):
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not isinstance(
+        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+def retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - inspecting the failure, not handling it
+        return is_transient(exc)
+    return False
+
+
+def retry_options(config: dict[str, Any]) -> dict[str, Any]:
+    orch = PipelineConfig.from_dict(config).orchestration
+    return {
+        "retries": max(0, orch.retries),
+        "retry_delay_seconds": exponential_backoff(backoff_factor=orch.retry_delay_s) if orch.retries else 0,
+        "retry_jitter_factor": 0.2,
+        "retry_condition_fn": retry_transient,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# artifacts
+
+
+def artifact_key(run_dir: str | Path, what: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).resolve().name.lower()).strip("-") or "run"
+    return f"{slug[:40]}-{what}"
+
+
+def _cfg(config: dict[str, Any]) -> PipelineConfig:
+    return PipelineConfig.from_dict(config)
+
+
+def _md_kv(title: str, items: dict[str, Any]) -> str:
+    lines = [f"### {title}", "", "| key | value |", "|---|---|"]
+    for k, v in items.items():
+        if isinstance(v, (dict, list)):
+            continue
+        lines.append(f"| {k} | {v} |")
+    return "\n".join(lines)
+
+
+def _publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    try:
+        create_table_artifact(key=key, table=rows[:ARTIFACT_ROWS] or [{"empty": ""}], description=description)
+    except Exception as exc:  # noqa: BLE001 - monitoring must never fail a stage
+        log.warning("could not publish artifact %s: %s", key, exc)
+
+
+def _publish_markdown(key: str, markdown: str, description: str) -> None:
+    try:
+        create_markdown_artifact(key=key, markdown=markdown, description=description)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not publish artifact %s: %s", key, exc)
+
+
+def images_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """images.parquet as rows, skipped images first (those are what an operator looks for)."""
+    table = RunStore.open(run_dir).read_table(
+        "images", columns=["image_id", "path", "status", "width", "height", "focal_px", "chunk_id"])
+    rows = table.to_pylist()
+    rows.sort(key=lambda r: (r["status"] == "ok", r["image_id"]))
+    return rows
+
+
+def cluster_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per cluster: frame counts by role, component, whether it is reconstructed."""
+    store = RunStore.open(run_dir)
+    t = store.read_table("clusters", columns=["cluster_id", "role", "component_id"])
+    cid = np.asarray(t.column("cluster_id").to_numpy())
+    core = np.asarray([r == "core" for r in t.column("role").to_pylist()], bool)
+    comp = np.asarray(t.column("component_id").to_numpy())
+    done = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
+    rows = []
+    for c in np.unique(cid).tolist():
+        m = cid == c
+        rows.append({"cluster_id": int(c), "frames": int(m.sum()), "core": int((m & core).sum()),
+                     "overlap": int((m & ~core).sum()), "component": int(comp[m][0]),
+                     "reconstructed": int(c) in done})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage tasks
+
+
+@task(name="scan", task_run_name="scan")
+def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Not Prefect-cached on purpose: its input is a folder outside the run directory; the library compares the
+    folder listing with the finished scan itself (and refuses a changed folder)."""
+    from sparse_vggt.ingest import scan
+
+    manifest = scan(Path(photos), Path(run_dir), _cfg(config), force=force)
+    _publish_table(artifact_key(run_dir, "images"), images_rows(run_dir),
+                   f"{manifest['kept']} images kept, {manifest['skipped']} skipped, {manifest['duplicates']} "
+                   f"duplicates folded (skipped rows first; full table: tables/images.parquet)")
+    return manifest
+
+
+@task(name="describe-plan", task_run_name="describe-plan")
+def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
+    from sparse_vggt.describe import describe
+
+    store = RunStore.open(run_dir)
+    table = store.read_table("images", columns=["status", "chunk_id"])
+    chunk = np.asarray(table.column("chunk_id").to_numpy(zero_copy_only=False))
+    ok = np.asarray([s == "ok" for s in table.column("status").to_pylist()], bool)
+    chunks = sorted({int(c) for c in chunk[ok].tolist()})
+    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[])  # a no-op on a finished, unchanged stage
+    done = {int(c) for c in store.complete_units("describe_chunks")}
+    finished = store.is_stage_complete("describe")
+    return {"chunks": chunks, "pending": [] if finished else [c for c in chunks if c not in done],
+            "finished": finished, "manifest": manifest}
+
+
+@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}")
+def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
+    from sparse_vggt.describe import describe
+
+    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[int(chunk_id)])
+    return {"chunk_id": int(chunk_id), "computed": int(manifest.get("chunks_computed", 0)),
+            "images_per_s": manifest.get("images_per_s")}
+
+
+@task(name="describe-finish", task_run_name="describe-finish")
+def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from sparse_vggt.describe import describe
+
+    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[])
+    if manifest.get("pending"):
+        raise RuntimeError(f"describe: {manifest['pending']} chunk(s) still unfinished in {run_dir}; re-run to resume")
+    return manifest
+
+
+@task(name="graph", task_run_name="covisibility-graph")
+def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from sparse_vggt.covisibility import build_graph
+
+    manifest = build_graph(Path(run_dir), _cfg(config))
+    _publish_markdown(artifact_key(run_dir, "graph"), _md_kv("covisibility graph", manifest),
+                      f"{manifest.get('edges')} edges, {manifest.get('components')} components")
+    return manifest
+
+
+@task(name="partition", task_run_name="partition")
+def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from sparse_vggt.partition import partition
+
+    manifest = partition(Path(run_dir), _cfg(config))
+    publish_clusters(run_dir, f"{manifest.get('clusters')} clusters after partition")
+    return manifest
+
+
+def publish_clusters(run_dir: str, description: str) -> None:
+    _publish_table(artifact_key(run_dir, "clusters"), cluster_rows(run_dir), description)
+
+
+@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}")
+def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> dict[str, Any]:
+    """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the flow splits."""
+    from sparse_vggt import reconstruct as lib
+
+    return lib.reconstruct_cluster(Path(run_dir), int(cluster_id), _cfg(config))
+
+
+@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}")
+def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> list[int]:
+    from sparse_vggt.partition import split_cluster
+
+    return split_cluster(Path(run_dir), int(cluster_id), _cfg(config))
+
+
+@task(name="reconstruct-finish", task_run_name="reconstruct-finish")
+def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
+    from sparse_vggt.reconstruct import reconstruct
+
+    manifest = reconstruct(Path(run_dir), _cfg(config), cluster_ids=[])
+    publish_clusters(run_dir, f"{manifest['clusters']} clusters, {manifest['pending']} not reconstructed")
+    if manifest["pending"]:  # never cache an unfinished stage
+        raise RuntimeError(f"reconstruct: {manifest['pending']} cluster(s) unfinished in {run_dir}; re-run to resume")
+    return manifest
+
+
+@task(name="merge", task_run_name="merge")
+def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from sparse_vggt.merge import merge
+
+    manifest = merge(Path(run_dir), _cfg(config))
+    rows = merge_residual_rows(run_dir)
+    _publish_table(artifact_key(run_dir, "merge-residuals"), rows,
+                   f"per-edge Sim(3) residuals of {len(rows)} cluster pairs (store.zarr/merge)")
+    return manifest
+
+
+def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """store.zarr/merge attrs 'residuals' as table rows (a list of dicts, or a dict keyed by edge)."""
+    store = RunStore.open(run_dir)
+    if "merge" not in store.zarr:
+        return []
+    res = store.zarr["merge"].attrs.get("residuals", [])
+    if isinstance(res, dict):
+        res = [{"edge": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in res.items()]
+    rows = []
+    for r in res if isinstance(res, list) else []:
+        if isinstance(r, dict):
+            rows.append({k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in r.items()})
+    return rows
+
+
+@task(name="export", task_run_name="export")
+def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    from sparse_vggt.export import export
+
+    return export(Path(run_dir), _cfg(config))
