@@ -1,9 +1,10 @@
 """Dense vs sparse global attention (one global block) and the whole aggregator, in one run.
 
-Each (bench, variant) runs in its own child process, so its peak memory is its own: on CPU the peak RSS
-increase over the measured call (VmHWM reset via /proc/self/clear_refs just before it; large allocations go
-straight to mmap so freed memory leaves RSS), on CUDA ``torch.cuda.max_memory_allocated`` above the
-inputs. Times are the median of ``--repeats`` calls after one warm-up call.
+Each (bench, variant) runs in a child process of its own: one warm-up call, one call measured for peak
+memory, then ``--repeats`` timed calls (median reported). Peak memory is the peak of bytes allocated above
+the level before the call: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the same quantity from the
+profiler's allocation events (every allocation and free, op-internal buffers included). Process RSS is not
+used: on this shared VM the RSS peaks of identical calls varied by tens of MB.
 
 Variants of global attention:
 - ``dense``: the model's own attention module (``F.scaled_dot_product_attention`` over all S·P tokens; on CPU
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -37,21 +36,23 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _allocated_peak(fn: Any) -> int:
+    """Peak of bytes allocated through PyTorch's CPU allocator during ``fn()``, above the level before it.
 
+    The CPU analogue of ``torch.cuda.max_memory_allocated``: from the profiler's allocation events (every
+    allocation and free, op-internal buffers included), so it is deterministic, unlike RSS on a shared VM.
+    """
+    import torch
 
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
 
 
 def _build_aggregator(args: argparse.Namespace) -> Any:
@@ -167,23 +168,19 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         del out
         return time.perf_counter() - t0
 
-    # Memory: the first call, measured alone.
+    first = run_once()  # warm-up: lazy initialisation and code pages are not measured
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        first = run_once()
+        run_once()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_now()
-        _reset_hwm()
-        first = run_once()
-        peak = max(0, _hwm() - base)
-    times = [run_once() for _ in range(args.repeats)] if args.repeats else [first]
-    times.sort()
+        peak = _allocated_peak(run_once)
+    times = sorted(run_once() for _ in range(max(1, args.repeats)))
     return {
-        "bench": args.bench, "variant": args.variant, "seconds": times[len(times) // 2], "peak_bytes": int(peak),
-        "first_call_seconds": first, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "bench": args.bench, "variant": args.variant, "seconds": times[len(times) // 2],
+        "peak_bytes": int(peak), "first_call_seconds": first, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
         "frames": S, "neighbors": k, "tokens_per_frame": P, "embed_dim": C, "preset": args.preset,
         "heads": PRESETS[args.preset]["num_heads"], "depth": PRESETS[args.preset]["depth"],
         "image": f"{Ww}x{Hh}", "memory_mb": args.memory_mb, "backend": args.backend if args.variant == "sparse" else "",
@@ -198,8 +195,7 @@ def _spawn(args: argparse.Namespace, bench: str, variant: str, frames: int) -> d
         value = getattr(args, name)
         if value not in (None, ""):
             cmd += [f"--{name.replace('_', '-')}", str(value)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big frees go back to the OS: RSS peaks are honest
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"bench": bench, "variant": variant, "frames": frames, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
