@@ -130,6 +130,13 @@ def _sparse_forward(self: nn.Module, images: Tensor, *args: Any, neighbors: Any 
         raise ValueError(f"images must be (S,3,H,W) or (B,S,3,H,W), got shape {tuple(images.shape)}")
     S = images.shape[-4]
     if neighbors is None:
+        if images.dim() == 5 and images.shape[0] > 1:
+            # One neighbour structure serves every sequence of the batch; retrieval on one sequence would
+            # silently impose its covisibility on the others.
+            raise ValueError(
+                f"neighbors=None with a batch of {images.shape[0]} sequences: neighbour sets are shared by the "
+                "whole batch, so pass neighbors= explicitly or run the sequences one at a time"
+            )
         neighbors = retrieve_neighbors(images, state.k, state)
     sets = NeighborSets.build(neighbors, S)
     with state.context.use(sets):
@@ -169,7 +176,12 @@ def knn_neighbors(descriptors: Tensor | np.ndarray, k: int) -> list[list[int]]:
 
 
 def retrieve_neighbors(images: Tensor, k: int, state: _SparseState | None = None, retrieval: Any = None) -> list[list[int]]:
-    """MegaLoc descriptors of the input frames -> k nearest neighbours per frame (batch 0's frames)."""
+    """MegaLoc descriptors of the input frames -> k nearest neighbours per frame.
+
+    ``images``: (S, 3, H, W) or (1, S, 3, H, W) in [0, 1]; resized to 322x322 and ImageNet-normalised, as the
+    describe stage feeds MegaLoc."""
+    if images.dim() == 5 and images.shape[0] != 1:
+        raise ValueError(f"retrieve_neighbors takes one sequence, got a batch of {images.shape[0]}")
     model = _retrieval_model(state, retrieval, images.device)
     frames = images if images.dim() == 4 else images[0]
     x = F.interpolate(frames.float(), size=(RETRIEVAL_SIZE, RETRIEVAL_SIZE), mode="bilinear",

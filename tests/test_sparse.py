@@ -417,6 +417,10 @@ def test_neighbors_none_uses_retrieval_knn() -> None:
     assert all(len(r) == 2 for r in nbrs)
     tok_explicit, _ = _run(model, images, neighbors=nbrs)
     assert torch.equal(tok_auto[-1], tok_explicit[-1])
+    # A batch of sequences shares one neighbour structure: retrieval on one of them would be wrong for the rest.
+    with pytest.raises(ValueError, match="pass neighbors= explicitly"):
+        model(torch.stack([images, images]))
+    assert len(calls) == 2  # the two retrievals above, none for the batch
 
 
 # ---- never S×S×P×P or (S·P)² ---------------------------------------------------------------------------
