@@ -230,6 +230,16 @@ def test_neighbor_sets_normalise_and_validate() -> None:
         NeighborSets.build([[1], [7], [1]], 3)
 
 
+def test_backend_choice() -> None:
+    from sparse_vggt.layers.sparse_attention import SparseContext
+
+    for device in ("cpu", "cuda", "mps"):  # auto = the portable kernel until flex is benchmarked on a GPU
+        assert SparseContext().resolve_backend(torch.device(device)) == "sdpa"
+    assert SparseContext(backend="flex").resolve_backend(torch.device("cpu")) == "flex"
+    with pytest.raises(ValueError, match="unknown sparse attention backend"):
+        SparseContext(backend="triton")
+
+
 def test_plan_chunks_cover_frames_once_within_budget() -> None:
     S = 23
     sets = NeighborSets.build(_random_neighbors(S, seed=3, kmax=6), S)

@@ -18,12 +18,12 @@ Two kernels:
   ``F.scaled_dot_product_attention`` (so its fused kernels apply). The chunk size comes from a memory
   budget. With global special tokens, each chunk also gathers the special tokens of the frames outside
   its sets (|outside| is the same for every frame of a chunk, so still no mask).
-- ``flex`` (CUDA): one ``flex_attention`` call with a block mask built directly from the neighbour sets
-  (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
-  built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so it is
-  used there only when explicitly requested (tests of the block mask).
+- ``flex`` (CUDA, opt-in): one ``flex_attention`` call with a block mask built directly from the neighbour
+  sets (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
+  built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so there it
+  serves the tests of the block mask. ``auto`` means ``sdpa`` until a GPU benchmark shows flex faster.
 
-Neither path allocates an S×S×P×P or (S·P)² tensor.
+Neither path allocates an S×S×P×P or (S·P)² tensor (flex only when compiled, i.e. on CUDA).
 """
 
 from __future__ import annotations
@@ -182,9 +182,15 @@ class SparseContext:
             self._cache.clear()
 
     def resolve_backend(self, device: torch.device) -> str:
+        """``auto`` is the chunked-SDPA kernel on every device for now: FlexAttention has not yet been timed
+        against it on a GPU (BENCHMARKS.md), and a compiled flex kernel recompiles for every new frame count
+        (a run's clusters differ in size) and, past torch.compile's recompile limit, falls back to the unfused
+        path that materialises all (S·P)² scores. Ask for ``flex`` explicitly to use it."""
         if self.backend != "auto":
+            if self.backend == "flex" and not _flex_available():
+                raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
             return self.backend
-        return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+        return "sdpa"
 
 
 def _flex_available() -> bool:
