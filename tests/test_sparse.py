@@ -334,6 +334,20 @@ def test_random_neighbors_equal_masked_dense(kind: str, seed: int, special: bool
     assert (all_tokens[-1] - tokens[-1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_batch_of_sequences_equals_sequences_alone(backend: str) -> None:
+    """B > 1: every sequence uses the same neighbour sets and gives what it gives on its own."""
+    model = make_sparse(_standin(), backend=backend, memory_budget_mb=0.01)
+    S = 6
+    nbrs = _random_neighbors(S, seed=5)
+    batch = torch.stack([_images(S, 1), _images(S, 2)])
+    tokens, out = _run(model, batch, neighbors=nbrs)
+    for b in range(2):
+        t_b, o_b = _run(model, batch[b], neighbors=nbrs)
+        torch.testing.assert_close(tokens[-1][b : b + 1], t_b[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["depth"][b : b + 1], o_b["depth"], rtol=1e-5, atol=1e-5)
+
+
 # ---- (c) information stops at the mask ----------------------------------------------------------------
 
 
