@@ -1,0 +1,218 @@
+"""Camera-pose accuracy against a reference COLMAP model (`sparse-vggt eval PRED --reference REF`).
+
+Images are matched by name (the ``path`` column of images.parquet = COLMAP image name). Metrics:
+
+* ``ate``: RMSE of camera-centre distances after the Sim(3) (Umeyama) alignment of predicted to reference
+  centres, in reference units; ``ate_rel_extent`` divides it by the diagonal of the bounding box of the matched
+  reference centres. A prediction with several components (disconnected merges) is aligned per component.
+* ``rra`` / ``rta``: over all pairs of matched images, the fraction whose relative-rotation error
+  (angle of R_rel_pred R_rel_ref^T, R_rel = R_j R_i^T) / relative-translation-direction error (angle between the
+  unit vectors of t_rel = t_j - R_rel t_i, taken as the larger of the i->j and j->i errors so the metric does not
+  depend on pair order) is below 5, 15 and 30 degrees. Pairs split across predicted components count as failed.
+* ``auc30``: mean over integer thresholds 1..30 degrees of the fraction of pairs with
+  max(rotation error, translation error) below the threshold (the VGGT/PoseDiffusion AUC@30 shape).
+* ``rotation_error_mean_deg`` / ``_median_``: absolute rotation error per image after the alignment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .geometry import GeometryError, camera_centers, rotation_angle_deg, sim3_parts, umeyama
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (5, 15, 30)
+
+
+class EvaluationError(ValueError):
+    """Inputs cannot be evaluated (unreadable model, too few matched images); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------------------
+def _is_colmap_model(path: Path) -> bool:
+    return any((path / f"images.{ext}").exists() for ext in ("bin", "txt"))
+
+
+def load_colmap_poses(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Names, world->camera extrinsics (N,3,4) and component ids from a COLMAP model dir, or a dir of models
+    (``0/``, ``1/``, ...; each subdirectory is one component)."""
+    import pycolmap
+
+    path = Path(path)
+    if _is_colmap_model(path):
+        models = [(0, path)]
+    else:
+        subs = sorted((p for p in path.iterdir() if p.is_dir() and _is_colmap_model(p)), key=lambda p: p.name) \
+            if path.is_dir() else []
+        if not subs:
+            raise EvaluationError(f"{path} is neither a run directory nor a COLMAP model (no images.bin/images.txt, "
+                                  "no model subdirectories)")
+        models = list(enumerate(subs))
+    names, exts, comps = [], [], []
+    for k, p in models:
+        try:
+            rec = pycolmap.Reconstruction(str(p))
+        except Exception as exc:  # pycolmap raises plain RuntimeError/ValueError for bad files
+            raise EvaluationError(f"cannot read COLMAP model {p}: {exc}") from exc
+        for image in rec.images.values():
+            if not image.has_pose:
+                continue
+            names.append(image.name)
+            exts.append(np.asarray(image.cam_from_world().matrix(), dtype=np.float64))
+            comps.append(k)
+    return names, np.asarray(exts).reshape(-1, 3, 4), np.asarray(comps, np.int64)
+
+
+def load_run_poses(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Names, extrinsics and component ids of a merged run directory (``store.zarr/merge/images``)."""
+    from .store import RunStore
+
+    store = RunStore.open(path)
+    if not store.is_unit_complete("merge"):
+        raise EvaluationError(f"{path} has no complete merge; run `sparse-vggt merge {path}` first")
+    g = store.group("merge/images", create=False)
+    ids = np.asarray(g["image_ids"][...], np.int64)
+    table = store.read_table("images", columns=["image_id", "path"])
+    name_of = dict(zip(table.column("image_id").to_numpy().tolist(), table.column("path").to_pylist()))
+    return [name_of[int(i)] for i in ids], np.asarray(g["extrinsics"][...], np.float64), \
+        np.asarray(g["component"][...], np.int64)
+
+
+def load_poses(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{path} does not exist")
+    if (path / "run.json").exists():
+        return load_run_poses(path)
+    return load_colmap_poses(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------------------
+def _angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    c = (a * b).sum(-1) / np.maximum(na * nb, 1e-300)
+    ang = np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+    return np.where((na < 1e-12) | (nb < 1e-12), 0.0, ang)  # coincident centres: direction undefined, no error
+
+
+def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair (i < j) relative rotation error and symmetric translation-direction error, degrees."""
+    n = len(ext_p)
+    i, j = np.triu_indices(n, 1)
+
+    def rel(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        Ra, Rb, ta, tb = ext[a, :, :3], ext[b, :, :3], ext[a, :, 3], ext[b, :, 3]
+        R = Rb @ np.swapaxes(Ra, 1, 2)
+        return R, tb - (R @ ta[:, :, None])[..., 0]
+
+    Rp, tp = rel(ext_p, i, j)
+    Rr, tr = rel(ext_r, i, j)
+    rot = rotation_angle_deg(Rp @ np.swapaxes(Rr, 1, 2))
+    _, tp2 = rel(ext_p, j, i)
+    _, tr2 = rel(ext_r, j, i)
+    trans = np.maximum(_angle_between(tp, tr), _angle_between(tp2, tr2))
+    return rot, trans
+
+
+def evaluate_poses(
+    names_pred: list[str], ext_pred: np.ndarray, names_ref: list[str], ext_ref: np.ndarray,
+    comp_pred: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics of predicted vs reference world->camera extrinsics, matched by name (see the module docstring)."""
+    ref_index = {n: k for k, n in enumerate(names_ref)}
+    pi = [k for k, n in enumerate(names_pred) if n in ref_index]
+    if len(pi) < 3:
+        raise EvaluationError(f"only {len(pi)} predicted images match reference names (need >= 3); "
+                              f"e.g. predicted {names_pred[:3]} vs reference {names_ref[:3]}")
+    ri = [ref_index[names_pred[k]] for k in pi]
+    P = np.asarray(ext_pred, np.float64)[pi]
+    R = np.asarray(ext_ref, np.float64)[ri]
+    comp = (np.zeros(len(pi), np.int64) if comp_pred is None else np.asarray(comp_pred, np.int64)[pi])
+    cp, cr = camera_centers(P), camera_centers(R)
+    extent = float(np.linalg.norm(cr.max(0) - cr.min(0)))
+    err = np.full(len(pi), np.nan)
+    rot_abs = np.full(len(pi), np.nan)
+    aligned = np.zeros(len(pi), bool)
+    for k in np.unique(comp):
+        m = comp == k
+        if m.sum() < 3:
+            continue
+        try:
+            S = umeyama(cp[m], cr[m])
+        except GeometryError:  # collinear centres: rotation about the line is free; fall back to scale+shift
+            S = umeyama(np.concatenate([cp[m], cp[m] + 1e-9]), np.concatenate([cr[m], cr[m] + 1e-9]),
+                        check_degenerate=False)
+        s, Rs, t = sim3_parts(S)
+        err[m] = np.linalg.norm(cp[m] @ (s * Rs).T + t - cr[m], axis=1)
+        rot_abs[m] = rotation_angle_deg(P[m][:, :, :3] @ Rs.T @ np.swapaxes(R[m][:, :, :3], 1, 2))
+        aligned[m] = True
+    rot, trans = relative_errors(P, R)
+    i, j = np.triu_indices(len(pi), 1)
+    split = comp[i] != comp[j]
+    rot = np.where(split, 180.0, rot)
+    trans = np.where(split, 180.0, trans)
+    worst = np.maximum(rot, trans)
+    ate = float(np.sqrt(np.nanmean(err[aligned] ** 2))) if aligned.any() else float("nan")
+    result = {
+        "images_matched": int(len(pi)),
+        "images_pred": int(len(names_pred)),
+        "images_reference": int(len(names_ref)),
+        "images_aligned": int(aligned.sum()),
+        "components": int(len(np.unique(comp))),
+        "pairs": int(len(rot)),
+        "ate": ate,
+        "ate_rel_extent": ate / extent if extent > 0 else float("nan"),
+        "extent": extent,
+        "rotation_error_mean_deg": float(np.nanmean(rot_abs)) if aligned.any() else float("nan"),
+        "rotation_error_median_deg": float(np.nanmedian(rot_abs)) if aligned.any() else float("nan"),
+        "rra": {str(t): float((rot < t).mean()) for t in THRESHOLDS},
+        "rta": {str(t): float((trans < t).mean()) for t in THRESHOLDS},
+        "auc30": float(np.mean([(worst < t).mean() for t in range(1, 31)])),
+    }
+    return result
+
+
+def evaluate(pred: Path, reference: Path) -> dict[str, Any]:
+    """Evaluate a run directory or COLMAP model ``pred`` against the COLMAP model ``reference``."""
+    names_p, ext_p, comp_p = load_poses(Path(pred))
+    names_r, ext_r, _ = load_colmap_poses(Path(reference))
+    if len(names_r) == 0:
+        raise EvaluationError(f"reference model {reference} has no posed images")
+    result = evaluate_poses(names_p, ext_p, names_r, ext_r, comp_p)
+    result["pred"] = str(pred)
+    result["reference"] = str(reference)
+    return json.loads(json.dumps(result).replace("NaN", "null"))
+
+
+def format_table(result: dict[str, Any]) -> Any:
+    """A rich Table of the metrics (for the terminal)."""
+    from rich.table import Table
+
+    table = Table(title="pose accuracy vs reference")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    table.add_row("images matched", f"{result['images_matched']} / {result.get('images_reference', '?')}")
+    table.add_row("components", str(result.get("components", 1)))
+    table.add_row("ATE", num(result["ate"], ".4g"))
+    table.add_row("ATE / extent", num(result["ate_rel_extent"], ".3%"))
+    table.add_row("rotation error mean (deg)", num(result.get("rotation_error_mean_deg"), ".3f"))
+    for t in ("5", "15", "30"):
+        table.add_row(f"RRA@{t}", num(result["rra"][t], ".3f"))
+    for t in ("5", "15", "30"):
+        table.add_row(f"RTA@{t}", num(result["rta"][t], ".3f"))
+    table.add_row("AUC@30", num(result["auc30"], ".3f"))
+    return table

@@ -1,0 +1,137 @@
+"""evaluate: fox reference poses (COLMAP text model) vs perturbed copies with known expected numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+from scipy.spatial.transform import Rotation
+
+from sparse_vggt.cli import main
+from sparse_vggt.evaluate import EvaluationError, evaluate, evaluate_poses, format_table
+
+
+def _ref(fox_dir: Path) -> Path:
+    return fox_dir / "sparse" / "0"
+
+
+def _write_perturbed(src: Path, dst: Path, fn, binary: bool = False) -> None:
+    """Copy the model with every image's world->camera 3x4 matrix replaced by fn(name, matrix)."""
+    rec = pycolmap.Reconstruction(str(src))
+    for image in rec.images.values():
+        E = np.asarray(image.cam_from_world().matrix())
+        rec.frames[image.frame_id].rig_from_world = pycolmap.Rigid3d(fn(image.name, E))
+    dst.mkdir(parents=True)
+    (rec.write_binary if binary else rec.write_text)(str(dst))
+
+
+def _sim3_of_world(E: np.ndarray, s: float, R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Camera extrinsics after the world is mapped by X' = s R X + t (camera rigid, translation scaled)."""
+    Rc = E[:, :3] @ R.T
+    tc = s * E[:, 3] - Rc @ t
+    return np.concatenate([Rc, tc[:, None]], 1)
+
+
+def test_identity_and_similarity_copy_are_perfect(fox_dir: Path, tmp_path: Path) -> None:
+    ref = _ref(fox_dir)
+    same = evaluate(ref, ref)
+    assert same["images_matched"] == 50
+    assert same["ate"] < 1e-9 and same["auc30"] == 1.0
+    R = Rotation.from_rotvec([0.3, -1.0, 0.5]).as_matrix()
+    out = tmp_path / "sim3"
+    _write_perturbed(ref, out, lambda n, E: _sim3_of_world(E, 3.7, R, np.array([5.0, -2.0, 1.0])), binary=True)
+    res = evaluate(out, ref)
+    assert res["images_matched"] == 50
+    assert res["ate_rel_extent"] < 1e-5
+    assert res["rotation_error_mean_deg"] < 1e-3
+    assert all(v == 1.0 for v in res["rra"].values()) and all(v == 1.0 for v in res["rta"].values())
+    assert res["auc30"] == 1.0
+
+
+def test_rotated_cameras_give_the_expected_rra_and_auc(fox_dir: Path, tmp_path: Path) -> None:
+    """5 of 50 cameras turned by 19.5 degrees about their own centre (same world-frame rotation Q for all five):
+    pairs with exactly one turned camera have a relative-rotation error of 19.5 degrees, all other pairs 0.
+    Centres do not move, so ATE stays ~0; translation-direction errors of the mixed pairs are <= 19.5
+    degrees (19.5 keeps every error off the integer AUC thresholds)."""
+    ref = _ref(fox_dir)
+    names = sorted(im.name for im in pycolmap.Reconstruction(str(ref)).images.values())
+    turned = set(names[::10])
+    assert len(turned) == 5
+    Q = Rotation.from_rotvec(np.radians(19.5) * np.array([0.0, 0.6, 0.8])).as_matrix()
+
+    def perturb(name: str, E: np.ndarray) -> np.ndarray:
+        if name not in turned:
+            return E
+        C = -E[:, :3].T @ E[:, 3]
+        Rn = E[:, :3] @ Q  # camera axes turned in the world frame, centre kept
+        return np.concatenate([Rn, (-Rn @ C)[:, None]], 1)
+
+    out = tmp_path / "turned"
+    _write_perturbed(ref, out, perturb)
+    res = evaluate(out, ref)
+    pairs = 50 * 49 / 2
+    mixed = 5 * 45
+    assert res["pairs"] == pairs
+    assert res["ate_rel_extent"] < 1e-4  # centres unchanged, only the rotation fit may differ
+    assert res["rra"]["5"] == pytest.approx((pairs - mixed) / pairs)
+    assert res["rra"]["15"] == pytest.approx((pairs - mixed) / pairs)
+    assert res["rra"]["30"] == 1.0
+    assert res["rta"]["30"] == 1.0
+    assert (pairs - mixed) / pairs <= res["rta"]["5"] < 1.0
+    # max(rot, trans) = 19.5 deg for mixed pairs -> they count for thresholds 20..30 (11 of 30)
+    assert res["auc30"] == pytest.approx((pairs - mixed + mixed * 11 / 30) / pairs, abs=1e-9)
+    # absolute rotation error after alignment: the five turned cameras carry ~19.5 deg between them
+    assert res["rotation_error_mean_deg"] == pytest.approx(19.5 * 5 / 50, rel=0.15)
+
+
+def test_one_moved_camera_gives_the_expected_ate(fox_dir: Path, tmp_path: Path) -> None:
+    """Moving one of n centres by d: the best similarity fit leaves an RMSE of at most d sqrt(n-1)/n (the value
+    for a translation-only fit), and at least ~0.9 of it (rotation/scale can absorb little of one point)."""
+    ref = _ref(fox_dir)
+    names = sorted(im.name for im in pycolmap.Reconstruction(str(ref)).images.values())
+    target = names[7]
+    d = 0.5
+
+    def perturb(name: str, E: np.ndarray) -> np.ndarray:
+        if name != target:
+            return E
+        C = -E[:, :3].T @ E[:, 3] + np.array([d, 0.0, 0.0])
+        return np.concatenate([E[:, :3], (-E[:, :3] @ C)[:, None]], 1)
+
+    out = tmp_path / "moved"
+    _write_perturbed(ref, out, perturb)
+    res = evaluate(out, ref)
+    bound = d * math.sqrt(49) / 50
+    assert 0.9 * bound <= res["ate"] <= bound * (1 + 1e-6)
+    assert res["rra"]["5"] == 1.0  # rotations untouched
+
+
+def test_partial_match_subset_and_errors(fox_dir: Path, tmp_path: Path) -> None:
+    ref = _ref(fox_dir)
+    rec = pycolmap.Reconstruction(str(ref))
+    names = [im.name for im in rec.images.values()]
+    exts = np.stack([np.asarray(im.cam_from_world().matrix()) for im in rec.images.values()])
+    res = evaluate_poses(names[:20] + ["not_in_ref.jpg"], np.concatenate([exts[:20], exts[:1]]), names, exts)
+    assert res["images_matched"] == 20 and res["images_pred"] == 21 and res["images_reference"] == 50
+    assert res["auc30"] == 1.0
+    # a prediction split into two components: cross-component pairs count as failures
+    split = evaluate_poses(names, exts, names, exts, comp_pred=np.array([0] * 25 + [1] * 25))
+    assert split["rra"]["30"] == pytest.approx(2 * (25 * 24 / 2) / (50 * 49 / 2))
+    assert split["ate"] < 1e-9
+    with pytest.raises(EvaluationError, match="match reference names"):
+        evaluate_poses(["x", "y", "z"], exts[:3], names, exts)
+    with pytest.raises(EvaluationError, match="neither a run directory nor a COLMAP model"):
+        evaluate(tmp_path, ref)
+    table = format_table(res)
+    assert table.row_count >= 10
+
+
+def test_cli_eval_json(fox_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = _ref(fox_dir)
+    assert main(["eval", str(ref), "--reference", str(ref), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images_matched"] == 50 and set(out["rra"]) == {"5", "15", "30"} and out["auc30"] == 1.0
