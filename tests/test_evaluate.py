@@ -81,9 +81,24 @@ def test_rotated_cameras_give_the_expected_rra_and_auc(fox_dir: Path, tmp_path: 
     assert res["rra"]["15"] == pytest.approx((pairs - mixed) / pairs)
     assert res["rra"]["30"] == 1.0
     assert res["rta"]["30"] == 1.0
-    assert (pairs - mixed) / pairs <= res["rta"]["5"] < 1.0
-    # max(rot, trans) = 19.5 deg for mixed pairs -> they count for thresholds 20..30 (11 of 30)
-    assert res["auc30"] == pytest.approx((pairs - mixed + mixed * 11 / 30) / pairs, abs=1e-9)
+    # expected per pair, from the geometry alone: rotation error 19.5 deg iff exactly one camera is turned; the
+    # translation direction of a pair with a turned camera j is R_j Q (C_i - C_j) instead of R_j (C_i - C_j), so its
+    # error is the angle between v = C_i - C_j and Q v (0 when no camera of the pair is turned)
+    rec = pycolmap.Reconstruction(str(ref))
+    by_name = {im.name: im for im in rec.images.values()}
+    C = np.stack([np.asarray(by_name[n].projection_center()) for n in names])
+    flag = np.array([n in turned for n in names])
+    i, j = np.triu_indices(len(names), 1)
+    v = C[i] - C[j]
+    cosang = (v * (v @ Q.T)).sum(1) / (np.linalg.norm(v, axis=1) ** 2)
+    t_err = np.where(flag[i] | flag[j], np.degrees(np.arccos(np.clip(cosang, -1, 1))), 0.0)
+    r_err = np.where(flag[i] ^ flag[j], 19.5, 0.0)
+    for t in ("5", "15", "30"):
+        assert res["rta"][t] == pytest.approx((t_err < int(t)).mean())
+    worst = np.maximum(r_err, t_err)
+    assert res["auc30"] == pytest.approx(np.mean([(worst < t).mean() for t in range(1, 31)]), abs=1e-9)
+    # the bounds without the geometry: mixed pairs count for thresholds 20..30 only
+    assert res["auc30"] <= (pairs - mixed + mixed * 11 / 30) / pairs + 1e-12
     # absolute rotation error after alignment: the five turned cameras carry ~19.5 deg between them
     assert res["rotation_error_mean_deg"] == pytest.approx(19.5 * 5 / 50, rel=0.15)
 
