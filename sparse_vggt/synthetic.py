@@ -153,6 +153,16 @@ def make_city_scene(
         fwd.append(f)
     centers = np.concatenate(pos)
     R = _look_rotation(np.concatenate(fwd))
+    names = [f"street_{s:03d}/frame_{i:05d}.png" for s, c in enumerate(per_line) for i in range(c)]
+    return render_scene(centers, R, boxes, box_cols, names, depth_hw, image_scale, fov_w_deg)
+
+
+def render_scene(
+    centers: np.ndarray, R: np.ndarray, boxes: np.ndarray, box_cols: np.ndarray, names: list[str],
+    depth_hw: tuple[int, int] = (24, 32), image_scale: int = 2, fov_w_deg: float = 70.0,
+) -> CityScene:
+    """Ray-cast depth, sky mask and colours for cameras (centres (N,3), world->camera rotations (N,3,3))."""
+    n_frames = len(centers)
     ext = np.concatenate([R, -(R @ centers[..., None])], -1)
     h, w = depth_hw
     fx = (w / 2) / math.tan(math.radians(fov_w_deg) / 2)
@@ -190,11 +200,55 @@ def make_city_scene(
         stripe = on_box & ((np.floor(p[:, 2] / 3.0) % 2) == 1)
         cols[stripe] = (cols[stripe] * 0.6).astype(np.uint8)
         colors[i] = cols.reshape(h, w, 3)
-    names = [f"street_{s:03d}/frame_{i:05d}.png" for s, c in enumerate(per_line) for i in range(c)]
     return CityScene(
         extrinsics=ext, intrinsics=np.repeat(K_img[None], n_frames, 0), depth=depth, sky=sky, colors=colors,
         depth_to_image=A, image_hw=(h * image_scale, w * image_scale), names=names, boxes=boxes,
     )
+
+
+def make_ring_scene(n_frames: int, seed: int = 0, radius: float = 30.0, depth_hw: tuple[int, int] = (24, 32)) -> CityScene:
+    """Cameras on a circle around a plaza of towers, looking inward (+-25 degrees): a loop for drift tests."""
+    rng = np.random.default_rng(seed)
+    boxes, cols = [], []
+    for k in range(6):
+        a = 2 * math.pi * k / 6
+        cx, cy = 9.0 * math.cos(a), 9.0 * math.sin(a)
+        half = rng.uniform(2.0, 3.5)
+        boxes.append([cx - half, cy - half, 0.0, cx + half, cy + half, rng.uniform(8.0, 30.0)])
+        cols.append(rng.integers(60, 230, 3))
+    ang = 2 * math.pi * (np.arange(n_frames) + rng.uniform(-0.3, 0.3, n_frames)) / n_frames
+    r = radius + rng.uniform(-2.0, 2.0, n_frames)
+    centers = np.stack([r * np.cos(ang), r * np.sin(ang), rng.uniform(1.4, 2.0, n_frames)], -1)
+    yaw = ang + math.pi + np.radians(rng.uniform(-25.0, 25.0, n_frames))
+    pitch = np.radians(rng.uniform(-5.0, 15.0, n_frames))
+    fwd = np.stack([np.cos(yaw) * np.cos(pitch), np.sin(yaw) * np.cos(pitch), np.sin(pitch)], -1)
+    names = [f"ring/frame_{i:05d}.png" for i in range(n_frames)]
+    return render_scene(centers, _look_rotation(fwd), np.asarray(boxes, float), np.asarray(cols, np.uint8), names,
+                        depth_hw)
+
+
+def ring_clusters(n_frames: int, n_clusters: int, overlap: int = 4) -> Any:
+    """Clusters of consecutive frames on a loop; cluster c also holds the first ``overlap`` core frames of c+1.
+
+    The cluster graph is then exactly a ring (each cluster shares frames with its two neighbours only).
+    """
+    from .partition import Clusters
+
+    bounds = np.linspace(0, n_frames, n_clusters + 1).round().astype(int)
+    cid, img, core, pos = [], [], [], []
+    for c in range(n_clusters):
+        cores = list(range(bounds[c], bounds[c + 1]))
+        nxt = bounds[(c + 1) % n_clusters]
+        extra = [(nxt + k) % n_frames for k in range(overlap)]
+        members = cores + extra
+        cid += [c] * len(members)
+        img += members
+        core += [True] * len(cores) + [False] * len(extra)
+        pos += list(range(len(members)))
+    m = len(cid)
+    return Clusters(cluster_id=np.array(cid, np.int64), image_id=np.array(img, np.int64), core=np.array(core),
+                    component_id=np.zeros(m, np.int64), position=np.array(pos, np.int64),
+                    nbr_offsets=np.zeros(m + 1, np.int64), nbr_values=np.zeros(0, np.int64))
 
 
 def covisibility_graph(
@@ -265,7 +319,7 @@ class SyntheticRun:
     cluster_ids: np.ndarray
     cluster_from_world: dict[int, np.ndarray]  # true Sim(3) (4x4): cluster coords = S @ world coords
     partition_report: dict[str, Any] = field(default_factory=dict)
-    drift: dict[int, np.ndarray] = field(default_factory=dict)
+    drift: dict[int, Any] = field(default_factory=dict)  # cluster -> (image_ids, D) as passed to write_run
 
 
 def _clusters_from_partition(indptr, indices, weights, component, cfg: PartitionConfig):
@@ -278,13 +332,16 @@ def write_run(
     run_dir: str | Path, scene: CityScene, graph: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     clusters: Any, noise: NoiseModel | None = None, seed: int = 0, write_images: bool = False,
     config: PipelineConfig | None = None, extra_transform: Callable[[int, np.ndarray], np.ndarray] | None = None,
-    skip_clusters: tuple[int, ...] = (),
+    skip_clusters: tuple[int, ...] = (), drift: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> SyntheticRun:
     """Write images/clusters tables, the graph and per-cluster reconstructions (+ stage markers) to ``run_dir``.
 
     ``clusters`` is a :class:`sparse_vggt.partition.Clusters`. ``extra_transform(cluster_id, world_to_cluster)``
     may replace a cluster's true gauge (used to inject drift). ``skip_clusters`` are left unreconstructed (to test
-    missing clusters). With ``write_images`` the colour images are written as PNG under ``<run>/photos``.
+    missing clusters). ``drift[cluster_id] = (image_ids, D)`` reconstructs those frames of that cluster (cameras
+    and depth together) in the gauge ``D @ S`` instead of ``S``, like a reconstruction that drifted by ``D`` before
+    reaching them (the pairwise alignment through those frames then carries the error). With ``write_images`` the
+    colour images are written as PNG under ``<run>/photos``.
     """
     noise = noise or NoiseModel()
     rng = np.random.default_rng(seed)
@@ -345,10 +402,14 @@ def write_run(
         if extra_transform is not None:
             S = extra_transform(int(cid), S)
         truth[int(cid)] = S
-        s = np.cbrt(np.linalg.det(S[:3, :3]))
-        RS, tS = S[:3, :3] / s, S[:3, 3]
-        Rc = E[:, :, :3] @ RS.T
-        tc = s * E[:, :, 3] - (Rc @ tS[:, None])[..., 0]
+        S_f = np.repeat(S[None], len(ids), 0)  # per-frame gauge (drift moves some frames)
+        if drift and int(cid) in drift:
+            moved, D = drift[int(cid)]
+            S_f[np.isin(ids, moved)] = D @ S
+        s = np.cbrt(np.linalg.det(S_f[:, :3, :3]))
+        RS, tS = S_f[:, :3, :3] / s[:, None, None], S_f[:, :3, 3]
+        Rc = E[:, :, :3] @ np.swapaxes(RS, 1, 2)
+        tc = s[:, None] * E[:, :, 3] - (Rc @ tS[:, :, None])[..., 0]
         if noise.rotation_noise_deg > 0:
             dR = Rotation.from_rotvec(rng.normal(0, math.radians(noise.rotation_noise_deg), (len(ids), 3))).as_matrix()
             Rc_noisy = dR @ Rc
@@ -356,11 +417,11 @@ def write_run(
             Rc_noisy = Rc
         centers = -(np.swapaxes(Rc, 1, 2) @ tc[..., None])[..., 0]
         if noise.translation_noise > 0:
-            med = float(np.median(scene.depth[ids][~scene.sky[ids]])) * s if (~scene.sky[ids]).any() else s
-            centers = centers + rng.normal(0, noise.translation_noise * med, centers.shape)
+            med = float(np.median(scene.depth[ids][~scene.sky[ids]])) if (~scene.sky[ids]).any() else 1.0
+            centers = centers + rng.normal(0, noise.translation_noise * med, centers.shape) * s[:, None]
         tc = -(Rc_noisy @ centers[..., None])[..., 0]
         ext = np.concatenate([Rc_noisy, tc[..., None]], -1).astype(np.float32)
-        depth = scene.depth[ids].astype(np.float64) * s
+        depth = scene.depth[ids].astype(np.float64) * s[:, None, None]
         depth *= 1.0 + rng.normal(0, noise.depth_noise, depth.shape)
         conf = 1.0 + rng.gamma(2.0, 2.0, depth.shape)
         bad_frames = (shared_count[ids] > 1) | noise.outliers_everywhere
@@ -368,7 +429,7 @@ def write_run(
         depth[out] *= rng.uniform(0.3, 3.0, int(out.sum()))
         sky = scene.sky[ids]
         conf[sky] = 1.0
-        depth = np.maximum(depth, 1e-3 * s)
+        depth = np.maximum(depth, 1e-3 * s[:, None, None])
         if int(cid) in skip_clusters:
             continue
         path = f"clusters/{int(cid)}"
@@ -384,7 +445,8 @@ def write_run(
     if not skip_clusters:
         store.stage_finished("reconstruct", {"synthetic": True, "clusters": int(len(cids)),
                                              "noise": dataclasses.asdict(noise)})
-    return SyntheticRun(root=Path(run_dir), scene=scene, cluster_ids=cids, cluster_from_world=truth)
+    return SyntheticRun(root=Path(run_dir), scene=scene, cluster_ids=cids, cluster_from_world=truth,
+                        drift=dict(drift or {}))
 
 
 def synthetic_run(
