@@ -180,16 +180,51 @@ def _main_run_name() -> str:
     return f"reconstruct-{_slug(params['run_dir'])}-{dispatch}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
+_LOCAL_LOCK: Any = None  # shared flock held for the life of this process once a local flow started
+
+
+def _local_lock_path() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "sparse-vggt-local.lock"
+
+
 def ensure_accelerator_limit(tag: str, limit: int = 1) -> None:
-    """Create the tag concurrency limit (one model per accelerator) unless an operator already set one."""
+    """Create the tag concurrency limit (one model per accelerator) unless an operator already set one, and
+    reclaim slots leaked by a killed local run.
+
+    A task killed with SIGKILL never releases its slot; the server only revokes the lease after it expires, and an
+    ephemeral server forgets leases on restart, so the next run would wait forever. Every local flow process holds
+    a shared flock on ``$PREFECT_HOME/sparse-vggt-local.lock``; if an exclusive lock can be taken, no other local
+    run is alive on this machine and any occupied slot is stale, so the limit is reset.
+    """
+    global _LOCAL_LOCK
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
     with get_client(sync_client=True) as client:
-        try:
-            client.read_concurrency_limit_by_tag(tag)
+        try:  # tag limits are global concurrency limits named "tag:<tag>" (what the task engine acquires)
+            current = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
         except ObjectNotFound:
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+            current = None
+        if _LOCAL_LOCK is None:
+            path = _local_lock_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            if alone and current is not None and current.active_slots:
+                get_run_logger().warning("reclaiming %d concurrency slot(s) of tag %r left by a killed run",
+                                         current.active_slots, tag)
+                client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=0))
+            fcntl.flock(fh, fcntl.LOCK_SH)  # from now on other local runs see this one as alive
+            _LOCAL_LOCK = fh
 
 
 class _Work:
@@ -386,7 +421,7 @@ def _publish_report(run_dir: str, report: dict[str, Any]) -> None:
 # flows
 
 
-@flow(name="sparse-vggt-reconstruct", flow_run_name=_main_run_name, log_prints=True)
+@flow(name="reconstruct", flow_run_name=_main_run_name, log_prints=True)
 def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
     """Photos folder -> run directory with COLMAP/PLY/GLB exports (see the module docstring)."""
     t0 = time.perf_counter()
@@ -447,7 +482,7 @@ def _cluster_run_name() -> str:
     return f"cluster-{p['cluster_id']}-{_slug(p['run_dir'])}"
 
 
-@flow(name="sparse-vggt-cluster", flow_run_name=_cluster_run_name)
+@flow(name="reconstruct-cluster", flow_run_name=_cluster_run_name)
 def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any]) -> Any:
     """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts."""
     from sparse_vggt.reconstruct import ClusterOutOfMemory
