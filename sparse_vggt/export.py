@@ -14,6 +14,7 @@ the tracks fused by merge: each observation is the pixel the point came from, so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -115,9 +116,10 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     store = RunStore.open(run_dir)
     config = config or store.config()
     cfg: ExportConfig = config.export
-    if store.is_stage_complete(STAGE):
+    wanted = dataclasses.asdict(cfg)
+    if store.is_stage_complete(STAGE) and store.stage_manifest(STAGE).get("config") == wanted:
         log.info("export already complete in %s", store.root)
-        return store.stage_manifest(STAGE)
+        return store.stage_manifest(STAGE)  # same options (e.g. --text not newly asked for): nothing to do
     store.require_stage("merge", needed_by="export")
     store.stage_started(STAGE)
     m = _read_merge(store)
@@ -132,7 +134,7 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
         shutil.rmtree(colmap_root)
     out.mkdir(parents=True, exist_ok=True)
     has_points = "pt_xyz" in m
-    manifest: dict[str, Any] = {"components": [], "colmap_text": bool(cfg.colmap_text)}
+    manifest: dict[str, Any] = {"components": [], "colmap_text": bool(cfg.colmap_text), "config": wanted}
     for k in np.unique(m["img_component"]):
         k = int(k)
         sel = m["img_component"] == k
@@ -214,7 +216,7 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
             continue
         lines += ["", f"### {s}", "", "| key | value |", "|---|---|"]
         for k, v in man.items():
-            if k in ("pose_graph", "components") and isinstance(v, list):
+            if k in ("pose_graph", "components", "config") and isinstance(v, (list, dict)):
                 continue
             lines.append(f"| {k} | {_fmt(v)} |")
     if store.is_unit_complete("merge"):
