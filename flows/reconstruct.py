@@ -213,18 +213,17 @@ def ensure_accelerator_limit(tag: str, limit: int = 1) -> None:
         if _LOCAL_LOCK is None:
             path = _local_lock_path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "a+")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                alone = True
-            except BlockingIOError:
-                alone = False
-            if alone and current is not None and current.active_slots:
-                get_run_logger().warning("reclaiming %d concurrency slot(s) of tag %r left by a killed run",
-                                         current.active_slots, tag)
-                client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=0))
-            fcntl.flock(fh, fcntl.LOCK_SH)  # from now on other local runs see this one as alive
-            _LOCAL_LOCK = fh
+            _LOCAL_LOCK = open(path, "a+")
+        try:  # (upgrading our own shared lock succeeds unless another process holds one)
+            fcntl.flock(_LOCAL_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        if alone and current is not None and current.active_slots:
+            get_run_logger().warning("reclaiming %d concurrency slot(s) of tag %r left by a killed run",
+                                     current.active_slots, tag)
+            client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=0))
+        fcntl.flock(_LOCAL_LOCK, fcntl.LOCK_SH)  # from now on other local runs see this process as alive
 
 
 class _Work:
@@ -373,15 +372,14 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "frames_not_clustered": part.get("frames_skipped"),
         "clusters": len(_pending_clusters(run_dir)[0]),
         "oom_splits": part.get("splits", []),
-        "failures": [e for e in read_events(run_dir) if e["kind"] == "cluster_failed"],
+        "failures": cluster_info.get("failures", []),  # this flow run's; earlier ones stay in "events"
+        "events": read_events(run_dir),
         "stages_executed": dict(work.executed),
         "stages_cached": dict(work.cached),
         "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
         "outputs": _outputs(run_dir),
         "random_weights": random_weights,
     }
-    if cluster_info.get("failures"):
-        report["failures_this_run"] = cluster_info["failures"]
     return report
 
 
@@ -515,14 +513,16 @@ def run_pipeline(photos: Path, run_dir: Path, cfg: PipelineConfig, force: bool =
     """`sparse-vggt run`: the main flow (ephemeral Prefect unless PREFECT_API_URL points at a server)."""
     cfg_d = cfg.to_dict()
     validate_parameters(photos, run_dir, cfg_d, force)  # clear errors before Prefect starts anything
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the stage logs
     return reconstruct(str(photos), str(run_dir), cfg_d, force)
 
 
 RANDOM_BANNER = (
-    "\n" + "!" * 78 + "\n"
-    "!!  DEMO WITH RANDOM WEIGHTS: the models are randomly initialised, so every pose, depth map and point\n"
-    "!!  of this run is MEANINGLESS. It shows the pipeline end to end; for real results load checkpoints\n"
-    "!!  (describe.model / reconstruct.model) and run `sparse-vggt run PHOTOS RUN`.\n" + "!" * 78 + "\n"
+    "\n" + "!" * 74 + "\n"
+    "!!  DEMO WITH RANDOM WEIGHTS: the models are randomly initialised, so every\n"
+    "!!  pose, depth map and point of this run is MEANINGLESS. It shows the\n"
+    "!!  pipeline end to end; for real results load checkpoints (describe.model,\n"
+    "!!  reconstruct.model) and run `sparse-vggt run PHOTOS RUN`.\n" + "!" * 74 + "\n"
 )
 
 
