@@ -549,3 +549,26 @@ def test_neighbors_none_with_megaloc_model() -> None:
     tok_auto, _ = _run(model, images)
     tok_explicit, _ = _run(model, images, neighbors=nbrs)
     assert torch.equal(tok_auto[-1], tok_explicit[-1])
+
+
+def test_neighbors_none_loads_the_default_megaloc_checkpoint_once(monkeypatch) -> None:
+    """Without ``retrieval=``, the one-line usage loads MegaLoc from "gberton/MegaLoc" (once) and uses it."""
+    megaloc = pytest.importorskip("sparse_vggt.models.megaloc")
+    torch.manual_seed(0)
+    tiny = megaloc.MegaLoc("tiny").eval()
+    sources = []
+
+    def fake_from_pretrained(source, *args, **kwargs):
+        sources.append(source)
+        return tiny
+
+    monkeypatch.setattr(megaloc.MegaLoc, "from_pretrained", staticmethod(fake_from_pretrained))
+    model = make_sparse(_standin(), k=2)
+    images = _images(5)
+    first, _ = _run(model, images)
+    second, _ = _run(model, images)
+    assert sources == ["gberton/MegaLoc"]  # loaded lazily, on first use, then cached
+    from sparse_vggt.sparse import retrieve_neighbors
+
+    explicit, _ = _run(model, images, neighbors=retrieve_neighbors(images, 2, retrieval=tiny))
+    assert torch.equal(first[-1], explicit[-1]) and torch.equal(second[-1], explicit[-1])
