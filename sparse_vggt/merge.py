@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,22 +244,31 @@ def robust_sim3(
     if n < 3:
         raise GeometryError(f"only {n} correspondences")
     score_idx = rng.choice(n, size=min(n, 1024), replace=False)
-    best, best_score = None, -1.0
+    best, best_score, best_frac = None, -1.0, 0.0
     iters = max(1, cfg.ransac_iterations)
-    for start in range(0, iters, 64):
-        m = min(64, iters - start)
-        samp = np.stack([rng.choice(n, 3, replace=False) for _ in range(m)])
+    done = 0
+    while done < iters:
+        m = min(32, iters - done)
+        samp = rng.integers(0, n, size=(m, 3))
+        samp = samp[(samp[:, 0] != samp[:, 1]) & (samp[:, 0] != samp[:, 2]) & (samp[:, 1] != samp[:, 2])]
+        done += m
+        if not len(samp):
+            continue
         with np.errstate(all="ignore"):
             hyp = umeyama(xb[samp], xa[samp], check_degenerate=False)
             ok = np.isfinite(hyp).all(axis=(1, 2))
             if not ok.any():
                 continue
             hyp = hyp[ok]
-            r = _rel_residuals(hyp, xb[score_idx], xa[score_idx], norm[score_idx])
-            score = ((r < cfg.inlier_threshold) * weight[score_idx]).sum(-1)
+            inl = _rel_residuals(hyp, xb[score_idx], xa[score_idx], norm[score_idx]) < cfg.inlier_threshold
+            score = (inl * weight[score_idx]).sum(-1)
         j = int(np.argmax(score))
         if score[j] > best_score:
-            best, best_score = hyp[j], float(score[j])
+            best, best_score, best_frac = hyp[j], float(score[j]), float(inl[j].mean())
+        # adaptive stop: enough samples for a 99.9% chance of one all-inlier triple at the best inlier ratio
+        need = math.log(1e-3) / math.log(max(1e-12, 1.0 - best_frac**3)) if 0 < best_frac < 1 else 0.0
+        if best_frac >= 1 or done >= max(need, 32):
+            break
     if best is None or best_score <= 0:
         raise GeometryError("no RANSAC hypothesis has inliers")
     S = best
@@ -627,6 +637,14 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
     store.stage_started(STAGE)
     rng = np.random.default_rng(cfg.seed)
     cache = DepthCache(store)
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 4)
+        clock = now
 
     images = store.read_table("images", columns=["image_id", "path", "width", "height"])
     img_ids = images.column("image_id").to_numpy()
@@ -653,6 +671,7 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         raise MergeError(f"no usable cluster reconstruction in {store.root}: "
                          + "; ".join(f"{k}: {v}" for k, v in excluded.items())
                          + ". Run `sparse-vggt reconstruct` first.")
+    lap("load")
     order = sorted(clusters)
     node_of = {c: i for i, c in enumerate(order)}
     C = len(order)
@@ -679,6 +698,7 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         if not info["accepted"]:
             log.warning("edge %d-%d rejected: %s", a.cid, b.cid, info["reason"])
     accepted = np.array([i["accepted"] for i in edge_info], bool) if E else np.zeros(0, bool)
+    lap("pairwise")
 
     # ---- components of accepted edges; spanning tree + pose graph per component
     acc_pairs = pair_nodes[accepted]
@@ -712,6 +732,7 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         info["component"] = int(k)
         pg_info.append(info)
 
+    lap("pose_graph")
     # ---- per-edge residual after the global solve (how well the loop closed)
     for e in np.flatnonzero(accepted):
         a, b = pair_nodes[e]
@@ -748,11 +769,13 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         P_comp[j] = comp[node]
         P_cl[j] = cd.cid
 
+    lap("poses")
     fusion: dict[str, Any] = {}
     points = None
     if cfg.fuse:
         points, fusion = fuse_points(cache, clusters, order, T, comp, posed, images, P_ext, P_comp, cfg)
 
+    lap("fuse")
     # ---- write
     store.remove_group("merge")
     g = store.group("merge")
@@ -798,6 +821,8 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
                           "components": components, "pose_graph": pg_info, "fusion": fusion}))
     store.mark_unit_complete("merge", images=int(len(pose_ids)), points=n_points)
     manifest["fusion"] = fusion
+    lap("write")
+    manifest["seconds"] = seconds
     store.stage_finished(STAGE, _json(manifest))
     return _json(manifest)
 
