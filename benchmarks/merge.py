@@ -13,6 +13,7 @@ against the synthetic truth (ATE / extent, mean rotation error), so speed and co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,12 +60,12 @@ def _child(run_dir: str, variant: str) -> dict:
             "ate_rel_extent": res["ate_rel_extent"], "rotation_error_mean_deg": res["rotation_error_mean_deg"]}
 
 
-def build(run_dir: Path, clusters: int, args: argparse.Namespace) -> dict:
+def build(run_dir: Path, clusters: int, args: argparse.Namespace, frames: int | None = None) -> dict:
     from sparse_vggt import synthetic as syn
     from sparse_vggt.config import PipelineConfig
 
     # about (max_cluster_frames - overlap) core frames per cluster with this partitioner setting
-    frames = int(clusters * args.core_per_cluster)
+    frames = frames or int(clusters * args.core_per_cluster)
     t0 = time.perf_counter()
     run = syn.synthetic_run(run_dir, n_frames=frames, max_cluster_frames=args.max_cluster_frames,
                             min_overlap_frames=args.min_overlap_frames, depth_hw=tuple(args.depth_hw),
@@ -76,12 +77,15 @@ def build(run_dir: Path, clusters: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clusters", type=int, nargs="+", default=[100, 1000], help="target cluster counts")
+    p.add_argument("--frames", type=int, nargs="+", help="scene frames per entry of --clusters (overrides the "
+                   "--core-per-cluster estimate; the partitioner decides the actual cluster count, which is reported)")
     p.add_argument("--core-per-cluster", type=float, default=11.0, help="frames per target cluster (calibrated: ~11 core frames per cluster at max 32 / overlap 6)")
     p.add_argument("--max-cluster-frames", type=int, default=32)
     p.add_argument("--min-overlap-frames", type=int, default=6)
     p.add_argument("--depth-hw", type=int, nargs=2, default=[24, 32])
     p.add_argument("--variants", nargs="+", default=["full", "poses_only"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="keep the synthetic runs here and reuse them (default: a temporary dir)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -89,10 +93,15 @@ def main() -> None:
         print(json.dumps(_child(*args.child)))
         return
     rows = []
-    with tempfile.TemporaryDirectory(prefix="merge_bench_") as tmp:
-        for target in args.clusters:
-            run_dir = Path(tmp) / f"c{target}"
-            info = build(run_dir, target, args)
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="merge_bench_")) as tmp:
+        for k, target in enumerate(args.clusters):
+            frames = args.frames[k] if args.frames else None
+            run_dir = Path(tmp) / f"c{target}_f{frames or int(target * args.core_per_cluster)}"
+            if (run_dir / "truth.npz").exists():
+                info = json.loads((run_dir / "bench_info.json").read_text())
+            else:
+                info = build(run_dir, target, args, frames)
+                (run_dir / "bench_info.json").write_text(json.dumps(info))
             for variant in args.variants:
                 out = subprocess.run([sys.executable, __file__, "--child", str(run_dir), variant],
                                      capture_output=True, text=True, check=True)

@@ -105,10 +105,12 @@ def _angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where((na < 1e-12) | (nb < 1e-12), 0.0, ang)  # coincident centres: direction undefined, no error
 
 
-def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair (i < j) relative rotation error and symmetric translation-direction error, degrees."""
-    n = len(ext_p)
-    i, j = np.triu_indices(n, 1)
+def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray, i: np.ndarray | None = None,
+                    j: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Relative rotation error and symmetric translation-direction error (degrees) for pairs (i, j) (default:
+    all i < j)."""
+    if i is None or j is None:
+        i, j = np.triu_indices(len(ext_p), 1)
 
     def rel(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         Ra, Rb, ta, tb = ext[a, :, :3], ext[b, :, :3], ext[a, :, 3], ext[b, :, 3]
@@ -122,6 +124,37 @@ def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray) -> tuple[np.ndarray, n
     _, tr2 = rel(ext_r, j, i)
     trans = np.maximum(_angle_between(tp, tr), _angle_between(tp2, tr2))
     return rot, trans
+
+
+def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, block_pairs: int = 1 << 20) -> dict[str, Any]:
+    """Counts of pairs under each threshold, computed in blocks of rows so memory stays O(block) for any n."""
+    n = len(P)
+    rot_c = np.zeros(len(THRESHOLDS), np.int64)
+    tra_c = np.zeros(len(THRESHOLDS), np.int64)
+    auc_c = np.zeros(30, np.int64)
+    total = 0
+    start = 0
+    while start < n - 1:
+        # rows start..stop-1 pair with every later image; choose stop so the block has about block_pairs pairs
+        stop = start + 1
+        count = n - 1 - start
+        while stop < n - 1 and count + (n - 1 - stop) <= block_pairs:
+            count += n - 1 - stop
+            stop += 1
+        i = np.concatenate([np.full(n - 1 - a, a) for a in range(start, stop)])
+        j = np.concatenate([np.arange(a + 1, n) for a in range(start, stop)])
+        rot, trans = relative_errors(P, R, i, j)
+        split = comp[i] != comp[j]  # pairs split across predicted components count as failures
+        rot = np.where(split, 180.0, rot)
+        trans = np.where(split, 180.0, trans)
+        worst = np.maximum(rot, trans)
+        for k, t in enumerate(THRESHOLDS):
+            rot_c[k] += int((rot < t).sum())
+            tra_c[k] += int((trans < t).sum())
+        auc_c += np.array([(worst < t).sum() for t in range(1, 31)])
+        total += len(i)
+        start = stop
+    return {"pairs": total, "rot": rot_c, "trans": tra_c, "auc": auc_c}
 
 
 def evaluate_poses(
@@ -156,12 +189,8 @@ def evaluate_poses(
         err[m] = np.linalg.norm(cp[m] @ (s * Rs).T + t - cr[m], axis=1)
         rot_abs[m] = rotation_angle_deg(P[m][:, :, :3] @ Rs.T @ np.swapaxes(R[m][:, :, :3], 1, 2))
         aligned[m] = True
-    rot, trans = relative_errors(P, R)
-    i, j = np.triu_indices(len(pi), 1)
-    split = comp[i] != comp[j]
-    rot = np.where(split, 180.0, rot)
-    trans = np.where(split, 180.0, trans)
-    worst = np.maximum(rot, trans)
+    counts = _pair_counts(P, R, comp)
+    npairs = max(counts["pairs"], 1)
     ate = float(np.sqrt(np.nanmean(err[aligned] ** 2))) if aligned.any() else float("nan")
     result = {
         "images_matched": int(len(pi)),
@@ -169,15 +198,15 @@ def evaluate_poses(
         "images_reference": int(len(names_ref)),
         "images_aligned": int(aligned.sum()),
         "components": int(len(np.unique(comp))),
-        "pairs": int(len(rot)),
+        "pairs": int(counts["pairs"]),
         "ate": ate,
         "ate_rel_extent": ate / extent if extent > 0 else float("nan"),
         "extent": extent,
         "rotation_error_mean_deg": float(np.nanmean(rot_abs)) if aligned.any() else float("nan"),
         "rotation_error_median_deg": float(np.nanmedian(rot_abs)) if aligned.any() else float("nan"),
-        "rra": {str(t): float((rot < t).mean()) for t in THRESHOLDS},
-        "rta": {str(t): float((trans < t).mean()) for t in THRESHOLDS},
-        "auc30": float(np.mean([(worst < t).mean() for t in range(1, 31)])),
+        "rra": {str(t): float(counts["rot"][k] / npairs) for k, t in enumerate(THRESHOLDS)},
+        "rta": {str(t): float(counts["trans"][k] / npairs) for k, t in enumerate(THRESHOLDS)},
+        "auc30": float(np.mean(counts["auc"] / npairs)),
     }
     return result
 

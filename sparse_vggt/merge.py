@@ -828,14 +828,17 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
 
 
 def _json(obj: Any) -> Any:
-    import json
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return str(o)
-
-    text = json.dumps(obj, default=default)
-    return json.loads(text.replace("Infinity", "null").replace("NaN", "null"))
+    """JSON-safe copy (numpy scalars/arrays to Python, non-finite floats to None) for attrs and manifests."""
+    if isinstance(obj, dict):
+        return {str(k): _json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
