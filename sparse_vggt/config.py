@@ -130,7 +130,7 @@ class MergeConfig:
     grid_points: int = 2048  # target correspondences per shared frame when grid_stride = 0
     max_pair_frames: int = 16  # shared frames used per cluster pair (evenly chosen; bounds hub pairs)
     min_confidence_quantile: float = 0.3  # drop pixels below this depth_conf quantile (per frame)
-    ransac_iterations: int = 256
+    ransac_iterations: int = 256  # upper bound: RANSAC stops once a 99.9%-sure all-inlier triple was drawn
     inlier_threshold: float = 0.15  # RANSAC/IRLS inlier residual, relative to the point's depth
     huber_delta: float = 0.05  # IRLS Huber scale, relative to depth
     irls_iterations: int = 10
