@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--clusters", type=int, nargs="+", default=[100, 1000], help="target cluster counts")
     p.add_argument("--frames", type=int, nargs="+", help="scene frames per entry of --clusters (overrides the "
                    "--core-per-cluster estimate; the partitioner decides the actual cluster count, which is reported)")
-    p.add_argument("--core-per-cluster", type=float, default=11.0, help="frames per target cluster (calibrated: ~11 core frames per cluster at max 32 / overlap 6)")
+    p.add_argument("--core-per-cluster", type=float, default=11.0,
+                   help="scene frames per target cluster (about 11-14 core frames per cluster at max 32 / overlap 6)")
     p.add_argument("--max-cluster-frames", type=int, default=32)
     p.add_argument("--min-overlap-frames", type=int, default=6)
     p.add_argument("--depth-hw", type=int, nargs=2, default=[24, 32])
@@ -93,7 +94,8 @@ def main() -> None:
         print(json.dumps(_child(*args.child)))
         return
     rows = []
-    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="merge_bench_")) as tmp:
+    keep = contextlib.nullcontext(args.workdir) if args.workdir else None
+    with keep or tempfile.TemporaryDirectory(prefix="merge_bench_") as tmp:
         for k, target in enumerate(args.clusters):
             frames = args.frames[k] if args.frames else None
             run_dir = Path(tmp) / f"c{target}_f{frames or int(target * args.core_per_cluster)}"
@@ -123,7 +125,8 @@ def main() -> None:
         for r in rows:
             ph = r["phase_seconds"]
             t.add_row(str(r["clusters"]), str(r["frames"]), r["variant"], str(r["edges"]), f"{r['seconds']:.2f}",
-                      f"{r['peak_bytes'] / 2**20:.0f}", f"{ph.get('pairwise', 0):.2f}", f"{ph.get('pose_graph', 0):.2f}",
+                      f"{r['peak_bytes'] / 2**20:.0f}", f"{ph.get('pairwise', 0):.2f}",
+                      f"{ph.get('pose_graph', 0):.2f}",
                       f"{ph.get('fuse', 0):.2f}", f"{r['ate_rel_extent']:.2e}", f"{r['rotation_error_mean_deg']:.3f}")
         Console().print(t)
 

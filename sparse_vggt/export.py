@@ -86,7 +86,9 @@ def write_colmap(
     return {"images": int(len(image_ids)), "points3D": int(rec.num_points3D()), "observations": n_obs}
 
 
-def frusta_segments(extrinsics: np.ndarray, intrinsics: np.ndarray, hw: list[tuple[int, int]], size: float) -> np.ndarray:
+def frusta_segments(
+    extrinsics: np.ndarray, intrinsics: np.ndarray, hw: list[tuple[int, int]], size: float,
+) -> np.ndarray:
     """(8 N, 2, 3) line segments: apex-to-corner edges and the image rectangle at distance ``size``."""
     segs = []
     for E, K, (h, w) in zip(extrinsics, intrinsics, hw):
@@ -221,7 +223,7 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
             lines.append(f"| {k} | {_fmt(v)} |")
     if store.is_unit_complete("merge"):
         attrs = dict(store.group("merge", create=False).attrs)
-        edges = attrs.get("edges", [])
+        edges = attrs.get("residuals", [])
         lines += ["", "## Merge: cluster edges", "",
                   f"{sum(e['accepted'] for e in edges)} of {len(edges)} edges accepted.", "",
                   "| clusters | shared | corr. | inlier ratio | rel. RMSE | scale | loop rot (deg) | status |",

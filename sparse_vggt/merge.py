@@ -32,8 +32,9 @@ Layout written to ``store.zarr/merge/`` (group attrs ``complete`` written last, 
     points/track_image_ids (T,) int64
     points/track_xy    (T,2)   float32  pixel (x, y) in the original upright image
 
-Group attrs: ``edges`` (one dict per edge: clusters, shared frames, correspondences, inliers, inlier ratio,
-relative RMSE/median residual, scale, accepted, reason), ``excluded_clusters`` ({id: reason}), ``components``,
+Group attrs: ``residuals`` (the DESIGN name; one dict per edge: clusters, shared frames, correspondences, inliers,
+inlier ratio, relative RMSE/median residual, scale, accepted, reason, and after the global solve the loop residual
+global_rot_deg / global_trans_rel / global_log_scale), ``excluded_clusters`` ({id: reason}), ``components``,
 ``pose_graph`` (cost before/after, iterations), ``fusion`` (counts).
 """
 
@@ -817,7 +818,7 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         "points": n_points,
         "pose_graph": pg_info,
     }
-    g.attrs.update(_json({"edges": edge_info, "excluded_clusters": {str(k): v for k, v in excluded.items()},
+    g.attrs.update(_json({"residuals": edge_info, "excluded_clusters": {str(k): v for k, v in excluded.items()},
                           "components": components, "pose_graph": pg_info, "fusion": fusion}))
     store.mark_unit_complete("merge", images=int(len(pose_ids)), points=n_points)
     manifest["fusion"] = fusion

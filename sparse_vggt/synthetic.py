@@ -206,7 +206,9 @@ def render_scene(
     )
 
 
-def make_ring_scene(n_frames: int, seed: int = 0, radius: float = 30.0, depth_hw: tuple[int, int] = (24, 32)) -> CityScene:
+def make_ring_scene(
+    n_frames: int, seed: int = 0, radius: float = 30.0, depth_hw: tuple[int, int] = (24, 32),
+) -> CityScene:
     """Cameras on a circle around a plaza of towers, looking inward (+-25 degrees): a loop for drift tests."""
     rng = np.random.default_rng(seed)
     boxes, cols = [], []

@@ -60,7 +60,7 @@ def test_city_scale_merge_meets_accuracy_targets(city: tuple[syn.SyntheticRun, d
     assert res["ate_rel_extent"] <= 0.01
     assert res["rotation_error_mean_deg"] <= 0.5
     # per-edge numbers are reported; overlaps carry 20% outliers in each cluster, so ~36% of pairs are outliers
-    edges = RunStore.open(run.root).group("merge", create=False).attrs["edges"]
+    edges = RunStore.open(run.root).group("merge", create=False).attrs["residuals"]
     assert len(edges) == manifest["edges"] >= len(run.cluster_ids) - 1
     for e in edges:
         assert e["accepted"], e
@@ -136,7 +136,7 @@ def test_ring_drift_pose_graph_beats_spanning_tree(tmp_path: Path) -> None:
     info = pg_m["pose_graph"][0]
     assert info["cost_final"] < 0.2 * info["cost_initial"] and info["iterations"] >= 1
     # the tree leaves the whole loop error on the dropped edge; the pose graph spreads it over all edges
-    loop = lambda run: [e["global_rot_deg"] for e in RunStore.open(run.root).group("merge").attrs["edges"]]  # noqa
+    loop = lambda run: [e["global_rot_deg"] for e in RunStore.open(run.root).group("merge").attrs["residuals"]]  # noqa
     assert max(loop(pg_run)) < 0.5 * max(loop(tree_run))
 
 
