@@ -232,6 +232,7 @@ class _Work:
     def __init__(self) -> None:
         self.executed: dict[str, int] = {}
         self.cached: dict[str, int] = {}
+        self.complete: dict[str, bool] = {}  # stages skipped on their completion marker
 
     def add(self, name: str, state: Any) -> None:
         bucket = self.cached if state.name == "Cached" else self.executed
@@ -241,6 +242,18 @@ class _Work:
         state = t(*args, return_state=True)
         self.add(t.name, state)
         return state.result()
+
+    def stage(self, stage: str, run_dir: str, force: bool, t: Any, cfgd: dict[str, Any]) -> Any:
+        """Skip a stage whose completion marker is set (no task run at all), else run its (cached) task.
+
+        Without ``force`` the recorded config equals this one in every result-affecting field (RunStore refuses
+        otherwise), so a finished stage is valid as is; with ``force`` the task runs and the library decides.
+        """
+        store = RunStore.open(run_dir)
+        if not force and store.is_stage_complete(stage):
+            self.complete[stage] = True
+            return store.stage_manifest(stage)
+        return self.call(t, run_dir, cfgd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,23 +275,38 @@ def _failure(state: Any) -> BaseException | None:
     return None
 
 
+def _windowed(submit: Any, items: list[Any], window: int) -> Any:
+    """Submit ``items`` keeping at most ``window`` in flight; yield (item, finished future) as they finish.
+
+    Locally the window is 1: the accelerator runs one model at a time anyway, and a task that finds the tag's
+    slot taken polls for it with back-off, which costs more than submitting the next task when a slot frees.
+    """
+    queue = list(items)
+    running: dict[Any, Any] = {}
+    while queue or running:
+        while queue and len(running) < max(1, window):
+            item = queue.pop(0)
+            running[submit(item)] = item
+        fut = next(iter(as_completed(list(running))))
+        fut.wait()
+        yield running.pop(fut), fut
+
+
 def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], ids: list[int], work: _Work,
                        progress: Any) -> dict[int, tuple[str, Any]]:
     """Run clusters ``ids`` (local tasks or pool flow runs); returns cluster -> ("ok"|"oom"|"failed", info)."""
     from sparse_vggt.reconstruct import ClusterOutOfMemory
 
     orch = cfg.orchestration
-    if orch.dispatch == "pool":
+    if orch.dispatch == "pool":  # every cluster at once: the workers' own limits pace them
         t = dispatch_cluster_task.with_options(**retry_options(cfgd))
-        futures = {t.submit(run_dir, cfgd, c, orch.cluster_deployment, _slug(run_dir), orch.poll_interval_s): c
-                   for c in ids}
+        finished = _windowed(lambda c: t.submit(run_dir, cfgd, c, orch.cluster_deployment, _slug(run_dir),
+                                                orch.poll_interval_s), ids, len(ids))
     else:
         t = cached(run_dir, reconstruct_cluster_task, tags=[orch.accelerator_tag], **retry_options(cfgd))
-        futures = {t.submit(run_dir, cfgd, c): c for c in ids}
+        finished = _windowed(lambda c: t.submit(run_dir, cfgd, c), ids, 1)
     out: dict[int, tuple[str, Any]] = {}
-    for fut in as_completed(list(futures)):
-        cid = futures[fut]
-        fut.wait()
+    for cid, fut in finished:
         state = fut.state
         work.add(t.name, state)
         exc = _failure(state)
@@ -376,6 +404,7 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "events": read_events(run_dir),
         "stages_executed": dict(work.executed),
         "stages_cached": dict(work.cached),
+        "stages_already_complete": sorted(work.complete),
         "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
         "outputs": _outputs(run_dir),
         "random_weights": random_weights,
@@ -446,16 +475,20 @@ def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None,
         pid = create_progress_artifact(progress=0.0, key=artifact_key(run_dir, "describe-progress"),
                                        description=f"descriptor chunks ({len(plan['chunks']) - len(plan['pending'])} "
                                                    f"of {len(plan['chunks'])} already complete)")
-        futures = [chunk_task.submit(run_dir, cfgd, c) for c in plan["pending"]]
-        for n, fut in enumerate(as_completed(futures), start=1):
-            fut.wait()
+        # one chunk at a time on this machine (also in pool mode): one model per accelerator, and chunk rows of
+        # neighbouring ingest chunks may share a Zarr chunk of the descriptor array
+        window = 1
+        futures = []
+        for n, (_, fut) in enumerate(_windowed(lambda c: chunk_task.submit(run_dir, cfgd, c), plan["pending"],
+                                               window), start=1):
             work.add(chunk_task.name, fut.state)
-            update_progress_artifact(pid, 100.0 * n / len(futures))
+            futures.append(fut)
+            update_progress_artifact(pid, 100.0 * n / len(plan["pending"]))
         for fut in futures:
             fut.result()  # raises the first chunk failure (after its retries)
-    manifests["describe"] = work.call(cached(run_dir, describe_finish_task, **retry), run_dir, cfgd)
-    manifests["graph"] = work.call(cached(run_dir, graph_task, **retry), run_dir, cfgd)
-    manifests["partition"] = work.call(cached(run_dir, partition_task, **retry), run_dir, cfgd)
+    manifests["describe"] = work.stage("describe", run_dir, force, cached(run_dir, describe_finish_task, **retry), cfgd)
+    manifests["graph"] = work.stage("graph", run_dir, force, cached(run_dir, graph_task, **retry), cfgd)
+    manifests["partition"] = work.stage("partition", run_dir, force, cached(run_dir, partition_task, **retry), cfgd)
 
     cluster_info = run_clusters(run_dir, cfg, cfgd, work)
     if cluster_info["failures"]:
@@ -465,9 +498,9 @@ def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None,
             f"{len(cluster_info['failures'])} cluster(s) failed: "
             + "; ".join(f"{f['cluster_id']}: {f['reason']}" for f in cluster_info["failures"])
             + f". Details in {run_dir}/orchestration/report.json; re-run the same command to retry them.")
-    manifests["reconstruct"] = work.call(cached(run_dir, reconstruct_finish_task, **retry), run_dir, cfgd)
-    manifests["merge"] = work.call(cached(run_dir, merge_task, **retry), run_dir, cfgd)
-    manifests["export"] = work.call(cached(run_dir, export_task, **retry), run_dir, cfgd)
+    manifests["reconstruct"] = work.stage("reconstruct", run_dir, force, cached(run_dir, reconstruct_finish_task, **retry), cfgd)
+    manifests["merge"] = work.stage("merge", run_dir, force, cached(run_dir, merge_task, **retry), cfgd)
+    manifests["export"] = work.stage("export", run_dir, force, cached(run_dir, export_task, **retry), cfgd)
 
     report = build_report(run_dir, manifests, work, time.perf_counter() - t0, cluster_info, cfg)
     _publish_report(run_dir, report)

@@ -138,7 +138,7 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
             pool = run_pipeline(PHOTOS, tmp_path / "pool", _config("pool"))
             from prefect.logging.handlers import APILogHandler
 
-            APILogHandler.flush()  # ship queued logs while the server is still up (else exit waits on retries)
+            APILogHandler().flush()  # ship queued logs while the server is still up (else exit waits on retries)
         assert pool["clusters"] == local["clusters"] >= 2
         assert pool["stages_executed"]["dispatch-cluster"] == pool["clusters"]
         assert "reconstruct-cluster" not in pool["stages_executed"]  # no cluster ran in the main flow's process
