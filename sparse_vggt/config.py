@@ -137,6 +137,9 @@ class MergeConfig:
     min_inlier_ratio: float = 0.3  # pairwise edges below this are rejected
     min_correspondences: int = 100  # pairwise edges with fewer valid correspondences are rejected
     max_rmse: float = 0.1  # relative inlier RMSE above which an edge is rejected
+    # shared frames' cameras must agree with the point alignment (depth and pose come from different heads):
+    max_camera_rotation_deg: float = 5.0  # median rotation disagreement above which an edge is rejected
+    max_camera_center_rel: float = 0.1  # median centre disagreement / cluster median depth above which it is rejected
     max_nonfinite_fraction: float = 0.5  # clusters with more non-finite depth pixels are excluded
     optimize: bool = True  # Sim(3) pose-graph optimisation after the spanning-tree initialisation
     max_iterations: int = 50  # Levenberg-Marquardt iterations of the pose graph

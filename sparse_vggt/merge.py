@@ -56,7 +56,7 @@ from scipy.sparse.csgraph import breadth_first_order, connected_components, mini
 
 from .config import MergeConfig, PipelineConfig
 from .geometry import (
-    GeometryError, sim3_exp, sim3_inverse, sim3_log, sim3_parts, umeyama, unproject_pixels,
+    GeometryError, rotation_angle_deg, sim3_exp, sim3_inverse, sim3_log, sim3_parts, umeyama, unproject_pixels,
 )
 from .progress import track
 from .store import RunStore, RunStoreError
@@ -299,6 +299,24 @@ def robust_sim3(
     return S, stats
 
 
+def camera_agreement(S: np.ndarray, a: ClusterData, b: ClusterData, shared: np.ndarray) -> tuple[float, float]:
+    """How well the shared frames' *cameras* agree once cluster b is mapped into a by the point alignment ``S``.
+
+    Depth and camera come from different heads of the model; a pair whose depths align but whose cameras do not
+    (e.g. random weights, or a failed cluster) would give a wrong model, so both must agree. Returns the median
+    rotation difference (degrees) and the median centre distance relative to cluster a's median depth.
+    """
+    ra = np.array([a.index[int(i)] for i in shared])
+    rb = np.array([b.index[int(i)] for i in shared])
+    s, RS, tS = sim3_parts(S)
+    Ea, Eb = a.extrinsics[ra], b.extrinsics[rb]
+    rot = rotation_angle_deg(Ea[:, :, :3] @ np.swapaxes(Eb[:, :, :3] @ RS.T, 1, 2))
+    Ca = -np.einsum("nji,nj->ni", Ea[:, :, :3], Ea[:, :, 3])
+    Cb = -np.einsum("nji,nj->ni", Eb[:, :, :3], Eb[:, :, 3])
+    ctr = np.linalg.norm(Ca - (s * Cb @ RS.T + tS), axis=1) / max(a.length, 1e-12)
+    return float(np.median(rot)), float(np.median(ctr))
+
+
 def estimate_edge(
     store: DepthCache, a: ClusterData, b: ClusterData, shared: np.ndarray, image_hw: dict[int, tuple[int, int]],
     cfg: MergeConfig, rng: np.random.Generator,
@@ -318,10 +336,18 @@ def estimate_edge(
         info["reason"] = f"degenerate geometry: {exc}"
         return np.eye(4), info
     info.update(stats)
+    cam_rot, cam_ctr = camera_agreement(S, a, b, shared)
+    info["camera_rot_deg"], info["camera_center_rel"] = cam_rot, cam_ctr
     if stats["inlier_ratio"] < cfg.min_inlier_ratio:
         info["reason"] = (f"inlier ratio {stats['inlier_ratio']:.2f} < merge.min_inlier_ratio={cfg.min_inlier_ratio}")
     elif stats["rmse_rel"] > cfg.max_rmse:
         info["reason"] = f"relative inlier RMSE {stats['rmse_rel']:.3f} > merge.max_rmse={cfg.max_rmse}"
+    elif cam_rot > cfg.max_camera_rotation_deg:
+        info["reason"] = (f"shared cameras disagree with the point alignment: median rotation {cam_rot:.2f} deg > "
+                          f"merge.max_camera_rotation_deg={cfg.max_camera_rotation_deg}")
+    elif cam_ctr > cfg.max_camera_center_rel:
+        info["reason"] = (f"shared camera centres disagree with the point alignment: median {cam_ctr:.3f} of the "
+                          f"scene depth > merge.max_camera_center_rel={cfg.max_camera_center_rel}")
     elif not np.isfinite(S).all() or stats["scale"] <= 0:
         info["reason"] = "non-finite transform"
     else:

@@ -239,6 +239,35 @@ def test_edge_without_valid_overlap_is_rejected_with_reason(tmp_path: Path) -> N
     assert len(ids) == int((clusters.cluster_id == 2).sum())
 
 
+def test_camera_agreement_measures_shared_camera_disagreement() -> None:
+    """Edges are also checked on the shared frames' cameras (depth and pose come from different model heads; with
+    random weights the depths of a far, narrow-FoV patch align while the cameras do not)."""
+    from sparse_vggt.merge import ClusterData, camera_agreement
+
+    rng = np.random.default_rng(0)
+    R = Rotation.random(3, random_state=1).as_matrix()
+    C = rng.normal(0, 5, (3, 3))
+    Ea = np.concatenate([R, -(R @ C[:, :, None])], 2)
+    S = sim3_from_parts(2.0, Rotation.random(random_state=2).as_matrix(), np.array([1.0, 2.0, 3.0]))  # X_a = S X_b
+    Sinv = sim3_inverse(S)
+    s, RS, tS = sim3_parts(Sinv)
+    Rb = R @ RS.T
+    Eb = np.concatenate([Rb, (s * Ea[:, :, 3])[:, :, None] - Rb @ tS[:, None]], 2)  # the same cameras in b's gauge
+
+    def cluster(cid: int, E: np.ndarray) -> ClusterData:
+        return ClusterData(cid=cid, image_ids=np.arange(3), extrinsics=E, intrinsics=np.tile(np.eye(3), (3, 1, 1)),
+                           depth_to_image=np.zeros((3, 2, 3)), depth_hw=(2, 2), core=np.ones(3, bool), length=10.0,
+                           index={0: 0, 1: 1, 2: 2})
+
+    rot, ctr = camera_agreement(S, cluster(0, Ea), cluster(1, Eb), np.arange(3))
+    assert rot < 1e-6 and ctr < 1e-9
+    turned = Eb.copy()
+    turned[:2, :, :3] = Rotation.from_rotvec([0, 0, np.radians(10.0)]).as_matrix() @ turned[:2, :, :3]
+    rot, _ = camera_agreement(S, cluster(0, Ea), cluster(1, turned), np.arange(3))
+    assert rot == pytest.approx(10.0, abs=1e-6)  # median over the 3 shared frames
+    assert MergeConfig().max_camera_rotation_deg < 10.0
+
+
 def test_zero_overlap_clusters_become_separate_components(tmp_path: Path) -> None:
     n, nc = 48, 3
     scene = syn.make_ring_scene(n, seed=4)
