@@ -226,13 +226,15 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
         edges = attrs.get("residuals", [])
         lines += ["", "## Merge: cluster edges", "",
                   f"{sum(e['accepted'] for e in edges)} of {len(edges)} edges accepted.", "",
-                  "| clusters | shared | corr. | inlier ratio | rel. RMSE | scale | loop rot (deg) | status |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| clusters | shared | corr. | inlier ratio | rel. RMSE | scale | camera rot (deg) | loop rot (deg) "
+                  "| status |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for e in edges:
-            lines.append("| {}-{} | {} | {} | {} | {} | {} | {} | {} |".format(
+            lines.append("| {}-{} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 e["clusters"][0], e["clusters"][1], e.get("shared_frames", ""), e.get("correspondences", ""),
                 _fmt(e.get("inlier_ratio", "")), _fmt(e.get("rmse_rel", "")), _fmt(e.get("scale", "")),
-                _fmt(e.get("global_rot_deg", "")), "accepted" if e["accepted"] else "rejected: " + e["reason"]))
+                _fmt(e.get("camera_rot_deg", "")), _fmt(e.get("global_rot_deg", "")),
+                "accepted" if e["accepted"] else "rejected: " + e["reason"]))
         excl = attrs.get("excluded_clusters", {})
         if excl:
             lines += ["", "## Merge: excluded clusters", ""] + [f"- cluster {k}: {v}" for k, v in excl.items()]
