@@ -19,25 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from _common import peak_rss_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _peak_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def main() -> None:
@@ -100,7 +93,7 @@ def main() -> None:
         rerun_s = time.perf_counter() - t
     base = {"bench": "orchestration", "device": "cpu", "dispatch": "local", "photos": first["images_kept"],
             "clusters": n, "max_cluster_frames": args.max_cluster_frames, "image_size": args.image_size,
-            "cpus": os.cpu_count(), "peak_bytes": _peak_bytes()}
+            "cpus": os.cpu_count(), "peak_bytes": peak_rss_bytes()}
     rows = [
         {**base, "variant": "ephemeral_start", "seconds": round(ephemeral_start, 3)},
         {**base, "variant": "first_run", "seconds": round(first_s, 3), "cluster_stage_seconds": round(cluster_stage, 3),

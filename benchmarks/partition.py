@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_rss_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-def _peak_bytes() -> int:
-    """Peak RSS of this process. VmHWM belongs to the process's own address space; ru_maxrss would also carry
-    the parent's RSS at fork time across exec on Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
 
 
 def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
@@ -58,7 +49,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
         clusters, rep = partition_graph(indptr, indices, weights, comp, cfg)
         secs = time.perf_counter() - t0
         big = rep["balance"][0] if rep["balance"] else {}
-        return {**base, "seconds": round(secs, 2), "peak_bytes": _peak_bytes(),
+        return {**base, "seconds": round(secs, 2), "peak_bytes": peak_rss_bytes(),
                 "metis_seconds": rep["metis_seconds"], "clusters": rep["clusters"], "cut_ratio": rep["cut_ratio"],
                 "cluster_frames_max": rep["cluster_frames"]["max"], "cluster_frames_mean": rep["cluster_frames"]["mean"],
                 "core_frames_min": rep["core_frames"]["min"], "core_frames_max": rep["core_frames"]["max"],
@@ -89,7 +80,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
             man = partition(store.root, pc)
             secs = time.perf_counter() - t0
             size = store.table_path("clusters").stat().st_size
-        return {**base, "seconds": round(secs, 2), "peak_bytes": _peak_bytes(), "clusters": man["clusters"],
+        return {**base, "seconds": round(secs, 2), "peak_bytes": peak_rss_bytes(), "clusters": man["clusters"],
                 "cut_ratio": man["cut_ratio"], "cluster_frames_max": man["cluster_frames"]["max"],
                 "max_core_over_ideal": man["balance"][0]["max_over_ideal"] if man["balance"] else None,
                 "table_bytes": size}
@@ -111,7 +102,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
         cross = label[rows] != label[indices]
         sizes = np.array([len(c) for c in comms])
         non_single = sizes[sizes > 1]
-        return {**base, "seconds": round(secs, 2), "build_seconds": round(t_build, 2), "peak_bytes": _peak_bytes(),
+        return {**base, "seconds": round(secs, 2), "build_seconds": round(t_build, 2), "peak_bytes": peak_rss_bytes(),
                 "clusters": int(len(comms)), "cut_ratio": round(float(weights[cross].sum() / weights.sum()), 6),
                 "cluster_frames_max": int(sizes.max()), "cluster_frames_mean": round(float(non_single.mean()), 2),
                 "communities_over_max_cluster_frames": int((sizes > args.max_cluster_frames).sum()),

@@ -1323,7 +1323,14 @@ def synthetic_city_graph(n: int, k: int = 10, seed: int = 0, outliers: float = 0
     keep = (d <= 40 * spacing) & (cols < n)
     rows, cols, d = rows[keep], cols[keep], d[keep]
     wgt = np.exp(-d / (8 * spacing)).astype(np.float32)
-    A = sp.csr_matrix((wgt, (rows, cols)), shape=(n, n))
+    return symmetric_csr_with_components(rows, cols, wgt, n)
+
+
+def symmetric_csr_with_components(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int
+                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Directed weighted pairs -> the graph stage's arrays: symmetric CSR (max weight of both directions) and
+    component ids numbered by decreasing component size (0 = largest), as synthetic graphs need them."""
+    A = sp.csr_matrix((np.asarray(weights, np.float32), (rows, cols)), shape=(n, n))
     A = A.maximum(A.T).tocsr()
     A.sort_indices()
     ncomp, lab = connected_components(A, directed=False)

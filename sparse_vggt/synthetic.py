@@ -24,11 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 
 from .config import PartitionConfig, PipelineConfig
 from .geometry import camera_centers, sim3_from_parts
+from .partition import symmetric_csr_with_components
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,7 @@ def covisibility_graph(
     start = np.searchsorted(r, np.arange(n))
     rank = np.arange(len(r)) - start[r]
     top = rank < k
-    A = sp.csr_matrix((wv[top].astype(np.float32), (r[top], c[top])), shape=(n, n))
-    A = A.maximum(A.T).tocsr()
-    A.sort_indices()
-    ncomp, lab = connected_components(A, directed=False)
-    sizes = np.bincount(lab)
-    comp_rank = np.empty(ncomp, np.int64)
-    comp_rank[np.argsort(-sizes, kind="stable")] = np.arange(ncomp)
-    return A.indptr.astype(np.int64), A.indices.astype(np.int64), A.data.astype(np.float32), comp_rank[lab]
+    return symmetric_csr_with_components(r[top], c[top], wv[top], n)
 
 
 def _depth_K(scene: CityScene, i: int) -> np.ndarray:
