@@ -287,8 +287,13 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         meta = table.schema.metadata or {}
         if b"photos_root" not in meta:
             raise DescribeError("images.parquet has no photos_root metadata; re-run `sparse-vggt scan`")
-        describer = _ModelDescriber(config, Path(meta[b"photos_root"].decode()))
-        dim, model_id = describer.dim, describer.model_id
+        photos_root = Path(meta[b"photos_root"].decode())
+        if (arr is not None and not force and arr.attrs.get("settings") == settings and arr.shape[0] == n_rows):
+            # an earlier call made the array with these settings: load the model only if a chunk is pending
+            dim, model_id, describer = int(arr.shape[1]), str(arr.attrs.get("model")), None
+        else:
+            describer = _ModelDescriber(config, photos_root)
+            dim, model_id = describer.dim, describer.model_id
 
     chunk_rows = max(1, config.ingest.chunk_size)
     if arr is not None and (force or arr.shape != (n_rows, dim) or arr.attrs.get("settings") != settings):
@@ -322,6 +327,8 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         if file_vectors is not None:
             vec = file_vectors[[row_pos[int(r)] for r in rows]]
         else:
+            if describer is None:
+                describer = _ModelDescriber(config, photos_root)
             vec = describer([paths[r] for r in rows])
             if not np.isfinite(vec).all():
                 raise DescribeError(f"chunk {cid}: the model produced NaN/Inf descriptors (dtype "

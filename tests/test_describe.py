@@ -180,3 +180,25 @@ def test_megaloc_describe_on_real_photos_and_resume(tmp_path: Path, sample_photo
     again = describe(tmp_path / "run", cfg)
     assert again["chunks_computed"] == 1 and again["chunks_resumed"] == 2
     np.testing.assert_allclose(store.zarr["descriptors"][:].astype(np.float32), arr, atol=1e-3)
+
+
+def test_model_is_loaded_only_when_a_chunk_is_pending(tmp_path: Path, sample_photos: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow calls describe once per chunk plus bookkeeping calls; a real checkpoint must not load for those."""
+    import sparse_vggt.describe as describe_mod
+
+    photos = sorted(p.name for p in sample_photos.glob("*.jpg"))[:4]
+    store, cfg = make_scan(tmp_path / "run", photos=sample_photos, names=photos, status=["ok"] * 4, chunk_size=2)
+    cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
+    cfg.describe.image_size = 98
+    real = describe_mod._ModelDescriber
+    built: list[int] = []
+    monkeypatch.setattr(describe_mod, "_ModelDescriber", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    assert describe(tmp_path / "run", cfg, chunk_ids=[0])["pending"] == 1
+    assert len(built) == 1
+    assert describe(tmp_path / "run", cfg, chunk_ids=[])["pending"] == 1  # bookkeeping only
+    assert len(built) == 1
+    done = describe(tmp_path / "run", cfg, chunk_ids=[1])
+    assert len(built) == 2 and done["pending"] == 0 and done["chunks_computed"] == 1
+    assert store.is_stage_complete("describe")
+    assert describe(tmp_path / "run", cfg) == store.stage_manifest("describe") and len(built) == 2
