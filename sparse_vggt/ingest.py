@@ -91,7 +91,7 @@ class IngestError(RuntimeError):
 # reading one image
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16/32-bit grey is rescaled, not clipped."""
     if img.mode == "RGB":
         return img
@@ -122,7 +122,7 @@ def load_image(path: str | Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         upright = ImageOps.exif_transpose(img) or img
-        return _to_rgb(upright).copy()
+        return to_rgb(upright).copy()
 
 
 @dataclass

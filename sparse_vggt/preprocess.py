@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .ingest import load_image, to_rgb
+
 log = logging.getLogger(__name__)
 
 PATCH = 14
@@ -33,27 +35,14 @@ def _round14(x: float) -> int:
     return round(x / PATCH) * PATCH
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
 def _load(item: Image.Image | str | Path) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    try:
-        from .ingest import load_image  # EXIF orientation, colour modes (the project's single image reader)
-    except ImportError:  # pragma: no cover - ingest is part of the package; kept for partial installs
-        raise ImportError("loading paths needs sparse_vggt.ingest.load_image; pass PIL images instead") from None
-    return load_image(Path(item))
+    """A path is read by the project's single image reader (EXIF orientation, colour modes); images pass through."""
+    return item if isinstance(item, Image.Image) else load_image(Path(item))
 
 
 def _resize_one(img: Image.Image, size: int, mode: str) -> tuple[torch.Tensor, np.ndarray]:
     """One image -> (3, h, w) tensor in [0, 1] and its 2x3 model->original affine."""
-    img = _to_rgb(img)
+    img = to_rgb(img)
     w0, h0 = img.size
     if mode == "pad" and h0 > w0:
         new_h, new_w = size, _round14(w0 * (size / h0))

@@ -105,7 +105,7 @@ def test_alpha_is_composited_on_white() -> None:
     img.putpixel((0, 0), (0, 0, 255, 255))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    out = np.asarray(ingest._to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
+    out = np.asarray(ingest.to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
     assert tuple(out[1, 1]) == (255, 255, 255) and tuple(out[0, 0]) == (0, 0, 255)
 
 
