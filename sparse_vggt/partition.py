@@ -646,6 +646,20 @@ class _Members:
         self._g = mg[o]
         self._b = np.r_[0, np.cumsum(np.bincount(mc, minlength=nclusters))]
         self._sets: dict[int, set[int]] = {}
+        self._add_c: list[int] = []
+        self._add_g: list[int] = []
+
+    def add(self, c: int, frames: list[int]) -> None:
+        """Add ``frames`` to cluster ``c`` (as overlap rows recorded for :meth:`extended`)."""
+        self[c].update(frames)
+        self._add_c.extend([c] * len(frames))
+        self._add_g.extend(frames)
+
+    def extended(self, mc: np.ndarray, mg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The membership arrays with every added row appended."""
+        if not self._add_c:
+            return mc, mg
+        return np.r_[mc, np.asarray(self._add_c, np.int64)], np.r_[mg, np.asarray(self._add_g, np.int64)]
 
     def __getitem__(self, c: int) -> set[int]:
         s = self._sets.get(c)
@@ -714,8 +728,6 @@ def _tree_links(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarr
     T = minimum_spanning_tree(sp.csr_matrix((cost, (lo, hi)), shape=(nclusters, nclusters)))
     T = (T + T.T).tocsr()
     members = _Members(mc, mg, nclusters)
-    add_c: list[int] = []
-    add_g: list[int] = []
     linked = 0
     for c in np.flatnonzero(tight).tolist():
         parts_c = np.flatnonzero(comp_of_part == c)
@@ -730,18 +742,12 @@ def _tree_links(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarr
                     break
                 sy, sx = members[y], members[x]
                 got = _grow(A, sy, sx - sy, int(M - size[y]), need)
-                for g in got:
-                    sy.add(g)
-                    add_c.append(y)
-                    add_g.append(g)
+                members.add(y, got)
                 size[y] += len(got)
                 need -= len(got)
             linked += need <= 0
     stats["tree_links"] = linked
-    if add_c:
-        mc = np.r_[mc, np.asarray(add_c, np.int64)]
-        mg = np.r_[mg, np.asarray(add_g, np.int64)]
-    return mc, mg
+    return members.extended(mc, mg)
 
 
 def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, core_size: np.ndarray,
@@ -768,8 +774,6 @@ def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, 
         return x
 
     members = _Members(mc, mg, nclusters)
-    add_c: list[int] = []
-    add_g: list[int] = []
     order = np.argsort(-cand.pair_tie, kind="stable")
     bridged = 0
     for p in order.tolist():
@@ -788,19 +792,14 @@ def _bridge(A: sp.csr_matrix, part: np.ndarray, mc: np.ndarray, mg: np.ndarray, 
             got = _grow(A, sy, core_x, int(M - size[y]), need)
             if len(got) < need:
                 got += _grow(A, sy | set(got), sx - sy - set(got), int(M - size[y]) - len(got), need - len(got))
-            for g in got:
-                sy.add(g)
-                add_c.append(y)
-                add_g.append(g)
+            members.add(y, got)
             size[y] += len(got)
             need -= len(got)
         if need <= 0:
             parent[ra] = rb
             bridged += 1
     stats["bridged_pairs"] = stats.get("bridged_pairs", 0) + bridged
-    if add_c:
-        mc = np.r_[mc, np.asarray(add_c, np.int64)]
-        mg = np.r_[mg, np.asarray(add_g, np.int64)]
+    mc, mg = members.extended(mc, mg)
     roots = np.array([find(int(x)) for x in lab.tolist()], np.int64)
     cr = np.unique(np.c_[comp_of_part, roots], axis=0)
     counts = np.bincount(cr[:, 0])
