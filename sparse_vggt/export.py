@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from .config import ExportConfig, PipelineConfig
 from .geometry import camera_centers
@@ -125,7 +126,8 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     store.require_stage("merge", needed_by="export")
     store.stage_started(STAGE)
     m = _read_merge(store)
-    images = store.read_table("images", columns=["image_id", "path", "width", "height"])
+    images = store.read_table("images", columns=["image_id", "path", "width", "height", "status"])
+    images = images.filter(pc.equal(images.column("status"), "ok"))  # skipped rows have no size: never export them
     ids = images.column("image_id").to_numpy()
     names = dict(zip(ids.tolist(), images.column("path").to_pylist()))
     hw = {int(i): (int(h), int(w)) for i, h, w in zip(ids, images.column("height").to_numpy(),

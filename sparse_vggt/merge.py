@@ -673,9 +673,12 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         seconds[name] = round(now - clock, 4)
         clock = now
 
-    images = store.read_table("images", columns=["image_id", "path", "width", "height"])
+    images = store.read_table("images", columns=["image_id", "path", "width", "height", "status"])
     img_ids = images.column("image_id").to_numpy()
-    image_hw = {int(i): (int(h), int(w)) for i, h, w in zip(img_ids, images.column("height").to_numpy(),
+    # only kept images: skipped rows (empty, corrupt, too large...) have no size, and no stage may use them
+    images = images.filter(pc.equal(images.column("status"), "ok"))
+    image_hw = {int(i): (int(h), int(w)) for i, h, w in zip(images.column("image_id").to_numpy(),
+                                                             images.column("height").to_numpy(),
                                                              images.column("width").to_numpy())}
     ctab = store.read_table("clusters", columns=["cluster_id", "image_id", "role"])
     t_cid = ctab.column("cluster_id").to_numpy()
@@ -688,6 +691,12 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
     cids = np.unique(t_cid)
     for cid in track(cids, total=len(cids), description="merge: load clusters"):
         rows = t_cid == cid
+        not_kept = sorted({int(i) for i in t_img[rows].tolist()} - image_hw.keys())
+        if not_kept:
+            excluded[int(cid)] = (f"image ids {not_kept[:5]} were skipped by scan (status != ok); re-run "
+                                  "`sparse-vggt partition --force`")
+            log.warning("cluster %d excluded from merge: %s", cid, excluded[int(cid)])
+            continue
         try:
             clusters[int(cid)] = _load_cluster(store, cache, int(cid), set(t_img[rows & t_core].tolist()),
                                                set(t_img[rows].tolist()), cfg)
