@@ -182,6 +182,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     if status["units"]:
         console.print("units: " + ", ".join(f"{k}={v}" for k, v in status["units"].items()))
+    scan_manifest = next((r["manifest"] for r in status["stages"] if r["stage"] == "scan"), {}) or {}
+    skipped = scan_manifest.get("skipped_files") or []
+    for item in skipped[:50]:  # what an operator looks for first; all of them: --json or images.parquet
+        console.print(f"skipped {item['path']}: {item['reason']}", markup=False, highlight=False, soft_wrap=True)
+    if len(skipped) > 50:
+        console.print(f"... and {len(skipped) - 50} more skipped photos (status --json, or the status column of "
+                      "tables/images.parquet)", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -223,6 +223,11 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
             if k in ("pose_graph", "components", "config") and isinstance(v, (list, dict)):
                 continue
             lines.append(f"| {k} | {_fmt(v)} |")
+    skipped = ((stages.get("scan") or {}).get("manifest") or {}).get("skipped_files") or []
+    if skipped:  # every photo the scan skipped, with its reason (the scan table above truncates the list)
+        lines += ["", f"## Skipped photos ({len(skipped)})", "", "| file | reason |", "|---|---|"]
+        lines += ["| {} | {} |".format(*(str(v).replace("|", "\\|").replace("\n", "\\n")
+                                         for v in (s["path"], s["reason"]))) for s in skipped]
     if store.is_unit_complete("merge"):
         attrs = dict(store.group("merge", create=False).attrs)
         edges = attrs.get("residuals", [])

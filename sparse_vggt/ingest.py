@@ -7,9 +7,12 @@ a degenerate zero-baseline pair. Image ids are row numbers of the sorted listing
 given folder; a finished scan is never silently redone over a changed folder (the ids would shift under the
 later stages).
 
-Bad files never stop a scan: empty, non-image, truncated and too-small files get a row whose ``status`` says
-why they were skipped. A scan that dies part-way (exception, SIGKILL) resumes from its last flushed progress
-file without duplicated or lost rows.
+Bad files never stop a scan: empty, non-image, truncated, too-small and too-large files, file names that are not
+valid UTF-8, broken symbolic links and (with ``ingest.follow_symlinks=false``) links leaving the photo folder get a
+row whose ``status`` says why they were skipped; every later stage uses only ``status == "ok"`` rows. The pixel
+limit is an explicit width x height comparison per file (no process-global warning filter, so it holds with the
+scan's threads). A scan that dies part-way (exception, SIGKILL) resumes from its last flushed progress file
+without duplicated or lost rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import io
 import logging
 import os
-import warnings
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -217,21 +220,43 @@ def focal_from_exif(exif_ifd: dict[int, Any], stored_size: tuple[int, int]) -> f
     return focal if 0 < focal < 1e6 else None
 
 
-def inspect_image(data: bytes, min_side: int, decode_check: bool = True) -> dict[str, Any]:
-    """Validate one file's bytes and read its metadata. Returns the record fields, ``status`` says why not ok."""
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default, the default of ingest.max_image_pixels
+
+
+def check_pixel_limit(max_pixels: int) -> None:
+    """Refuse a limit Pillow itself would not honour: every stage decodes with Pillow, which raises
+    ``DecompressionBombError`` above 2 x ``Image.MAX_IMAGE_PIXELS``, so such photos could pass the scan and then
+    stop describe or reconstruct."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    if int(max_pixels) < 1:
+        raise IngestError(f"ingest.max_image_pixels={max_pixels} must be >= 1")
+    if pillow is not None and int(max_pixels) > 2 * pillow:
+        raise IngestError(f"ingest.max_image_pixels={max_pixels} is above the largest image Pillow decodes in this "
+                          f"process (2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * pillow}); later stages could not read such "
+                          f"photos. Use at most {2 * pillow}.")
+
+
+def inspect_image(data: bytes, min_side: int, decode_check: bool = True,
+                  max_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+    """Validate one file's bytes and read its metadata. Returns the record fields, ``status`` says why not ok.
+
+    The pixel limit is compared explicitly on the header's size, before any decoding: Pillow's own
+    ``DecompressionBombWarning`` is only a warning, and turning it into an error needs a warning filter, which is
+    process-global and so not safe with the scan's threads.
+    """
     if not data:
         return {"status": "empty file"}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            stored = img.size
-            exif = img.getexif()
-            if decode_check:
-                img.load()  # raises on truncated / corrupt data
-    except Image.DecompressionBombWarning as exc:
-        return {"status": f"too large ({exc})"}
-    except Image.DecompressionBombError as exc:
+        img = Image.open(io.BytesIO(data))
+        stored = img.size
+        pixels = int(stored[0]) * int(stored[1])
+        if pixels > max_pixels:
+            return {"status": f"too large ({stored[0]}x{stored[1]} = {pixels} pixels > ingest.max_image_pixels="
+                              f"{max_pixels})", "width": int(stored[0]), "height": int(stored[1])}
+        exif = img.getexif()
+        if decode_check:
+            img.load()  # raises on truncated / corrupt data
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:  # warning: a user's -W error
         return {"status": f"too large ({exc})"}
     except Image.UnidentifiedImageError:
         return {"status": "not an image (unidentified format)"}
@@ -257,31 +282,105 @@ def inspect_image(data: bytes, min_side: int, decode_check: bool = True) -> dict
 
 
 def find_photos(root: Path, extensions: Iterable[str], follow_symlinks: bool = False) -> list[str]:
-    """Paths (POSIX, relative to ``root``) of every photo under ``root``, sorted; extensions case-insensitive."""
+    """Paths (POSIX, relative to ``root``) of every photo-named entry under ``root``, sorted; extensions
+    case-insensitive.
+
+    Broken symbolic links and other non-regular files with a photo extension are listed too, so the scan records
+    them with a reason instead of dropping them silently. A name that is not valid UTF-8 comes back as Python's
+    surrogate-escaped ``str`` (see :func:`display_name`). With ``follow_symlinks`` each real folder is entered
+    once, so a link loop cannot recurse forever.
+    """
     exts = {("." + e.lower().lstrip(".")) for e in extensions}
     found: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        if follow_symlinks:
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                dirnames[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames[:] = []  # a link back to a folder already walked
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
                 continue  # ._AppleDouble files, .DS_Store
             if os.path.splitext(name)[1].lower() in exts:
-                full = Path(dirpath) / name
-                if full.is_file():
-                    found.append(full.relative_to(root).as_posix())
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
     return sorted(found)
 
 
-def _read_and_inspect(root: Path, rel: str, min_side: int, decode_check: bool) -> _Record:
+def display_name(rel: str) -> str:
+    """``rel`` itself when it is valid UTF-8; otherwise its bytes with the invalid ones as ``\\xNN`` escapes.
+
+    Parquet (and every text output) needs valid UTF-8, so a file name that is not gets this readable stand-in
+    in images.parquet, and its row is skipped (the stand-in does not name a file).
+    """
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _stat_key(full: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of the file, or of the link itself when its target is missing; (0, 0) when neither."""
+    for fn in (os.stat, os.lstat):
+        try:
+            st = fn(full)
+            return int(st.st_size), int(st.st_mtime_ns)
+        except OSError:
+            continue
+    return 0, 0
+
+
+def _check_entry(root: Path, rel: str, follow_symlinks: bool) -> str | None:
+    """Why this listed entry cannot be read as a photo (None when it can): name, link, file type."""
     full = root / rel
-    st = full.stat()
+    if display_name(rel) != rel:
+        return "undecodable file name (not valid UTF-8; shown with \\x escapes): rename the file"
+    try:
+        lst = os.lstat(full)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            target = full.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing target, or a link loop
+            try:
+                to = display_name(os.readlink(full))
+            except OSError:
+                to = "?"
+            return f"broken symbolic link (-> {to})"
+        if not follow_symlinks and not target.is_relative_to(root):
+            return (f"symbolic link leaves the photo folder (-> {display_name(str(target))}); set "
+                    "ingest.follow_symlinks=true to include it")
+    try:
+        st = os.stat(full)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a folder, device, pipe or socket)"
+    return None
+
+
+def _read_and_inspect(root: Path, rel: str, min_side: int, decode_check: bool,
+                      max_pixels: int = PILLOW_MAX_IMAGE_PIXELS, follow_symlinks: bool = False) -> _Record:
+    full = root / rel
+    size, mtime_ns = _stat_key(full)
+    problem = _check_entry(root, rel, follow_symlinks)
+    if problem is not None:
+        return _Record(display_name(rel), "", size, mtime_ns, status=problem)
     try:
         data = full.read_bytes()
     except OSError as exc:
-        return _Record(rel, "", st.st_size, st.st_mtime_ns, status=f"unreadable ({exc.strerror or exc})")
+        return _Record(rel, "", size, mtime_ns, status=f"unreadable ({exc.strerror or exc})")
     digest = hashlib.sha256(data).hexdigest()
-    info = inspect_image(data, min_side, decode_check)
-    return _Record(rel, digest, st.st_size, st.st_mtime_ns, **info)
+    info = inspect_image(data, min_side, decode_check, max_pixels=max_pixels)
+    return _Record(rel, digest, size, mtime_ns, **info)
 
 
 def _records_to_table(records: list[_Record], schema: pa.Schema) -> pa.Table:
@@ -301,11 +400,9 @@ def _load_progress(path: Path, root: Path) -> dict[str, _Record]:
     kept: dict[str, _Record] = {}
     for row in rows:
         full = root / row["path"]
-        try:
-            st = full.stat()
-        except OSError:
-            continue
-        if st.st_size == row["size"] and st.st_mtime_ns == row["mtime_ns"]:
+        if not os.path.lexists(full):
+            continue  # gone, or an undecodable name stored as its stand-in: inspect again
+        if _stat_key(full) == (row["size"], row["mtime_ns"]):
             kept[row["path"]] = _Record(**row)
     return kept
 
@@ -313,8 +410,8 @@ def _load_progress(path: Path, root: Path) -> dict[str, _Record]:
 def _listing_fingerprint(root: Path, paths: list[str]) -> str:
     h = hashlib.sha256()
     for rel in paths:
-        st = (root / rel).stat()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        size, mtime_ns = _stat_key(root / rel)
+        h.update(os.fsencode(rel) + f"\0{size}\0{mtime_ns}\n".encode())  # raw bytes: names need not be UTF-8
     return h.hexdigest()
 
 
@@ -327,9 +424,13 @@ def scan(photos: Path, run_dir: Path, config: PipelineConfig, force: bool = Fals
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
         raise IngestError(f"{photos} is not a folder. Pass the folder that contains the photos.")
+    if display_name(str(photos)) != str(photos):
+        raise IngestError(f"the photo folder's path {display_name(str(photos))} is not valid UTF-8, which the run "
+                          "directory's tables need; rename it.")
     cfg = config.ingest
     if cfg.min_side < 1 or cfg.chunk_size < 1:
         raise IngestError("ingest.min_side and ingest.chunk_size must be >= 1")
+    check_pixel_limit(cfg.max_image_pixels)
     store = RunStore.create_or_open(run_dir, config, force=force)
     paths = find_photos(photos, cfg.extensions, cfg.follow_symlinks)
     if not paths:
@@ -365,9 +466,11 @@ def scan(photos: Path, run_dir: Path, config: PipelineConfig, force: bool = Fals
 
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
-        results = pool.map(lambda rel: _read_and_inspect(photos, rel, cfg.min_side, cfg.decode_check), todo)
-        for n, record in enumerate(track(results, total=len(todo), description="scan"), start=1):
-            done[record.path] = record
+        results = pool.map(lambda rel: _read_and_inspect(photos, rel, cfg.min_side, cfg.decode_check,
+                                                         int(cfg.max_image_pixels), cfg.follow_symlinks), todo)
+        # keyed on the listed name: a record of an undecodable name carries its stand-in, not the name itself
+        for n, (rel, record) in enumerate(zip(todo, track(results, total=len(todo), description="scan")), start=1):
+            done[rel] = record
             if n % flush_every == 0:
                 flush()
     if todo:

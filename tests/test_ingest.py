@@ -136,11 +136,11 @@ def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
     real = ingest.inspect_image
     calls: list[int] = []
 
-    def dying(data: bytes, min_side: int, decode_check: bool = True):
+    def dying(data: bytes, *args, **kwargs):
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt("simulated kill")
-        return real(data, min_side, decode_check)
+        return real(data, *args, **kwargs)
 
     monkeypatch.setattr(ingest, "inspect_image", dying)
     monkeypatch.setattr(ingest.os, "cpu_count", lambda: 1)  # one worker: a deterministic kill point
