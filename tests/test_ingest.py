@@ -233,3 +233,30 @@ def test_exif_transpose_matches_pillow_for_every_orientation(tmp_path: Path) -> 
         assert np.array_equal(np.asarray(got), expected), orientation
         info = inspect_image(path.read_bytes(), min_side=1)
         assert (info["width"], info["height"]) == got.size
+
+
+def test_every_edge_file_converts_to_its_source_photo(fixtures_dir: Path, sample_photos: Path) -> None:
+    """Each edge/ file is made from one bundled photo (tests/fixtures/README.md): after load_image it must look
+    like that photo, so a wrong conversion (inverted CMYK, saturated 16-bit grey, alpha on black, a missed EXIF
+    rotation) fails here, not only a blank image."""
+    def rgb(path: Path) -> np.ndarray:
+        return np.asarray(load_image(path), dtype=np.float32)
+
+    edge = fixtures_dir / "edge"
+    for name, source, tol in (("cmyk.jpg", "10265353_3838484249.jpg", 3.0),
+                              ("palette.png", "17295357_9106075285.jpg", 5.0),
+                              ("rotated.jpg", "02928139_3448003521.jpg", 3.0)):
+        got, want = rgb(edge / name), rgb(sample_photos / source)
+        assert got.shape == want.shape, name
+        assert np.abs(got - want).mean() < tol, name
+    # alpha: 0 in the left 64 columns (-> white), 128 in the rest of the top 48 rows (-> half white), else opaque
+    got, want = rgb(edge / "alpha.png"), rgb(sample_photos / "32809961_8274055477.jpg")
+    assert (got[:, :64] == 255).all()
+    assert np.abs(got[:48, 64:] - (0.5 * want[:48, 64:] + 127.5)).mean() < 1.0
+    assert np.abs(got[48:, 64:] - want[48:, 64:]).mean() < 0.5
+    # 16-bit grey (8-bit x 257): scaled back to the source's grey levels, not clipped to 255
+    got = rgb(edge / "gray16.png")
+    with Image.open(sample_photos / "44120379_8371960244.jpg") as src:
+        grey = np.asarray(src.convert("L"), dtype=np.float32)
+    assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
+    assert np.abs(got[..., 0] - grey).max() <= 1.0
