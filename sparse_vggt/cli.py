@@ -66,7 +66,7 @@ def print_manifest(title: str, manifest: dict[str, Any]) -> None:
         elif isinstance(value, dict) and value and all(isinstance(v, (int, float, str)) for v in value.values()):
             scalars.add_row(key, ", ".join(f"{k}: {v}" for k, v in value.items()))
         else:
-            scalars.add_row(key, _fmt(value))
+            scalars.add_row(key, escape(_fmt(value)))
     console.print(scalars)
     for key, rows in nested:
         table = Table(title=key, title_justify="left")
@@ -74,7 +74,7 @@ def print_manifest(title: str, manifest: dict[str, Any]) -> None:
         for col in cols:
             table.add_column(str(col))
         for row in rows[:50]:
-            table.add_row(*[_fmt(row.get(c)) for c in cols])
+            table.add_row(*[escape(_fmt(row.get(c))) for c in cols])  # file names may contain [/...]
         if len(rows) > 50:
             table.caption = f"... {len(rows) - 50} more rows"
         console.print(table)
@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = {k: v for k, v in row["manifest"].items() if isinstance(v, (int, float, str)) and not str(k).endswith("path")}
         style = {"finished": "green", "started": "yellow", "pending": "dim"}[row["state"]]
         table.add_row(row["stage"], f"[{style}]{row['state']}[/]", row["finished"] or "",
-                      ", ".join(f"{k}={_fmt(v)}" for k, v in list(counts.items())[:8]))
+                      escape(", ".join(f"{k}={_fmt(v)}" for k, v in list(counts.items())[:8])))
     console.print(table)
     if status["units"]:
         console.print("units: " + ", ".join(f"{k}={v}" for k, v in status["units"].items()))

@@ -198,6 +198,8 @@ def test_full_flow_on_sample_photos_mixed_with_every_bad_and_edge_file(
     shutil.copytree(fixtures_dir / "bad", photos / "bad")
     shutil.copytree(fixtures_dir / "edge", photos / "edge")
     (photos / "broken link.jpg").symlink_to(photos / "gone.jpg")
+    (photos / "[").mkdir()  # the relative path "[/b] odd.jpg" is a closing rich markup tag: output must escape it
+    (photos / "[" / "b] odd.jpg").write_text("not a photo\n")
     Path(os.fsdecode(os.fsencode(photos) + b"/r\xe9sum\xe9.jpg")).write_bytes(
         sorted(sample_photos.glob("*.jpg"))[0].read_bytes())
     run = tmp_path / "run"
@@ -213,7 +215,7 @@ def test_full_flow_on_sample_photos_mixed_with_every_bad_and_edge_file(
     rows = _rows(run)
     skipped = {p: r["status"] for p, r in rows.items() if r["status"] != "ok"}
     assert set(skipped) == {"bad/empty.jpg", "bad/notes.jpg", "bad/truncated.jpg", "edge/tiny.jpg",
-                            "broken link.jpg", "r\\xe9sum\\xe9.jpg"}
+                            "broken link.jpg", "r\\xe9sum\\xe9.jpg", "[/b] odd.jpg"}
     assert skipped["edge/tiny.jpg"].startswith("too small (16x16")
     for name in EDGE_CONVERTED:  # converted, not skipped
         assert rows[f"edge/{name}"]["status"] == "ok", name
