@@ -19,13 +19,17 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from sparse_vggt import ingest
+from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
+from sparse_vggt.export import export
 from sparse_vggt.ingest import IngestError, scan
+from sparse_vggt.merge import merge
 from sparse_vggt.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +187,51 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
     assert rows["broken.jpg"]["status"].startswith("broken symbolic link")
     assert rows["pipe.jpg"]["status"].startswith("not a regular file")
     assert len([p for p in rows if p.endswith("in_linked_folder.jpg")]) == 1  # each real folder walked once
+
+
+def _skip_rows(table: pa.Table, rows: dict[int, str], extra: list[str]) -> pa.Table:
+    """``table`` with ``rows`` marked skipped and ``extra`` skipped rows appended, sizes null as scan writes them."""
+    data = table.to_pydict()
+    for i, reason in rows.items():
+        data["status"][i], data["width"][i], data["height"][i], data["chunk_id"][i] = reason, None, None, -1
+    for reason in extra:
+        for name in data:
+            data[name].append(None)
+        n = len(data["image_id"])
+        data.update({k: data[k][:-1] + [v] for k, v in (("image_id", n - 1), ("path", f"bad/{n}.jpg"),
+                                                       ("status", reason), ("chunk_id", -1), ("duplicates", []))})
+    return pa.table(data, schema=table.schema)
+
+
+def test_merge_and_export_use_only_kept_rows(tmp_path: Path) -> None:
+    """Skipped rows have no width/height (merge and export used to turn them into NaN -> int and crash); a cluster
+    that holds a skipped image (a stale partition) is excluded with its reason, never read."""
+    run = syn.synthetic_run(tmp_path / "run", n_frames=300, max_cluster_frames=64, min_overlap_frames=6, seed=5)
+    shutil.copytree(run.root, tmp_path / "stale")
+    cfg = PipelineConfig()
+    cfg.merge.colors = False
+    store = RunStore.open(run.root)
+    images = store.read_table("images")
+    store.write_table("images", _skip_rows(images, {}, ["empty file", "not an image (unidentified format)",
+                                                        "truncated or corrupt (image file is truncated)"]))
+    m = merge(run.root, cfg)
+    assert not m["clusters_excluded"] and m["images_posed"] == run.scene.n
+    e = export(run.root, cfg)
+    assert e["images"] == run.scene.n
+
+    # a partition that still holds an image the scan now skips: its clusters are excluded, the rest merge
+    stale = RunStore.open(tmp_path / "stale")
+    clusters = stale.read_table("clusters")
+    victim = int(clusters.column("image_id")[0].as_py())
+    holding = {int(c) for c, i in zip(clusters.column("cluster_id").to_pylist(),
+                                      clusters.column("image_id").to_pylist()) if i == victim}
+    stale.write_table("images", _skip_rows(images, {victim: "truncated or corrupt (x)"}, []))
+    m = merge(stale.root, cfg)
+    assert {int(c) for c in m["clusters_excluded"]} == holding
+    assert all("skipped by scan" in r for r in m["clusters_excluded"].values())
+    ids = np.asarray(stale.group("merge/images", create=False)["image_ids"][...])
+    assert victim not in ids.tolist() and len(ids) > 0
+    assert export(stale.root, cfg)["images"] == len(ids)
 
 
 @pytest.mark.slow
