@@ -33,7 +33,7 @@ class IngestConfig:
     )  # matched case-insensitively
     min_side: int = 64  # images whose shorter upright side is below this are skipped ("too small")
     chunk_size: int = 256  # kept images per descriptor batch/Zarr chunk; one describe unit per chunk
-    follow_symlinks: bool = False  # false: symlinked folders are not entered and file links leaving the folder are skipped
+    follow_symlinks: bool = False  # false: folder links are not entered; file links leaving the folder are skipped
     # images with more pixels (width x height) are skipped as "too large"; default = Pillow's Image.MAX_IMAGE_PIXELS.
     # At most 2 x Pillow's limit (the largest image Pillow decodes at all), since every stage reads with Pillow
     max_image_pixels: int = 89_478_485
