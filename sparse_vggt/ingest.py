@@ -237,7 +237,7 @@ def check_pixel_limit(max_pixels: int) -> None:
 
 
 def inspect_image(data: bytes, min_side: int, decode_check: bool = True,
-                  max_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+                  max_pixels: int | None = PILLOW_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Validate one file's bytes and read its metadata. Returns the record fields, ``status`` says why not ok.
 
     The pixel limit is compared explicitly on the header's size, before any decoding: Pillow's own
@@ -250,9 +250,9 @@ def inspect_image(data: bytes, min_side: int, decode_check: bool = True,
         img = Image.open(io.BytesIO(data))
         stored = img.size
         pixels = int(stored[0]) * int(stored[1])
-        if pixels > max_pixels:
+        if max_pixels is not None and pixels > max_pixels:
             return {"status": f"too large ({stored[0]}x{stored[1]} = {pixels} pixels > ingest.max_image_pixels="
-                              f"{max_pixels})", "width": int(stored[0]), "height": int(stored[1])}
+                              f"{max_pixels})"}
         exif = img.getexif()
         if decode_check:
             img.load()  # raises on truncated / corrupt data
@@ -262,19 +262,28 @@ def inspect_image(data: bytes, min_side: int, decode_check: bool = True,
         return {"status": "not an image (unidentified format)"}
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return {"status": f"truncated or corrupt ({str(exc).strip() or type(exc).__name__})"}
-    orientation = int(exif.get(_ORIENTATION, 1) or 1)
+    except Exception as exc:  # noqa: BLE001 - a decoder failing in another way on hostile bytes is still a skip
+        return {"status": f"truncated or corrupt ({type(exc).__name__}: {str(exc).strip()})"}
+    try:
+        orientation = int(exif.get(_ORIENTATION, 1) or 1)
+    except (TypeError, ValueError):  # Pillow's exif_transpose ignores such a value too: the pixels stay as stored
+        orientation = 1
     if orientation not in range(1, 9):
         orientation = 1
     w, h = stored if orientation < 5 else stored[::-1]  # 5-8 swap the axes
     if min(w, h) < min_side:
         return {"status": f"too small ({w}x{h} < {min_side} px)", "width": w, "height": h,
                 "orientation": orientation}
-    exif_ifd = dict(exif.get_ifd(_EXIF_IFD))
-    gps = dict(exif.get_ifd(_GPS_IFD))
-    lat, lon, alt = _gps(gps) if gps else (None, None, None)
-    return {"status": "ok", "width": w, "height": h, "orientation": orientation,
-            "focal_px": focal_from_exif(exif_ifd, (w, h)), "gps_lat": lat, "gps_lon": lon, "gps_alt": alt,
-            "timestamp": _timestamp(exif_ifd, exif)}
+    info: dict[str, Any] = {"status": "ok", "width": w, "height": h, "orientation": orientation}
+    try:
+        exif_ifd = dict(exif.get_ifd(_EXIF_IFD))
+        gps = dict(exif.get_ifd(_GPS_IFD))
+        lat, lon, alt = _gps(gps) if gps else (None, None, None)
+        info.update({"focal_px": focal_from_exif(exif_ifd, (w, h)), "gps_lat": lat, "gps_lon": lon,
+                     "gps_alt": alt, "timestamp": _timestamp(exif_ifd, exif)})
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF costs the priors, never the photo or the scan
+        log.debug("ignoring malformed EXIF (%s: %s)", type(exc).__name__, exc)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------

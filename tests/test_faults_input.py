@@ -189,6 +189,26 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
     assert len([p for p in rows if p.endswith("in_linked_folder.jpg")]) == 1  # each real folder walked once
 
 
+def test_malformed_exif_orientation_does_not_stop_the_scan(tmp_path: Path, sample_photos: Path) -> None:
+    """An Orientation tag stored as text made ``int()`` raise outside the scan's error handling (whole scan lost)."""
+    import io
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(sorted(sample_photos.glob("*.jpg"))[0], root / "good.jpg")
+    # little-endian TIFF with one IFD entry: Orientation (0x0112) as ASCII "sideways" at offset 26
+    tiff = (b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 2, 9, 26) + struct.pack("<I", 0)
+            + b"sideways\0")
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80), (10, 20, 30)).save(buf, format="JPEG", exif=b"Exif\0\0" + tiff)
+    (root / "odd_exif.jpg").write_bytes(buf.getvalue())
+    scan(root, tmp_path / "run", PipelineConfig())
+    rows = _rows(tmp_path / "run")
+    assert rows["good.jpg"]["status"] == "ok"
+    assert rows["odd_exif.jpg"]["status"] == "ok" and rows["odd_exif.jpg"]["orientation"] == 1
+    assert ingest.load_image(root / "odd_exif.jpg").size == (100, 80)  # what later stages read agrees
+
+
 def _skip_rows(table: pa.Table, rows: dict[int, str], extra: list[str]) -> pa.Table:
     """``table`` with ``rows`` marked skipped and ``extra`` skipped rows appended, sizes null as scan writes them."""
     data = table.to_pydict()
