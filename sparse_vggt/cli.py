@@ -157,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
 
-    result = evaluate(Path(args.pred), Path(args.reference))
+    result = evaluate(Path(args.pred), Path(args.reference), mode="symmetric" if args.symmetric else "relative")
     if args.json:
         print(json.dumps(result))
     else:
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred", help="run directory or COLMAP model directory")
     p.add_argument("--reference", required=True, help="reference COLMAP model directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--symmetric", action="store_true",
+                   help="stricter pair metric: signed translation direction, worse of i->j and j->i (not comparable "
+                        "to published RRA/RTA/AUC@30)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("status", help="each stage's state and counts")
