@@ -9,8 +9,11 @@ first and raises `CheckpointMismatchError` naming every missing/unexpected key a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -44,15 +47,72 @@ class CheckpointMismatchError(RuntimeError):
         super().__init__("\n".join(parts))
 
 
+class WeightsUnavailableError(FileNotFoundError):
+    """A checkpoint cannot be found locally and cannot be downloaded; the message says what to run instead."""
+
+
+def random_weights_flags(stage: str) -> str:
+    """The exact CLI flags that run ``stage`` (describe / reconstruct) with random weights."""
+    return f"--set {stage}.model=random --set {stage}.allow_random_weights=true"
+
+
+def _offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE, no route), or None when it can.
+
+    Probed with one short TCP connection so an offline machine fails in seconds instead of waiting for
+    huggingface_hub's retries (about 50 s per file).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return None if _hub_reachable() else "this machine cannot reach the Hugging Face Hub (offline?)"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unavailable_message(name: str, filenames: Sequence[str], reason: str, stage: str | None = None) -> str:
+    """One short paragraph: what is missing, why, and the three ways forward (download, local path, random)."""
+    stages = [stage] if stage else ["reconstruct", "describe"]
+    key = f"{stages[0]}.model"
+    random_cmd = " ".join(random_weights_flags(s) for s in stages)
+    return (f"the checkpoint of the Hugging Face repo {name!r} ({' or '.join(filenames)}) is not in the local "
+            f"cache and {reason}. "
+            f"Either download it where there is network access (`hf download {name} {filenames[-1]}`) and copy "
+            f"the cache (~/.cache/huggingface) here, or pass a local file or directory with --set "
+            f"{key}=/path/to/{filenames[-1]}, or run with RANDOM weights (meaningless geometry, for trying the "
+            f"pipeline): {random_cmd}")
+
+
+def _cached_file(name: str, filenames: Sequence[str], revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        hit = try_to_load_from_cache(repo_id=name, filename=filename, revision=revision)
+        if isinstance(hit, (str, os.PathLike)) and Path(hit).is_file():
+            return Path(hit)
+    return None
+
+
 def _looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
 
 
 def resolve_checkpoint(name_or_path: str | Path, filenames: Sequence[str] = DEFAULT_FILENAMES,
-                       revision: str | None = None) -> Path:
-    """Local file -> itself; directory -> the first of ``filenames`` in it; ``owner/name`` -> hub download of
-    the first of ``filenames`` the repo has. Raises FileNotFoundError with what was tried."""
+                       revision: str | None = None, stage: str | None = None) -> Path:
+    """Local file -> itself; directory -> the first of ``filenames`` in it; ``owner/name`` -> the Hugging Face
+    cache, else a hub download of the first of ``filenames`` the repo has. Raises FileNotFoundError with what was
+    tried; `WeightsUnavailableError` (short, with the commands to run) when offline. ``stage`` only words the
+    message."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -65,13 +125,22 @@ def resolve_checkpoint(name_or_path: str | Path, filenames: Sequence[str] = DEFA
     if not _looks_like_repo_id(name):
         raise FileNotFoundError(f"checkpoint {name!r} is neither an existing file, a directory, nor a Hugging Face "
                                 "repo id like 'facebook/VGGT-1B'")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
+    cached = _cached_file(name, filenames, revision)
+    if cached is not None:
+        return cached
+    reason = _offline_reason()
+    if reason:
+        raise WeightsUnavailableError(unavailable_message(name, filenames, reason, stage))
     errors = []
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo_id=name, filename=filename, revision=revision))
+            return Path(huggingface_hub.hf_hub_download(repo_id=name, filename=filename, revision=revision))
+        except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError) the network went away
+            raise WeightsUnavailableError(unavailable_message(
+                name, filenames, "the download failed (offline?)", stage)) from exc
         except EntryNotFoundError as exc:
             errors.append(f"{filename}: not in the repo ({type(exc).__name__})")
         except Exception as exc:  # network, auth, missing repo: no point trying other file names
@@ -131,3 +200,57 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | Path | Mapping[str,
         if left:
             raise RuntimeError(f"tensors left uninitialised after loading: {left[:10]}")
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# provenance: which weights produced a run (recorded in manifests, shown in every report)
+
+
+def _hub_revision(path: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) of a file inside the Hugging Face cache (``models--org--name/snapshots/<commit>/``)."""
+    parts = path.parts
+    for k in range(len(parts) - 2):
+        if parts[k].startswith("models--") and parts[k + 1] == "snapshots":
+            return parts[k][len("models--"):].replace("--", "/"), parts[k + 2]
+    return None, None
+
+
+def provenance(model: str, filenames: Sequence[str] = DEFAULT_FILENAMES, preset: str | None = None,
+               seed: int | None = None, revision: str | None = None) -> dict[str, Any]:
+    """What a stage's ``model`` setting resolves to, without any network access: ``{"weights": "random", ...}``
+    or ``{"weights": "checkpoint", "source", "file", "revision", "bytes"}`` (revision: the hub commit of a cached
+    file, else the requested revision)."""
+    if model == "random":
+        return {"weights": "random", "preset": preset, "seed": seed}
+    out: dict[str, Any] = {"weights": "checkpoint", "source": str(model), "preset": preset}
+    path = Path(model).expanduser()
+    found: Path | None = None
+    if path.is_file():
+        found = path
+    elif path.is_dir():
+        found = next((path / f for f in filenames if (path / f).is_file()), None)
+    elif _looks_like_repo_id(str(model)):
+        try:
+            found = _cached_file(str(model), filenames, revision)
+        except Exception:  # noqa: BLE001 - provenance must never fail a stage
+            found = None
+    if found is not None:
+        _, commit = _hub_revision(found)  # snapshots/<commit>/<file> (before following the symlink into blobs/)
+        out.update(file=str(found), bytes=found.stat().st_size, revision=commit or revision)
+    else:
+        out.update(file=None, revision=revision)
+    return out
+
+
+def describe_weights(prov: Mapping[str, Any] | None) -> str:
+    """One line for reports: 'RANDOM (preset tiny, seed 0)' or 'checkpoint facebook/VGGT-1B @ <rev> (<file>)'."""
+    if not prov:
+        return "unknown (not recorded)"
+    kind = prov.get("weights")
+    if kind == "random":
+        return f"RANDOM weights (preset {prov.get('preset')}, seed {prov.get('seed')}): results are meaningless"
+    if kind == "file":
+        return f"descriptors read from {prov.get('file')} (no model)"
+    rev = prov.get("revision")
+    return (f"checkpoint {prov.get('source')}" + (f" @ {rev}" if rev else "")
+            + (f" ({prov.get('file')}, {prov.get('bytes')} bytes)" if prov.get("file") else ""))
