@@ -25,14 +25,16 @@ from torch import nn
 
 from .config import PipelineConfig, ReconstructConfig
 from .device import autocast, is_out_of_memory, select_device, select_dtype
-from .progress import track
+from .progress import layer_progress, track
 from .store import RunStore
+from .weights import provenance
 
 log = logging.getLogger(__name__)
 
 STAGE = "reconstruct"
 MIN_FOV = 1e-3  # radians; smaller predicted fields of view are clamped (see decode_cameras)
 _MODELS: dict[tuple[Any, ...], nn.Module] = {}
+_WEIGHTS: dict[tuple[Any, ...], dict[str, Any]] = {}  # provenance of the cached model (recorded per cluster)
 
 
 class ClusterOutOfMemory(RuntimeError):
@@ -101,7 +103,8 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
     from .models import VGGT
 
     if cfg.model == "random":
-        log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless",
+        log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless.\n"
+                    "For real results point reconstruct.model at a checkpoint (default facebook/VGGT-1B).",
                     cfg.preset, cfg.seed)
         torch.manual_seed(cfg.seed)
         model = _build(VGGT, cfg.preset)
@@ -117,7 +120,17 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
     _MODELS.clear()  # one model per process: a different config replaces it
     _MODELS[key] = model
+    _WEIGHTS.clear()
+    _WEIGHTS[key] = provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
     return model
+
+
+def model_weights(cfg: ReconstructConfig) -> dict[str, Any]:
+    """Provenance of the weights the configured model uses (random, or checkpoint file + revision)."""
+    for key, prov in _WEIGHTS.items():
+        if key[:3] == (cfg.model, cfg.preset, cfg.seed):
+            return prov
+    return provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
 
 
 def _build(cls: Any, preset: str) -> nn.Module:
@@ -192,7 +205,9 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
         model = load_model(cfg, device, k=config.partition.k)
         if hasattr(model, "head_chunk_frames"):  # DPT heads in frame chunks: bounded activation memory
             model.head_chunk_frames = cfg.head_chunk_frames or None
-        with torch.inference_mode(), autocast(device, dtype):
+        log.info("cluster %d: %d frames through VGGT on %s (%s)", cluster_id, len(image_ids), device.type,
+                 str(dtype).replace("torch.", ""))
+        with torch.inference_mode(), autocast(device, dtype), layer_progress(model, f"cluster {cluster_id}"):
             kwargs = {"neighbors": neighbors} if cfg.attention == "sparse" else {}
             out = model(images.to(device), **kwargs)
         h, w = images.shape[-2:]
@@ -220,7 +235,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     store.mark_unit_complete(
         path, model=cfg.model, preset=cfg.preset, k=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
         attention=cfg.attention, special_tokens_global=cfg.special_tokens_global, image_size=cfg.image_size,
-        preprocess_mode=cfg.preprocess_mode, frames=n,
+        preprocess_mode=cfg.preprocess_mode, frames=n, weights=model_weights(cfg),
     )
     log.info("cluster %d: %d frames reconstructed (%s, %s)", cluster_id, n, device.type, dtype)
     return {"cluster_id": int(cluster_id), "skipped": False, "frames": n, "depth_shape": [n, int(h), int(w)]}
@@ -252,8 +267,19 @@ def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterab
         frames += int(result.get("frames", 0))
     complete = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
     pending = [c for c in all_ids if c not in complete]
-    manifest = {"clusters": len(all_ids), "reconstructed": done, "skipped_complete": skipped,
-                "frames": frames, "pending": len(pending)}
+    # totals over every complete cluster (what `status` and the reports show, also when each cluster ran in
+    # its own task and this call only checks), then what this call did
+    total_frames, weights = 0, []
+    for c in sorted(complete & set(all_ids)):
+        attrs = store.zarr[_group(c)].attrs
+        total_frames += int(attrs.get("frames", 0))
+        w = attrs.get("weights") or {"weights": "random" if attrs.get("model") == "random" else "checkpoint",
+                                     "source": attrs.get("model")}
+        if w not in weights:
+            weights.append(w)
+    manifest = {"clusters": len(all_ids), "reconstructed": len(complete & set(all_ids)), "frames": total_frames,
+                "pending": len(pending), "reconstructed_now": done, "frames_now": frames,
+                "skipped_complete": skipped, "weights": weights[0] if len(weights) == 1 else weights}
     if not pending:
         store.stage_finished(STAGE, manifest)
     return manifest
