@@ -35,6 +35,7 @@ from prefect.states import Failed
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.store import RunStore, atomic_write_bytes
+from sparse_vggt.weights import run_weights, weights_markdown
 from tasks.dispatch import OOM_MARK, dispatch_cluster_task
 from tasks.stages import (
     artifact_key,
@@ -408,6 +409,7 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
         "outputs": _outputs(run_dir),
         "random_weights": random_weights,
+        "weights": run_weights(store.meta()),  # per model stage: random, or checkpoint file + revision
     }
     return report
 
@@ -417,6 +419,8 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["random_weights"]:
         lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
                   "meaningless.**", ""]
+    lines += [weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}}),
+              ""]
     for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
                 "components_skipped", "singletons_skipped", "frames_not_clustered"):
         lines.append(f"- **{key}**: {report.get(key)}")

@@ -254,3 +254,63 @@ def describe_weights(prov: Mapping[str, Any] | None) -> str:
     rev = prov.get("revision")
     return (f"checkpoint {prov.get('source')}" + (f" @ {rev}" if rev else "")
             + (f" ({prov.get('file')}, {prov.get('bytes')} bytes)" if prov.get("file") else ""))
+
+
+STAGE_FILENAMES = {"describe": ("model.safetensors",), "reconstruct": ("model.safetensors", "model.pt")}
+
+
+def check_weights_available(config: Any, stages: Sequence[str] = ("describe", "reconstruct")) -> None:
+    """Before a long run: every configured checkpoint of ``stages`` is a local file, a cached hub file, or
+    downloadable now. Raises `WeightsUnavailableError` (offline) or FileNotFoundError (bad path) naming the
+    stage's flags; ``model = "random"`` and bring-your-own descriptors need no checkpoint."""
+    for stage in stages:
+        sub = getattr(config, stage)
+        if sub.model == "random" or (stage == "describe" and getattr(sub, "descriptors_file", None)):
+            continue
+        try:
+            resolve_checkpoint(sub.model, STAGE_FILENAMES[stage], stage=stage)
+        except WeightsUnavailableError:
+            raise
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{stage}.model: {exc}. Fix the path, or run with RANDOM weights (meaningless "
+                                    f"geometry): {random_weights_flags(stage)}") from exc
+
+
+def run_weights(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per model stage, the weights a run used, from run.json (the stage manifests' provenance, else the
+    recorded config for runs made before provenance was recorded, or stages not finished yet)."""
+    stages, config = meta.get("stages", {}) or {}, meta.get("config", {}) or {}
+    out: dict[str, dict[str, Any]] = {}
+    for stage in ("describe", "reconstruct"):
+        w = (stages.get(stage, {}) or {}).get("manifest", {}).get("weights")
+        if isinstance(w, list):  # several provenances (clusters made by different checkpoints)
+            w = {"weights": "mixed", "sources": w}
+        if not w:
+            sub = config.get(stage, {}) or {}
+            model = sub.get("model")
+            if stage == "describe" and sub.get("descriptors_file"):
+                w = {"weights": "file", "file": sub["descriptors_file"]}
+            elif model:
+                w = provenance(model, STAGE_FILENAMES[stage], preset=sub.get("preset"),
+                               seed=sub.get("seed", 0 if stage == "describe" else None))
+                w["from_config"] = True
+        if w:
+            out[stage] = w
+    return out
+
+
+def weights_markdown(meta: Mapping[str, Any]) -> str:
+    """The 'Model weights' section of a Markdown report: random or real, checkpoint file and revision."""
+    weights = run_weights(meta)
+    random = [s for s, w in weights.items() if w.get("weights") == "random"]
+    lines = ["## Model weights", ""]
+    if random:
+        lines += [f"**{' and '.join(random)} ran with RANDOM weights: every pose, depth and point is meaningless.**",
+                  ""]
+    for stage, w in weights.items():
+        if w.get("weights") == "mixed":
+            text = "several: " + "; ".join(describe_weights(x) for x in w.get("sources", []))
+        else:
+            text = describe_weights(w)
+        lines.append(f"- **{stage}**: {text}")
+    return "\n".join(lines) + "\n"
