@@ -222,6 +222,40 @@ def _finished(run_dir: Path, photos: Path, cfg: PipelineConfig | None, title: st
     return EXIT_PARTIAL if done.get("failures") else EXIT_OK
 
 
+class _NoTraceback(logging.Formatter):
+    """Formats with the wrapped formatter, minus the traceback (another handler may have cached it already)."""
+
+    max_chars = 400
+
+    def __init__(self, inner: logging.Formatter | None, note: str):
+        super().__init__()
+        self.inner, self.note = inner or logging.Formatter("%(message)s"), note
+
+    def format(self, record: logging.LogRecord) -> str:
+        failed = bool(record.exc_info or record.exc_text or record.stack_info)
+        if not failed and record.levelno < logging.ERROR and not record.name.startswith("prefect"):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            text = self.inner.format(record)
+            if len(text) > self.max_chars:  # e.g. a repr of an exception listing hundreds of missing keys
+                text = text[:self.max_chars] + f" ... ({len(text) - self.max_chars} more characters)"
+            return text + (self.note if failed else "")
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def hide_log_tracebacks(note: str = "  (traceback hidden; -v shows it)") -> None:
+    """Console log records keep their message but not their traceback (Prefect logs every task and flow
+    failure with one, so a single error printed ~190 lines twice). Only the terminal handlers' formatters
+    change: the API handler still sends full tracebacks to the Prefect UI."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) or type(handler).__name__ == "RichHandler":
+            if not isinstance(handler.formatter, _NoTraceback):
+                handler.setFormatter(_NoTraceback(handler.formatter, note))
+
+
 def _flow_exit(result: dict[str, Any]) -> int:
     return EXIT_PARTIAL if result.get("failures") else EXIT_OK
 
@@ -235,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_weights(cfg, ("describe", "reconstruct"))
     from flows.reconstruct import run_pipeline  # Prefect lives in flows/, never in the library
 
+    if not args.verbose:
+        hide_log_tracebacks()
     result = run_pipeline(Path(args.photos), Path(args.run), cfg, force=args.force)
     print_manifest("run", result)
     return _flow_exit(result)
@@ -250,6 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.reconstruct import demo_config, run_demo
 
     _check_weights(demo_config(args.set), ("describe", "reconstruct"))
+    if not args.verbose:
+        hide_log_tracebacks()
     result = run_demo(Path(args.run), overrides=args.set, force=args.force)
     print_manifest("demo", result)
     return _flow_exit(result)

@@ -236,3 +236,26 @@ def test_manifest_lists_render_in_tables(capsys: pytest.CaptureFixture[str]) -> 
     print_manifest("demo", {"outputs": ["colmap/0/cameras.bin", "points.ply"], "note": "[bold]x[/]"})
     out = capsys.readouterr().out
     assert "colmap/0/cameras.bin" in out and "points.ply" in out and "[bold]x[/]" in out
+
+
+def test_console_logs_hide_tracebacks_unless_verbose() -> None:
+    """A failure logged with exc_info (as Prefect logs task/flow failures) prints one line, not a traceback."""
+    import io
+    import logging
+
+    from sparse_vggt.cli import hide_log_tracebacks
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        hide_log_tracebacks()
+        try:
+            raise ValueError("the real reason")
+        except ValueError:
+            logging.getLogger("prefect.task_runs").error("Task run failed with exception: boom", exc_info=True)
+    finally:
+        root.removeHandler(handler)
+    out = stream.getvalue()
+    assert "Task run failed with exception: boom" in out and "Traceback" not in out and "-v shows it" in out
