@@ -261,19 +261,33 @@ STAGE_FILENAMES = {"describe": ("model.safetensors",), "reconstruct": ("model.sa
 
 def check_weights_available(config: Any, stages: Sequence[str] = ("describe", "reconstruct")) -> None:
     """Before a long run: every configured checkpoint of ``stages`` is a local file, a cached hub file, or
-    downloadable now. Raises `WeightsUnavailableError` (offline) or FileNotFoundError (bad path) naming the
-    stage's flags; ``model = "random"`` and bring-your-own descriptors need no checkpoint."""
+    downloadable now. Raises one `WeightsUnavailableError` naming every unavailable checkpoint (offline) and the
+    flags for each way forward, or FileNotFoundError for a bad path; ``model = "random"`` and bring-your-own
+    descriptors need no checkpoint."""
+    missing: list[tuple[str, str, str]] = []  # (stage, model, reason)
     for stage in stages:
         sub = getattr(config, stage)
         if sub.model == "random" or (stage == "describe" and getattr(sub, "descriptors_file", None)):
             continue
         try:
             resolve_checkpoint(sub.model, STAGE_FILENAMES[stage], stage=stage)
-        except WeightsUnavailableError:
-            raise
+        except WeightsUnavailableError as exc:
+            missing.append((stage, sub.model, str(exc)))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{stage}.model: {exc}. Fix the path, or run with RANDOM weights (meaningless "
                                     f"geometry): {random_weights_flags(stage)}") from exc
+    if len(missing) == 1:
+        raise WeightsUnavailableError(missing[0][2])
+    if missing:
+        reason = _offline_reason() or "the download failed (offline?)"
+        names = ", ".join(f"{stage}.model={model!r}" for stage, model, _ in missing)
+        downloads = "; ".join(f"`hf download {model} {STAGE_FILENAMES[stage][-1]}`" for stage, model, _ in missing)
+        flags = " ".join(random_weights_flags(stage) for stage, _, _ in missing)
+        raise WeightsUnavailableError(
+            f"no checkpoint for {names}: not in the local Hugging Face cache and {reason}. Either download them "
+            f"where there is network access ({downloads}) and copy the cache (~/.cache/huggingface) here, or pass "
+            f"local files with --set <stage>.model=/path/to/file, or run with RANDOM weights (meaningless "
+            f"geometry, for trying the pipeline): {flags}")
 
 
 def run_weights(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
