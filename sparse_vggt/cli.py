@@ -122,7 +122,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     _, cfg = _open_with_config(args)
     if args.descriptors:
         cfg.describe.descriptors_file = args.descriptors
-    _check_weights(cfg, ("describe",))
+    _check_weights(cfg, ("describe",), args.run)
     print_manifest("describe", describe(Path(args.run), cfg))
     return 0
 
@@ -147,7 +147,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct
 
     _, cfg = _open_with_config(args)
-    _check_weights(cfg, ("reconstruct",))
+    _check_weights(cfg, ("reconstruct",), args.run)
     ids = [int(c) for c in args.cluster] if args.cluster else None
     print_manifest("reconstruct", reconstruct(Path(args.run), cfg, cluster_ids=ids))
     return 0
@@ -202,10 +202,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_weights(cfg: PipelineConfig, stages: tuple[str, ...]) -> None:
-    """Fail in seconds, with the commands to run, when a checkpoint is neither local nor downloadable."""
+def _check_weights(cfg: PipelineConfig, stages: tuple[str, ...], run: str | Path | None = None) -> None:
+    """Fail in seconds, with the commands to run, when a checkpoint is neither local nor downloadable (stages
+    already finished in ``run`` need none)."""
     from .weights import check_weights_available
 
+    if run is not None and (Path(run) / "run.json").is_file():
+        try:
+            done = RunStore(run).meta().get("stages", {})
+            stages = tuple(s for s in stages if not done.get(s, {}).get("finished"))
+        except RunStoreError:
+            pass  # the flow reports a broken run.json itself
     check_weights_available(cfg, stages)
 
 
@@ -266,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = _finished(Path(args.run), Path(args.photos), cfg, "run")
         if code is not None:
             return code
-    _check_weights(cfg, ("describe", "reconstruct"))
+    _check_weights(cfg, ("describe", "reconstruct"), args.run)
     from flows.reconstruct import run_pipeline  # Prefect lives in flows/, never in the library
 
     if not args.verbose:
@@ -285,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
     from flows.reconstruct import demo_config, run_demo
 
-    _check_weights(demo_config(args.set), ("describe", "reconstruct"))
+    _check_weights(demo_config(args.set), ("describe", "reconstruct"), args.run)
     if not args.verbose:
         hide_log_tracebacks()
     result = run_demo(Path(args.run), overrides=args.set, force=args.force)

@@ -182,3 +182,23 @@ def test_cached_hub_file_is_used_offline_and_recorded_with_its_revision(tmp_path
     rnd = weights.provenance("random", preset="tiny", seed=3)
     assert rnd == {"weights": "random", "preset": "tiny", "seed": 3}
     assert "RANDOM" in weights.describe_weights(rnd)
+
+
+def test_report_section_says_random_or_which_checkpoint(tmp_path):
+    """report.md / the Prefect report: RANDOM in bold, or the checkpoint file; old runs fall back to the config."""
+    from sparse_vggt.weights import run_weights, weights_markdown
+
+    ckpt = tmp_path / "vggt.pt"
+    ckpt.write_bytes(b"0" * 10)
+    meta = {"config": {"describe": {"model": "random", "preset": "tiny"},
+                       "reconstruct": {"model": str(ckpt), "preset": "vggt-1b", "seed": 0}},
+            "stages": {"describe": {"manifest": {"weights": {"weights": "random", "preset": "tiny", "seed": 0}}}}}
+    w = run_weights(meta)
+    assert w["describe"]["weights"] == "random"
+    assert w["reconstruct"]["weights"] == "checkpoint" and w["reconstruct"]["file"] == str(ckpt)
+    assert w["reconstruct"]["bytes"] == 10 and w["reconstruct"]["from_config"]
+    md = weights_markdown(meta)
+    assert "## Model weights" in md and "**describe ran with RANDOM weights" in md and str(ckpt) in md
+    real = weights_markdown({"config": {"describe": {"descriptors_file": "d.npy", "model": "gberton/MegaLoc"},
+                                        "reconstruct": {"model": str(ckpt)}}})
+    assert "RANDOM" not in real and "d.npy" in real
