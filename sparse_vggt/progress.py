@@ -38,13 +38,21 @@ def track(items: Iterable[T], total: int | None = None, description: str = "") -
             progress.advance(task)
 
 
+def torch_module() -> type:
+    from torch import nn
+
+    return nn.Module
+
+
 @contextlib.contextmanager
 def layer_progress(model: Any, description: str, every_s: float | None = None) -> Iterator[None]:
-    """Progress of one long forward, counted in transformer blocks (``model.aggregator.frame_blocks`` and
-    ``global_blocks``) with forward hooks: a bar on a terminal, and an INFO line at most every ``every_s``
+    """Progress of one long forward, counted in transformer blocks (the patch-embedding backbone's, then
+    ``model.aggregator.frame_blocks`` and ``global_blocks``) with forward hooks: a bar on a terminal, and an INFO line at most every ``every_s``
     seconds elsewhere (Prefect logs). Observes only: the hooks return nothing, so outputs are unchanged."""
     agg = getattr(model, "aggregator", None)
-    blocks = [b for name in ("frame_blocks", "global_blocks") for b in (getattr(agg, name, None) or [])]
+    patch = getattr(agg, "patch_embed", None)  # the DINOv2 backbone runs first (a quarter of a VGGT-1B forward)
+    blocks = [b for b in (getattr(patch, "blocks", None) or []) if isinstance(b, torch_module())]
+    blocks += [b for name in ("frame_blocks", "global_blocks") for b in (getattr(agg, name, None) or [])]
     if not blocks:
         yield
         return

@@ -274,7 +274,8 @@ def test_layer_progress_reports_blocks_without_changing_outputs(caplog) -> None:
                                                                                           every_s=0.0):
             hooked = model(images)["pose_enc"]
         again = model(images)["pose_enc"]  # hooks removed afterwards
-    n = len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    backbone = list(getattr(model.aggregator.patch_embed, "blocks", []))
+    n = len(backbone) + len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
     lines = [r.getMessage() for r in caplog.records if r.name == "sparse_vggt.progress"]
     assert len(lines) == n and lines[-1].startswith(f"cluster 7: layer {n}/{n}")
     assert torch.equal(plain, hooked) and torch.equal(plain, again)
