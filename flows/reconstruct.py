@@ -35,7 +35,6 @@ from prefect.states import Failed
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.store import RunStore, atomic_write_bytes
-from sparse_vggt.weights import run_weights, weights_markdown
 from tasks.dispatch import OOM_MARK, dispatch_cluster_task
 from tasks.stages import (
     artifact_key,
@@ -409,7 +408,7 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
         "outputs": _outputs(run_dir),
         "random_weights": random_weights,
-        "weights": run_weights(store.meta()),  # per model stage: random, or checkpoint file + revision
+        "weights": _run_weights(store),  # per model stage: random, or checkpoint file + revision
     }
     return report
 
@@ -419,8 +418,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["random_weights"]:
         lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
                   "meaningless.**", ""]
-    lines += [weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}}),
-              ""]
+    lines += [_weights_markdown(report), ""]
     for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
                 "components_skipped", "singletons_skipped", "frames_not_clustered"):
         lines.append(f"- **{key}**: {report.get(key)}")
@@ -438,6 +436,18 @@ def _report_markdown(report: dict[str, Any]) -> str:
     out = report["outputs"]
     lines += ["", "## Outputs", "", f"`{out['export_dir']}`", ""] + [f"- `{f}`" for f in out["files"]]
     return "\n".join(lines)
+
+
+def _run_weights(store: RunStore) -> dict[str, Any]:
+    from sparse_vggt.weights import run_weights
+
+    return run_weights(store.meta())
+
+
+def _weights_markdown(report: dict[str, Any]) -> str:
+    from sparse_vggt.weights import weights_markdown
+
+    return weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}})
 
 
 def _publish_report(run_dir: str, report: dict[str, Any]) -> None:

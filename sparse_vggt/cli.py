@@ -263,6 +263,18 @@ def hide_log_tracebacks(note: str = "  (traceback hidden; -v shows it)") -> None
                 handler.setFormatter(_NoTraceback(handler.formatter, note))
 
 
+def _current_events(result: dict[str, Any]) -> dict[str, Any]:
+    """Show this flow run's skips/failures; earlier attempts' (already retried) only as a count."""
+    events = result.get("events")
+    if not isinstance(events, list) or "flow_run" not in result:
+        return result
+    mine = [e for e in events if isinstance(e, dict) and e.get("flow_run") == result["flow_run"]]
+    out = dict(result, events=mine)
+    if len(events) > len(mine):
+        out["earlier_events"] = f"{len(events) - len(mine)} from earlier attempts (orchestration/events.jsonl)"
+    return out
+
+
 def _flow_exit(result: dict[str, Any]) -> int:
     return EXIT_PARTIAL if result.get("failures") else EXIT_OK
 
@@ -279,7 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.verbose:
         hide_log_tracebacks()
     result = run_pipeline(Path(args.photos), Path(args.run), cfg, force=args.force)
-    print_manifest("run", result)
+    print_manifest("run", _current_events(result))
     return _flow_exit(result)
 
 

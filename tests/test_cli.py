@@ -259,3 +259,14 @@ def test_console_logs_hide_tracebacks_unless_verbose() -> None:
         root.removeHandler(handler)
     out = stream.getvalue()
     assert "Task run failed with exception: boom" in out and "Traceback" not in out and "-v shows it" in out
+
+
+def test_run_summary_shows_only_this_attempts_events() -> None:
+    from sparse_vggt.cli import _current_events
+
+    result = {"flow_run": "b", "events": [{"kind": "cluster_failed", "flow_run": "a"},
+                                          {"kind": "oom_split", "flow_run": "b"}]}
+    shown = _current_events(result)
+    assert shown["events"] == [{"kind": "oom_split", "flow_run": "b"}]
+    assert shown["earlier_events"].startswith("1 from earlier attempts")
+    assert _current_events({"events": []}) == {"events": []}
