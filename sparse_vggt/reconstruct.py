@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 STAGE = "reconstruct"
 MIN_FOV = 1e-3  # radians; smaller predicted fields of view are clamped (see decode_cameras)
 _MODELS: dict[tuple[Any, ...], nn.Module] = {}
-_WEIGHTS: dict[tuple[Any, ...], dict[str, Any]] = {}  # provenance of the cached model (recorded per cluster)
 
 
 class ClusterOutOfMemory(RuntimeError):
@@ -120,17 +119,7 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
     _MODELS.clear()  # one model per process: a different config replaces it
     _MODELS[key] = model
-    _WEIGHTS.clear()
-    _WEIGHTS[key] = provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
     return model
-
-
-def model_weights(cfg: ReconstructConfig) -> dict[str, Any]:
-    """Provenance of the weights the configured model uses (random, or checkpoint file + revision)."""
-    for key, prov in _WEIGHTS.items():
-        if key[:3] == (cfg.model, cfg.preset, cfg.seed):
-            return prov
-    return provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
 
 
 def _build(cls: Any, preset: str) -> nn.Module:
@@ -235,7 +224,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     store.mark_unit_complete(
         path, model=cfg.model, preset=cfg.preset, k=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
         attention=cfg.attention, special_tokens_global=cfg.special_tokens_global, image_size=cfg.image_size,
-        preprocess_mode=cfg.preprocess_mode, frames=n, weights=model_weights(cfg),
+        preprocess_mode=cfg.preprocess_mode, frames=n,
     )
     log.info("cluster %d: %d frames reconstructed (%s, %s)", cluster_id, n, device.type, dtype)
     return {"cluster_id": int(cluster_id), "skipped": False, "frames": n, "depth_shape": [n, int(h), int(w)]}
@@ -267,19 +256,31 @@ def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterab
         frames += int(result.get("frames", 0))
     complete = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
     pending = [c for c in all_ids if c not in complete]
-    # totals over every complete cluster (what `status` and the reports show, also when each cluster ran in
-    # its own task and this call only checks), then what this call did
-    total_frames, weights = 0, []
-    for c in sorted(complete & set(all_ids)):
-        attrs = store.zarr[_group(c)].attrs
-        total_frames += int(attrs.get("frames", 0))
-        w = attrs.get("weights") or {"weights": "random" if attrs.get("model") == "random" else "checkpoint",
-                                     "source": attrs.get("model")}
-        if w not in weights:
-            weights.append(w)
-    manifest = {"clusters": len(all_ids), "reconstructed": len(complete & set(all_ids)), "frames": total_frames,
-                "pending": len(pending), "reconstructed_now": done, "frames_now": frames,
-                "skipped_complete": skipped, "weights": weights[0] if len(weights) == 1 else weights}
+    manifest = {"clusters": len(all_ids), "reconstructed": done, "skipped_complete": skipped,
+                "frames": frames, "pending": len(pending)}
+    manifest = with_totals(store, all_ids, manifest, config.reconstruct)
     if not pending:
         store.stage_finished(STAGE, manifest)
     return manifest
+
+
+# ---- manifest --------------------------------------------------------------------------------------
+
+
+def model_weights(cfg: ReconstructConfig) -> dict[str, Any]:
+    """Provenance of the configured weights (random, or checkpoint file + hub revision); no network access."""
+    return provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
+
+
+def with_totals(store: RunStore, all_ids: list[int], manifest: dict[str, Any], cfg: ReconstructConfig
+                ) -> dict[str, Any]:
+    """The stage manifest states totals over every complete cluster (what `status` and the reports show, also
+    when each cluster ran in its own task and this call only checks); this call's work moves to ``*_now``."""
+    done = [c for c in all_ids if store.is_unit_complete(_group(c))]
+    frames = sum(int(store.zarr[_group(c)].attrs.get("frames", 0)) for c in done)
+    out = {"clusters": manifest["clusters"], "reconstructed": len(done), "frames": frames,
+           "pending": manifest["pending"], "reconstructed_now": manifest["reconstructed"],
+           "frames_now": manifest["frames"], "skipped_complete": manifest["skipped_complete"]}
+    out.update({k: v for k, v in manifest.items() if k not in out})
+    out["weights"] = model_weights(cfg)
+    return out
