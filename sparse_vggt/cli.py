@@ -477,15 +477,12 @@ def exit_code(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     progress.enable(not args.no_progress and sys.stderr.isatty())
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; re-run the same command to resume[/]")
-        return EXIT_INTERRUPTED
     except Exception as exc:
         # one short message; the traceback only with -v. Our own errors say what to do; anything else names
         # its type so a bug report has something to search for.
@@ -498,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ours:
             err_console.print("(unexpected error: re-run with -v for the traceback)", highlight=False)
         return exit_code(exc)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; re-run the same command to resume[/]")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
