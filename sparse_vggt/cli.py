@@ -255,12 +255,20 @@ class _NoTraceback(logging.Formatter):
 
 def hide_log_tracebacks(note: str = "  (traceback hidden; -v shows it)") -> None:
     """Console log records keep their message but not their traceback (Prefect logs every task and flow
-    failure with one, so a single error printed ~190 lines twice). Only the terminal handlers' formatters
-    change: the API handler still sends full tracebacks to the Prefect UI."""
+    failure with one, so a single error printed ~190 lines twice), and routine task-completion lines are
+    dropped. Only the terminal handlers change: the API handler still sends everything to the Prefect UI."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) or type(handler).__name__ == "RichHandler":
             if not isinstance(handler.formatter, _NoTraceback):
                 handler.setFormatter(_NoTraceback(handler.formatter, note))
+                handler.addFilter(_routine_task_state)
+
+
+def _routine_task_state(record: logging.LogRecord) -> bool:
+    """Drop Prefect's 'Finished in state Completed()' line of every task run from the terminal (one per chunk
+    and cluster); failures, retries and the flow's own lines stay."""
+    return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING
+                and record.getMessage().startswith("Finished in state Completed"))
 
 
 def _current_events(result: dict[str, Any]) -> dict[str, Any]:

@@ -249,16 +249,26 @@ def test_console_logs_hide_tracebacks_unless_verbose() -> None:
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()
     root.addHandler(handler)
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
     try:
         hide_log_tracebacks()
         try:
             raise ValueError("the real reason")
         except ValueError:
             logging.getLogger("prefect.task_runs").error("Task run failed with exception: boom", exc_info=True)
+        logging.getLogger("prefect.task_runs").warning("Finished in state Completed()")  # kept: a warning
+        logging.getLogger("prefect.task_runs").info("Finished in state Completed()")  # routine: dropped
+        logging.getLogger("prefect.flow_runs").info("reconstructing 6 cluster(s)")
     finally:
         root.removeHandler(handler)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     out = stream.getvalue()
     assert "Task run failed with exception: boom" in out and "Traceback" not in out and "-v shows it" in out
+    assert out.count("Finished in state Completed()") == 1 and "reconstructing 6 cluster(s)" in out
 
 
 def test_run_summary_shows_only_this_attempts_events() -> None:
