@@ -439,13 +439,13 @@ def _report_markdown(report: dict[str, Any]) -> str:
 
 
 def _run_weights(store: RunStore) -> dict[str, Any]:
-    from sparse_vggt.weights import run_weights
+    from sparse_vggt.provenance import run_weights
 
     return run_weights(store.meta())
 
 
 def _weights_markdown(report: dict[str, Any]) -> str:
-    from sparse_vggt.weights import weights_markdown
+    from sparse_vggt.provenance import weights_markdown
 
     return weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}})
 

@@ -199,6 +199,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     if status["units"]:
         console.print("units: " + ", ".join(f"{k}={v}" for k, v in status["units"].items()))
+    from .provenance import describe_weights, run_weights
+
+    for stage, w in run_weights(store.meta()).items():
+        console.print(Text(f"{stage} weights: {describe_weights(w)}", style="bold red" if w.get("weights") == "random"
+                           else ""))
     return 0
 
 

@@ -177,7 +177,7 @@ class _ModelDescriber:
         else:
             self.model = MegaLoc.from_pretrained(cfg.model, preset=cfg.preset)
             self.model_id = cfg.model
-        from .weights import provenance
+        from .provenance import provenance
 
         self.weights = provenance(cfg.model, ("model.safetensors",), preset=cfg.preset,
                                   seed=0 if cfg.model == "random" else None)

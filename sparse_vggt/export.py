@@ -26,7 +26,7 @@ import numpy as np
 from .config import ExportConfig, PipelineConfig
 from .geometry import camera_centers
 from .store import STAGES, RunStore
-from .weights import weights_markdown
+from .provenance import weights_markdown
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from .config import PipelineConfig, ReconstructConfig
 from .device import autocast, is_out_of_memory, select_device, select_dtype
 from .progress import layer_progress, track
 from .store import RunStore
-from .weights import provenance
+from .provenance import provenance
 
 log = logging.getLogger(__name__)
 
