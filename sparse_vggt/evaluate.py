@@ -273,9 +273,9 @@ def format_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     mode = result.get("pair_metric", "relative")
-    table = Table(title="pose accuracy vs reference", caption=f"pair metric: {mode} "
-                  + ("(VGGT/PoseDiffusion definition)" if mode == "relative" else "(stricter, not comparable to "
-                     "published numbers)"))
+    table = Table(title="pose accuracy vs reference",
+                  caption="pairs: VGGT/PoseDiffusion metric" if mode == "relative" else
+                  "pairs: --symmetric (stricter; not comparable to published numbers)")
     table.add_column("metric")
     table.add_column("value", justify="right")
 
