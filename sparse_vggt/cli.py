@@ -258,15 +258,18 @@ class _NoTraceback(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
-def hide_log_tracebacks(note: str = "  (traceback hidden; -v shows it)") -> None:
+def hide_log_tracebacks(note: str = "  (traceback hidden; -v shows it)", quiet: bool = False) -> None:
     """Console log records keep their message but not their traceback (Prefect logs every task and flow
     failure with one, so a single error printed ~190 lines twice), and routine task-completion lines are
-    dropped. Only the terminal handlers change: the API handler still sends everything to the Prefect UI."""
+    dropped (with ``quiet``: everything below WARNING). Only the terminal handlers change: the API handler still
+    sends everything to the Prefect UI."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) or type(handler).__name__ == "RichHandler":
             if not isinstance(handler.formatter, _NoTraceback):
                 handler.setFormatter(_NoTraceback(handler.formatter, note))
                 handler.addFilter(_routine_task_state)
+                if quiet:  # -q: Prefect's loggers have their own levels; keep its INFO lines off the terminal too
+                    handler.addFilter(lambda record: record.levelno >= logging.WARNING)
 
 
 def _routine_task_state(record: logging.LogRecord) -> bool:
@@ -302,7 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.reconstruct import run_pipeline  # Prefect lives in flows/, never in the library
 
     if not args.verbose:
-        hide_log_tracebacks()
+        hide_log_tracebacks(quiet=args.quiet)
     result = run_pipeline(Path(args.photos), Path(args.run), cfg, force=args.force)
     print_manifest("run", _current_events(result))
     return _flow_exit(result)
@@ -319,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _check_weights(demo_config(args.set), ("describe", "reconstruct"), args.run)
     if not args.verbose:
-        hide_log_tracebacks()
+        hide_log_tracebacks(quiet=args.quiet)
     result = run_demo(Path(args.run), overrides=args.set, force=args.force)
     print_manifest("demo", result)
     return _flow_exit(result)

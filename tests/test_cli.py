@@ -280,3 +280,26 @@ def test_run_summary_shows_only_this_attempts_events() -> None:
     assert shown["events"] == [{"kind": "oom_split", "flow_run": "b"}]
     assert shown["earlier_events"].startswith("1 from earlier attempts")
     assert _current_events({"events": []}) == {"events": []}
+
+
+def test_quiet_keeps_prefect_info_off_the_terminal() -> None:
+    import io
+    import logging
+
+    from sparse_vggt.cli import hide_log_tracebacks
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    level = flow_logger.level
+    flow_logger.setLevel(logging.INFO)
+    try:
+        hide_log_tracebacks(quiet=True)
+        flow_logger.info("Beginning flow run")
+        flow_logger.warning("cluster 3 ran out of memory; split")
+    finally:
+        root.removeHandler(handler)
+        flow_logger.setLevel(level)
+    assert stream.getvalue() == "cluster 3 ran out of memory; split\n"
