@@ -21,12 +21,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
-
 from rich.text import Text
 
 from . import __version__, progress
 from .config import ConfigError, PipelineConfig, load_config
-from .store import STAGES, RunStore, RunStoreError
+from .store import RunStore, RunStoreError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
