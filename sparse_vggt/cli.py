@@ -173,7 +173,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
 
-    result = evaluate(Path(args.pred), Path(args.reference), mode="symmetric" if args.symmetric else "relative")
+    if args.symmetric and args.co3d:
+        raise ConfigError("--symmetric and --co3d are two different pair metrics: pass at most one")
+    mode = "symmetric" if args.symmetric else ("co3d" if args.co3d else "relative")
+    result = evaluate(Path(args.pred), Path(args.reference), mode=mode)
     if args.json:
         print(json.dumps(result))
     else:
@@ -456,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true",
                    help="stricter pair metric: signed translation direction, worse of i->j and j->i (not comparable "
                         "to published RRA/RTA/AUC@30)")
+    p.add_argument("--co3d", action="store_true",
+                   help="pair metric of VGGT's evaluation/test_co3d.py (poses in the first camera's frame, pair "
+                        "pose inv(E_i) E_j)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("status", help="each stage's state and counts")

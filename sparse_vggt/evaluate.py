@@ -17,8 +17,11 @@ Pair metrics, default (``mode="relative"``, the VGGT / PoseDiffusion definition)
 
 This is the relative pose VGGT's training-time metric and PoseDiffusion compute (PoseDiffusion writes it as
 inv(M_i) M_j in PyTorch3D's row-vector convention, i.e. E_j E_i^-1: the same rotation errors, and the inverse
-pair's translation). VGGT's ``evaluation/test_co3d.py`` instead re-expresses the poses in the first camera's frame
-and uses inv(E_i) E_j; on CO3D the numbers are close but not identical. ``mode="symmetric"`` (``--symmetric``) is
+pair's translation). ``mode="co3d"`` (``--co3d``) is the variant of VGGT's ``evaluation/test_co3d.py`` (the
+script behind the paper's CO3D AUC@30): every pose is first re-expressed with the first camera as the world
+(E_k E_0^-1; here the first image by name of each predicted component), then the pair pose is
+inv(E_i) E_j (R = R_i^T R_j, t = R_i^T (t_j - t_i)), with the same RRA/RTA/AUC definitions; it depends on which
+camera is first, the default does not. ``mode="symmetric"`` (``--symmetric``) is
 a stricter variant: the translation error is signed (angle of cos, not |cos|) and is the larger of the i->j and
 j->i errors (pose E_j E_i^-1 and its inverse). In every mode pairs split across predicted components count as
 failures (180 deg).
@@ -115,7 +118,7 @@ def load_poses(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------
 # metrics
 # ------------------------------------------------------------------------------------------------------------
-MODES = ("relative", "symmetric")
+MODES = ("relative", "co3d", "symmetric")
 AUC_BINS = np.arange(31)  # [0,1), [1,2), ..., [29,30]: numpy.histogram's bins, last one closed
 
 
@@ -143,14 +146,34 @@ def _pose_i_from_j(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.nd
     return R, ta - (R @ tb[:, :, None])[..., 0]
 
 
+def _in_anchor_frame(ext: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """E_k E_a(k)^-1 for every image k: the poses re-expressed with their anchor camera as the world."""
+    Ra, ta = ext[anchors, :, :3], ext[anchors, :, 3]
+    R = ext[:, :, :3] @ np.swapaxes(Ra, 1, 2)
+    return np.concatenate([R, (ext[:, :, 3] - (R @ ta[:, :, None])[..., 0])[:, :, None]], 2)
+
+
+def _co3d_pose(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """inv(E_a) E_b as VGGT's test_co3d.py writes it: R = R_a^T R_b, t = R_a^T (t_b - t_a)."""
+    RaT = np.swapaxes(ext[a, :, :3], 1, 2)
+    return RaT @ ext[b, :, :3], (RaT @ (ext[b, :, 3] - ext[a, :, 3])[:, :, None])[..., 0]
+
+
 def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray, i: np.ndarray | None = None,
-                    j: np.ndarray | None = None, mode: str = "relative") -> tuple[np.ndarray, np.ndarray]:
+                    j: np.ndarray | None = None, mode: str = "relative", anchors: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Relative rotation and translation-direction errors (degrees) of pairs (i, j) (default: all i < j); see
-    the module docstring for ``mode``."""
+    the module docstring for ``mode``. ``anchors`` (co3d only): per image, the camera whose frame is the world
+    (default: image 0 for all)."""
     if mode not in MODES:
         raise EvaluationError(f"unknown pair-metric mode {mode!r}; use one of {', '.join(MODES)}")
     if i is None or j is None:
         i, j = np.triu_indices(len(ext_p), 1)
+    if mode == "co3d":
+        anchors = np.zeros(len(ext_p), np.int64) if anchors is None else np.asarray(anchors, np.int64)
+        Rp, tp = _co3d_pose(_in_anchor_frame(ext_p, anchors), i, j)
+        Rr, tr = _co3d_pose(_in_anchor_frame(ext_r, anchors), i, j)
+        return rotation_angle_deg(np.swapaxes(Rr, 1, 2) @ Rp), _direction_error(tp, tr)
     Rp, tp = _pose_i_from_j(ext_p, i, j)
     Rr, tr = _pose_i_from_j(ext_r, i, j)
     rot = rotation_angle_deg(np.swapaxes(Rr, 1, 2) @ Rp)
@@ -170,6 +193,9 @@ def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, mode: str = "re
     rot_c = np.zeros(len(THRESHOLDS), np.int64)
     tra_c = np.zeros(len(THRESHOLDS), np.int64)
     hist = np.zeros(len(AUC_BINS) - 1, np.int64)
+    # co3d: each predicted component's first image (in name order) is its world, for prediction and reference
+    first = {int(c): int(np.argmax(comp == c)) for c in np.unique(comp)}
+    anchors = np.array([first[int(c)] for c in comp], np.int64)
     total = 0
     start = 0
     while start < n - 1:
@@ -181,7 +207,7 @@ def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, mode: str = "re
             stop += 1
         i = np.concatenate([np.full(n - 1 - a, a) for a in range(start, stop)])
         j = np.concatenate([np.arange(a + 1, n) for a in range(start, stop)])
-        rot, trans = relative_errors(P, R, i, j, mode)
+        rot, trans = relative_errors(P, R, i, j, mode, anchors)
         split = comp[i] != comp[j]  # pairs split across predicted components count as failures
         rot = np.where(split, 180.0, rot)
         trans = np.where(split, 180.0, trans)
@@ -274,8 +300,9 @@ def format_table(result: dict[str, Any]) -> Any:
 
     mode = result.get("pair_metric", "relative")
     table = Table(title="pose accuracy vs reference",
-                  caption="pairs: VGGT/PoseDiffusion metric" if mode == "relative" else
-                  "pairs: --symmetric (stricter; not comparable to published numbers)")
+                  caption={"relative": "pairs: VGGT/PoseDiffusion metric",
+                           "co3d": "pairs: VGGT test_co3d.py variant (first camera as world)"}.get(
+                      mode, "pairs: --symmetric (stricter; not comparable to published numbers)"))
     table.add_column("metric")
     table.add_column("value", justify="right")
 

@@ -57,6 +57,8 @@ def test_identity_and_similarity_copy_are_perfect(fox_dir: Path, tmp_path: Path)
     assert res["rotation_error_mean_deg"] < 1e-3
     assert all(v == 1.0 for v in res["rra"].values()) and all(v == 1.0 for v in res["rta"].values())
     assert res["auc30"] == 1.0
+    co3d = evaluate(out, ref, mode="co3d")
+    assert co3d["auc30"] == 1.0 and co3d["pair_metric"] == "co3d"
 
 
 @pytest.mark.parametrize("mode", ["relative", "symmetric"])
@@ -215,7 +217,34 @@ def test_vggt_metric_on_a_hand_computed_three_camera_case() -> None:
     assert sym["rta"] == pytest.approx({"5": 0.0, "15": 1 / 3, "30": 1 / 3})
     assert sym["auc30"] == pytest.approx(18 / 30 / 3)  # max errors 12.5, 180, 96.25: 1/3 for k = 13..30
     with pytest.raises(EvaluationError, match="unknown pair-metric mode"):
-        evaluate_poses(names, pred, names, ref, mode="co3d")
+        evaluate_poses(names, pred, names, ref, mode="vggt")
+
+
+def test_co3d_variant_on_the_same_hand_computed_case() -> None:
+    """VGGT's test_co3d.py variant, by hand on the cameras above. Camera 0 (first by name) is the identity in
+    both, so the re-expressed poses are the poses; pair pose inv(E_i) E_j: R = R_i^T R_j, t = R_i^T (t_j - t_i).
+
+    pair (0,1): R_pred = Rz(theta) -> 12.5; t_ref = (-1,0,0), t_pred = (-2,0,0) -> 0
+    pair (0,2): R = I both -> 0; t_ref = (0,-1,0), t_pred = (0,2,0): opposite -> 0
+    pair (1,2): R_pred = Rz(-theta) -> 12.5; t_ref = (1,-1,0) at -45 deg,
+                t_pred = Rz(-theta)(2,2,0) at 45 - 12.5 = 32.5 deg -> 77.5 apart -> 77.5
+    RTA@5 = RTA@15 = RTA@30 = 2/3; max errors 12.5, 0, 77.5 -> AUC@30 = 16/30 as before.
+    """
+    ref = np.stack([_ext(np.eye(3), (0, 0, 0)), _ext(np.eye(3), (-1, 0, 0)), _ext(np.eye(3), (0, -1, 0))])
+    pred = np.stack([_ext(np.eye(3), (0, 0, 0)), _ext(_rz(12.5), (-2, 0, 0)), _ext(np.eye(3), (0, 2, 0))])
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    rot, trans = relative_errors(pred, ref, mode="co3d")
+    np.testing.assert_allclose(rot, [12.5, 0.0, 12.5], atol=1e-9)
+    np.testing.assert_allclose(trans, [0.0, 0.0, 77.5], atol=1e-9)
+    res = evaluate_poses(names, pred, names, ref, mode="co3d")
+    assert res["rta"] == pytest.approx({"5": 2 / 3, "15": 2 / 3, "30": 2 / 3})
+    assert res["auc30"] == pytest.approx(16 / 30)
+    # the first camera is the world: a similarity change of the predicted world does not matter
+    Q = Rotation.from_rotvec([0.4, -0.2, 0.9]).as_matrix()
+    moved = np.stack([_sim3_of_world(E, 2.5, Q, np.array([1.0, 2.0, -3.0])) for E in pred])
+    rot_m, trans_m = relative_errors(moved, ref, mode="co3d")
+    np.testing.assert_allclose(rot_m, rot, atol=1e-9)
+    np.testing.assert_allclose(trans_m, trans, atol=1e-6)
 
 
 def test_auc_uses_numpy_histogram_bins() -> None:
@@ -230,3 +259,6 @@ def test_cli_eval_symmetric_flag(fox_dir: Path, capsys: pytest.CaptureFixture[st
     ref = _ref(fox_dir)
     assert main(["eval", str(ref), "--reference", str(ref), "--json", "--symmetric"]) == 0
     assert json.loads(capsys.readouterr().out)["pair_metric"] == "symmetric"
+    assert main(["eval", str(ref), "--reference", str(ref), "--json", "--co3d"]) == 0
+    assert json.loads(capsys.readouterr().out)["pair_metric"] == "co3d"
+    assert main(["eval", str(ref), "--reference", str(ref), "--co3d", "--symmetric"]) == 2
