@@ -136,14 +136,14 @@ def _match_file(table: pa.Table, rows: np.ndarray, names: list[str], vectors: np
 # MegaLoc
 
 
-_WARNED_RANDOM: set[str] = set()
+_WARNED_RANDOM: set[tuple[str, str]] = set()
 
 
-def _warn_random_once(preset: str) -> None:
-    """One warning block per process (a flow builds the describer once per chunk)."""
-    if preset in _WARNED_RANDOM:
+def _warn_random_once(preset: str, run: str) -> None:
+    """One warning block per run directory and process (a flow builds the describer once per chunk)."""
+    if (preset, run) in _WARNED_RANDOM:
         return
-    _WARNED_RANDOM.add(preset)
+    _WARNED_RANDOM.add((preset, run))
     log.warning("describe: MegaLoc (preset %s) runs with RANDOM WEIGHTS: the descriptors and the covisibility "
                 "graph are noise.\nFor real results point describe.model at a checkpoint (default gberton/MegaLoc).",
                 preset)
@@ -152,7 +152,7 @@ def _warn_random_once(preset: str) -> None:
 class _ModelDescriber:
     """Runs MegaLoc over lists of image paths with threaded decoding and OOM back-off."""
 
-    def __init__(self, config: PipelineConfig, photos_root: Path):
+    def __init__(self, config: PipelineConfig, photos_root: Path, run: str = ""):
         import torch
 
         from .device import select_device, select_dtype
@@ -170,7 +170,7 @@ class _ModelDescriber:
                 raise DescribeError("describe.model='random' builds MegaLoc with random weights, whose "
                                     "descriptors are meaningless for retrieval. Set "
                                     "describe.allow_random_weights=true to do it anyway (tests, demos).")
-            _warn_random_once(cfg.preset)
+            _warn_random_once(cfg.preset, run)
             torch.manual_seed(0)
             self.model = MegaLoc.from_preset(cfg.preset)
             self.model_id = f"random:{cfg.preset}"
@@ -307,7 +307,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
             # an earlier call made the array with these settings: load the model only if a chunk is pending
             dim, model_id, describer = int(arr.shape[1]), str(arr.attrs.get("model")), None
         else:
-            describer = _ModelDescriber(config, photos_root)
+            describer = _ModelDescriber(config, photos_root, str(store.root))
             dim, model_id = describer.dim, describer.model_id
 
     chunk_rows = max(1, config.ingest.chunk_size)
@@ -346,7 +346,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
             vec = file_vectors[[row_pos[int(r)] for r in rows]]
         else:
             if describer is None:
-                describer = _ModelDescriber(config, photos_root)
+                describer = _ModelDescriber(config, photos_root, str(store.root))
             vec = describer([paths[r] for r in rows])
             if not np.isfinite(vec).all():
                 raise DescribeError(f"chunk {cid}: the model produced NaN/Inf descriptors (dtype "
