@@ -408,6 +408,7 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "merge": {k: v for k, v in manifests.get("merge", {}).items() if isinstance(v, (int, float, str, bool))},
         "outputs": _outputs(run_dir),
         "random_weights": random_weights,
+        "weights": _run_weights(store),  # per model stage: random, or checkpoint file + revision
     }
     return report
 
@@ -417,6 +418,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["random_weights"]:
         lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
                   "meaningless.**", ""]
+    lines += [_weights_markdown(report), ""]
     for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
                 "components_skipped", "singletons_skipped", "frames_not_clustered"):
         lines.append(f"- **{key}**: {report.get(key)}")
@@ -434,6 +436,18 @@ def _report_markdown(report: dict[str, Any]) -> str:
     out = report["outputs"]
     lines += ["", "## Outputs", "", f"`{out['export_dir']}`", ""] + [f"- `{f}`" for f in out["files"]]
     return "\n".join(lines)
+
+
+def _run_weights(store: RunStore) -> dict[str, Any]:
+    from sparse_vggt.provenance import run_weights
+
+    return run_weights(store.meta())
+
+
+def _weights_markdown(report: dict[str, Any]) -> str:
+    from sparse_vggt.provenance import weights_markdown
+
+    return weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}})
 
 
 def _publish_report(run_dir: str, report: dict[str, Any]) -> None:

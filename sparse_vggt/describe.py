@@ -136,10 +136,23 @@ def _match_file(table: pa.Table, rows: np.ndarray, names: list[str], vectors: np
 # MegaLoc
 
 
+_WARNED_RANDOM: set[tuple[str, str]] = set()
+
+
+def _warn_random_once(preset: str, run: str) -> None:
+    """One warning block per run directory and process (a flow builds the describer once per chunk)."""
+    if (preset, run) in _WARNED_RANDOM:
+        return
+    _WARNED_RANDOM.add((preset, run))
+    log.warning("describe: MegaLoc (preset %s) runs with RANDOM WEIGHTS: the descriptors and the covisibility "
+                "graph are noise.\nFor real results point describe.model at a checkpoint (default gberton/MegaLoc).",
+                preset)
+
+
 class _ModelDescriber:
     """Runs MegaLoc over lists of image paths with threaded decoding and OOM back-off."""
 
-    def __init__(self, config: PipelineConfig, photos_root: Path):
+    def __init__(self, config: PipelineConfig, photos_root: Path, run: str = ""):
         import torch
 
         from .device import select_device, select_dtype
@@ -157,15 +170,17 @@ class _ModelDescriber:
                 raise DescribeError("describe.model='random' builds MegaLoc with random weights, whose "
                                     "descriptors are meaningless for retrieval. Set "
                                     "describe.allow_random_weights=true to do it anyway (tests, demos).")
-            log.warning("!" * 80)
-            log.warning("describe: MegaLoc runs with RANDOM WEIGHTS; the covisibility graph will be noise")
-            log.warning("!" * 80)
+            _warn_random_once(cfg.preset, run)
             torch.manual_seed(0)
             self.model = MegaLoc.from_preset(cfg.preset)
             self.model_id = f"random:{cfg.preset}"
         else:
             self.model = MegaLoc.from_pretrained(cfg.model, preset=cfg.preset)
             self.model_id = cfg.model
+        from .provenance import provenance
+
+        self.weights = provenance(cfg.model, ("model.safetensors",), preset=cfg.preset,
+                                  seed=0 if cfg.model == "random" else None)
         self.model.to(self.device).eval()
         self.dim = self.model.feat_dim
         self.batch = max(1, cfg.batch_size)
@@ -292,7 +307,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
             # an earlier call made the array with these settings: load the model only if a chunk is pending
             dim, model_id, describer = int(arr.shape[1]), str(arr.attrs.get("model")), None
         else:
-            describer = _ModelDescriber(config, photos_root)
+            describer = _ModelDescriber(config, photos_root, str(store.root))
             dim, model_id = describer.dim, describer.model_id
 
     chunk_rows = max(1, config.ingest.chunk_size)
@@ -307,7 +322,10 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         store.remove_group("describe_chunks")
         arr = store.zarr.create_array("descriptors", shape=(n_rows, dim), dtype="float16",
                                       chunks=(min(chunk_rows, max(n_rows, 1)), dim), fill_value=0)
-        arr.attrs.update({"model": model_id, "dim": int(dim), "settings": settings, "complete": False})
+        weights = (describer.weights if describer is not None else
+                   {"weights": "file", "file": str(cfg.descriptors_file)} if cfg.descriptors_file else None)
+        arr.attrs.update({"model": model_id, "dim": int(dim), "settings": settings, "complete": False,
+                          "weights": weights})
     done = set(store.complete_units("describe_chunks"))
     pending = [c for c in chunks if str(c) not in done]
     if chunk_ids is not None:  # orchestrated: only these chunks (added for the Prefect flow, issue 10)
@@ -328,7 +346,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
             vec = file_vectors[[row_pos[int(r)] for r in rows]]
         else:
             if describer is None:
-                describer = _ModelDescriber(config, photos_root)
+                describer = _ModelDescriber(config, photos_root, str(store.root))
             vec = describer([paths[r] for r in rows])
             if not np.isfinite(vec).all():
                 raise DescribeError(f"chunk {cid}: the model produced NaN/Inf descriptors (dtype "
@@ -339,7 +357,8 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
     manifest = {"images": int(ok.size), "rows": int(n_rows), "dim": int(dim), "model": model_id,
                 "chunks": len(chunks), "chunks_computed": len(pending),
                 "chunks_resumed": len(chunks) - len(pending) - len(later), "pending": len(later),
-                "seconds": round(time.perf_counter() - t0, 2)}
+                "seconds": round(time.perf_counter() - t0, 2),
+                "weights": arr.attrs.get("weights") or (describer.weights if describer is not None else None)}
     if describer is not None:
         manifest.update(device=str(describer.device), dtype=str(describer.dtype).replace("torch.", ""),
                         image_size=cfg.image_size,

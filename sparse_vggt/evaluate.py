@@ -1,16 +1,36 @@
 """Camera-pose accuracy against a reference COLMAP model (`sparse-vggt eval PRED --reference REF`).
 
-Images are matched by name (the ``path`` column of images.parquet = COLMAP image name). Metrics:
+Images are matched by name (the ``path`` column of images.parquet = COLMAP image name) and ordered by name, so
+pair (i, j), i < j, means name_i < name_j. ``E = [R | t]`` is a world->camera extrinsic (x_cam = R X + t).
+
+Pair metrics, default (``mode="relative"``, the VGGT / PoseDiffusion definition)::
+
+    E_ij      = E_i E_j^-1  ->  R_ij = R_i R_j^T,  t_ij = t_i - R_ij t_j     (camera j -> camera i; independent of
+                                                                            the world frame and its scale)
+    RRA error = angle(R_ij,ref^T R_ij,pred)                              (geodesic angle, degrees)
+    RTA error = arccos(|cos angle(t_ij,pred, t_ij,ref)|)                   (sign-agnostic: 180 deg counts as 0;
+                                                                            a zero-length t counts as 90 deg)
+    RRA@k / RTA@k = fraction of pairs with error < k, k in 5, 15, 30
+    AUC@30    = mean over the 30 bins [0,1), [1,2), ..., [29,30] of the cumulative histogram of
+                max(RRA error, RTA error) divided by the number of pairs (numpy.histogram with bins 0..30, as the
+                VGGT CO3D evaluation computes it)
+
+This is the relative pose VGGT's training-time metric and PoseDiffusion compute (PoseDiffusion writes it as
+inv(M_i) M_j in PyTorch3D's row-vector convention, i.e. E_j E_i^-1: the same rotation errors, and the inverse
+pair's translation). ``mode="co3d"`` (``--co3d``) is the variant of VGGT's ``evaluation/test_co3d.py`` (the
+script behind the paper's CO3D AUC@30): every pose is first re-expressed with the first camera as the world
+(E_k E_0^-1; here the first image by name of each predicted component), then the pair pose is
+inv(E_i) E_j (R = R_i^T R_j, t = R_i^T (t_j - t_i)), with the same RRA/RTA/AUC definitions; it depends on which
+camera is first, the default does not. ``mode="symmetric"`` (``--symmetric``) is
+a stricter variant: the translation error is signed (angle of cos, not |cos|) and is the larger of the i->j and
+j->i errors (pose E_j E_i^-1 and its inverse). In every mode pairs split across predicted components count as
+failures (180 deg).
+
+Other metrics:
 
 * ``ate``: RMSE of camera-centre distances after the Sim(3) (Umeyama) alignment of predicted to reference
   centres, in reference units; ``ate_rel_extent`` divides it by the diagonal of the bounding box of the matched
   reference centres. A prediction with several components (disconnected merges) is aligned per component.
-* ``rra`` / ``rta``: over all pairs of matched images, the fraction whose relative-rotation error
-  (angle of R_rel_pred R_rel_ref^T, R_rel = R_j R_i^T) / relative-translation-direction error (angle between the
-  unit vectors of t_rel = t_j - R_rel t_i, taken as the larger of the i->j and j->i errors so the metric does not
-  depend on pair order) is below 5, 15 and 30 degrees. Pairs split across predicted components count as failed.
-* ``auc30``: mean over integer thresholds 1..30 degrees of the fraction of pairs with
-  max(rotation error, translation error) below the threshold (the VGGT/PoseDiffusion AUC@30 shape).
 * ``rotation_error_mean_deg`` / ``_median_``: absolute rotation error per image after the alignment.
 """
 
@@ -98,40 +118,84 @@ def load_poses(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------
 # metrics
 # ------------------------------------------------------------------------------------------------------------
+MODES = ("relative", "co3d", "symmetric")
+AUC_BINS = np.arange(31)  # [0,1), [1,2), ..., [29,30]: numpy.histogram's bins, last one closed
+
+
 def _angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Signed angle (degrees) between vectors; coincident centres (zero length) give 0."""
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     c = (a * b).sum(-1) / np.maximum(na * nb, 1e-300)
     ang = np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
-    return np.where((na < 1e-12) | (nb < 1e-12), 0.0, ang)  # coincident centres: direction undefined, no error
+    return np.where((na < 1e-12) | (nb < 1e-12), 0.0, ang)
+
+
+def _direction_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sign-agnostic angle (degrees) between translation directions: arccos |cos|, in [0, 90]. A zero-length
+    vector has no direction and gives 90 degrees (as the eps-normalised VGGT/PoseDiffusion code does)."""
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    c = np.abs((a * b).sum(-1)) / np.maximum(na * nb, 1e-300)
+    ang = np.degrees(np.arccos(np.clip(c, 0.0, 1.0)))
+    return np.where((na < 1e-12) | (nb < 1e-12), 90.0, ang)
+
+
+def _pose_i_from_j(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E_a E_b^-1 (camera b -> camera a) for index arrays a, b: rotations (n,3,3) and translations (n,3)."""
+    Ra, Rb, ta, tb = ext[a, :, :3], ext[b, :, :3], ext[a, :, 3], ext[b, :, 3]
+    R = Ra @ np.swapaxes(Rb, 1, 2)
+    return R, ta - (R @ tb[:, :, None])[..., 0]
+
+
+def _in_anchor_frame(ext: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """E_k E_a(k)^-1 for every image k: the poses re-expressed with their anchor camera as the world."""
+    Ra, ta = ext[anchors, :, :3], ext[anchors, :, 3]
+    R = ext[:, :, :3] @ np.swapaxes(Ra, 1, 2)
+    return np.concatenate([R, (ext[:, :, 3] - (R @ ta[:, :, None])[..., 0])[:, :, None]], 2)
+
+
+def _co3d_pose(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """inv(E_a) E_b as VGGT's test_co3d.py writes it: R = R_a^T R_b, t = R_a^T (t_b - t_a)."""
+    RaT = np.swapaxes(ext[a, :, :3], 1, 2)
+    return RaT @ ext[b, :, :3], (RaT @ (ext[b, :, 3] - ext[a, :, 3])[:, :, None])[..., 0]
 
 
 def relative_errors(ext_p: np.ndarray, ext_r: np.ndarray, i: np.ndarray | None = None,
-                    j: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Relative rotation error and symmetric translation-direction error (degrees) for pairs (i, j) (default:
-    all i < j)."""
+                    j: np.ndarray | None = None, mode: str = "relative", anchors: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Relative rotation and translation-direction errors (degrees) of pairs (i, j) (default: all i < j); see
+    the module docstring for ``mode``. ``anchors`` (co3d only): per image, the camera whose frame is the world
+    (default: image 0 for all)."""
+    if mode not in MODES:
+        raise EvaluationError(f"unknown pair-metric mode {mode!r}; use one of {', '.join(MODES)}")
     if i is None or j is None:
         i, j = np.triu_indices(len(ext_p), 1)
+    if mode == "co3d":
+        anchors = np.zeros(len(ext_p), np.int64) if anchors is None else np.asarray(anchors, np.int64)
+        Rp, tp = _co3d_pose(_in_anchor_frame(ext_p, anchors), i, j)
+        Rr, tr = _co3d_pose(_in_anchor_frame(ext_r, anchors), i, j)
+        return rotation_angle_deg(np.swapaxes(Rr, 1, 2) @ Rp), _direction_error(tp, tr)
+    Rp, tp = _pose_i_from_j(ext_p, i, j)
+    Rr, tr = _pose_i_from_j(ext_r, i, j)
+    rot = rotation_angle_deg(np.swapaxes(Rr, 1, 2) @ Rp)
+    if mode == "relative":
+        return rot, _direction_error(tp, tr)
+    # symmetric: signed direction error of E_j E_i^-1 (the inverse pose: t = -R_ij^T t_ij) and of E_i E_j^-1
+    back_p = -(np.swapaxes(Rp, 1, 2) @ tp[:, :, None])[..., 0]
+    back_r = -(np.swapaxes(Rr, 1, 2) @ tr[:, :, None])[..., 0]
+    return rot, np.maximum(_angle_between(tp, tr), _angle_between(back_p, back_r))
 
-    def rel(ext: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        Ra, Rb, ta, tb = ext[a, :, :3], ext[b, :, :3], ext[a, :, 3], ext[b, :, 3]
-        R = Rb @ np.swapaxes(Ra, 1, 2)
-        return R, tb - (R @ ta[:, :, None])[..., 0]
 
-    Rp, tp = rel(ext_p, i, j)
-    Rr, tr = rel(ext_r, i, j)
-    rot = rotation_angle_deg(Rp @ np.swapaxes(Rr, 1, 2))
-    _, tp2 = rel(ext_p, j, i)
-    _, tr2 = rel(ext_r, j, i)
-    trans = np.maximum(_angle_between(tp, tr), _angle_between(tp2, tr2))
-    return rot, trans
-
-
-def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, block_pairs: int = 1 << 20) -> dict[str, Any]:
-    """Counts of pairs under each threshold, computed in blocks of rows so memory stays O(block) for any n."""
+def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, mode: str = "relative",
+                 block_pairs: int = 1 << 20) -> dict[str, Any]:
+    """Counts of pairs under each threshold and the AUC histogram, computed in blocks of rows so memory stays
+    O(block) for any n."""
     n = len(P)
     rot_c = np.zeros(len(THRESHOLDS), np.int64)
     tra_c = np.zeros(len(THRESHOLDS), np.int64)
-    auc_c = np.zeros(30, np.int64)
+    hist = np.zeros(len(AUC_BINS) - 1, np.int64)
+    # co3d: each predicted component's first image (in name order) is its world, for prediction and reference
+    first = {int(c): int(np.argmax(comp == c)) for c in np.unique(comp)}
+    anchors = np.array([first[int(c)] for c in comp], np.int64)
     total = 0
     start = 0
     while start < n - 1:
@@ -143,27 +207,33 @@ def _pair_counts(P: np.ndarray, R: np.ndarray, comp: np.ndarray, block_pairs: in
             stop += 1
         i = np.concatenate([np.full(n - 1 - a, a) for a in range(start, stop)])
         j = np.concatenate([np.arange(a + 1, n) for a in range(start, stop)])
-        rot, trans = relative_errors(P, R, i, j)
+        rot, trans = relative_errors(P, R, i, j, mode, anchors)
         split = comp[i] != comp[j]  # pairs split across predicted components count as failures
         rot = np.where(split, 180.0, rot)
         trans = np.where(split, 180.0, trans)
-        worst = np.maximum(rot, trans)
         for k, t in enumerate(THRESHOLDS):
             rot_c[k] += int((rot < t).sum())
             tra_c[k] += int((trans < t).sum())
-        auc_c += np.array([(worst < t).sum() for t in range(1, 31)])
+        hist += np.histogram(np.maximum(rot, trans), bins=AUC_BINS)[0]
         total += len(i)
         start = stop
-    return {"pairs": total, "rot": rot_c, "trans": tra_c, "auc": auc_c}
+    return {"pairs": total, "rot": rot_c, "trans": tra_c, "hist": hist}
+
+
+def auc_from_histogram(hist: np.ndarray, pairs: int) -> float:
+    """AUC@30: mean of the cumulative, pair-normalised histogram of max(RRA error, RTA error) over 30 bins."""
+    return float(np.mean(np.cumsum(np.asarray(hist, np.float64) / max(pairs, 1))))
 
 
 def evaluate_poses(
     names_pred: list[str], ext_pred: np.ndarray, names_ref: list[str], ext_ref: np.ndarray,
-    comp_pred: np.ndarray | None = None,
+    comp_pred: np.ndarray | None = None, mode: str = "relative",
 ) -> dict[str, Any]:
     """Metrics of predicted vs reference world->camera extrinsics, matched by name (see the module docstring)."""
+    if mode not in MODES:
+        raise EvaluationError(f"unknown pair-metric mode {mode!r}; use one of {', '.join(MODES)}")
     ref_index = {n: k for k, n in enumerate(names_ref)}
-    pi = [k for k, n in enumerate(names_pred) if n in ref_index]
+    pi = sorted((k for k, n in enumerate(names_pred) if n in ref_index), key=lambda k: names_pred[k])
     if len(pi) < 3:
         raise EvaluationError(f"only {len(pi)} predicted images match reference names (need >= 3); "
                               f"e.g. predicted {names_pred[:3]} vs reference {names_ref[:3]}")
@@ -189,7 +259,7 @@ def evaluate_poses(
         err[m] = np.linalg.norm(cp[m] @ (s * Rs).T + t - cr[m], axis=1)
         rot_abs[m] = rotation_angle_deg(P[m][:, :, :3] @ Rs.T @ np.swapaxes(R[m][:, :, :3], 1, 2))
         aligned[m] = True
-    counts = _pair_counts(P, R, comp)
+    counts = _pair_counts(P, R, comp, mode)
     npairs = max(counts["pairs"], 1)
     ate = float(np.sqrt(np.nanmean(err[aligned] ** 2))) if aligned.any() else float("nan")
     result = {
@@ -206,18 +276,19 @@ def evaluate_poses(
         "rotation_error_median_deg": float(np.nanmedian(rot_abs)) if aligned.any() else float("nan"),
         "rra": {str(t): float(counts["rot"][k] / npairs) for k, t in enumerate(THRESHOLDS)},
         "rta": {str(t): float(counts["trans"][k] / npairs) for k, t in enumerate(THRESHOLDS)},
-        "auc30": float(np.mean(counts["auc"] / npairs)),
+        "auc30": auc_from_histogram(counts["hist"], counts["pairs"]),
+        "pair_metric": mode,
     }
     return result
 
 
-def evaluate(pred: Path, reference: Path) -> dict[str, Any]:
+def evaluate(pred: Path, reference: Path, mode: str = "relative") -> dict[str, Any]:
     """Evaluate a run directory or COLMAP model ``pred`` against the COLMAP model ``reference``."""
     names_p, ext_p, comp_p = load_poses(Path(pred))
     names_r, ext_r, _ = load_colmap_poses(Path(reference))
     if len(names_r) == 0:
         raise EvaluationError(f"reference model {reference} has no posed images")
-    result = evaluate_poses(names_p, ext_p, names_r, ext_r, comp_p)
+    result = evaluate_poses(names_p, ext_p, names_r, ext_r, comp_p, mode)
     result["pred"] = str(pred)
     result["reference"] = str(reference)
     return json.loads(json.dumps(result).replace("NaN", "null"))
@@ -227,7 +298,11 @@ def format_table(result: dict[str, Any]) -> Any:
     """A rich Table of the metrics (for the terminal)."""
     from rich.table import Table
 
-    table = Table(title="pose accuracy vs reference")
+    mode = result.get("pair_metric", "relative")
+    table = Table(title="pose accuracy vs reference",
+                  caption={"relative": "pairs: VGGT/PoseDiffusion metric",
+                           "co3d": "pairs: VGGT test_co3d.py variant (first camera as world)"}.get(
+                      mode, "pairs: --symmetric (stricter; not comparable to published numbers)"))
     table.add_column("metric")
     table.add_column("value", justify="right")
 

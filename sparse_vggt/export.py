@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from .config import ExportConfig, PipelineConfig
 from .geometry import camera_centers
 from .store import STAGES, RunStore
+from .provenance import weights_markdown
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
     stages = meta.get("stages", {})
     lines = [f"# sparse-vggt report: {store.root.name}", "", f"Run created {meta.get('created')}; "
              f"versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}", ""]
+    lines += [weights_markdown(meta)]  # real or random weights, checkpoint file and revision
     lines += ["## Stages", "", "| stage | state | finished |", "|---|---|---|"]
     for s in STAGES:
         e = stages.get(s, {})

@@ -25,8 +25,9 @@ from torch import nn
 
 from .config import PipelineConfig, ReconstructConfig
 from .device import autocast, is_out_of_memory, select_device, select_dtype
-from .progress import track
+from .progress import layer_progress, track
 from .store import RunStore
+from .provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
     from .models import VGGT
 
     if cfg.model == "random":
-        log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless",
+        log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless.\n"
+                    "For real results point reconstruct.model at a checkpoint (default facebook/VGGT-1B).",
                     cfg.preset, cfg.seed)
         torch.manual_seed(cfg.seed)
         model = _build(VGGT, cfg.preset)
@@ -192,7 +194,9 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
         model = load_model(cfg, device, k=config.partition.k)
         if hasattr(model, "head_chunk_frames"):  # DPT heads in frame chunks: bounded activation memory
             model.head_chunk_frames = cfg.head_chunk_frames or None
-        with torch.inference_mode(), autocast(device, dtype):
+        log.info("cluster %d: %d frames through VGGT on %s (%s)", cluster_id, len(image_ids), device.type,
+                 str(dtype).replace("torch.", ""))
+        with torch.inference_mode(), autocast(device, dtype), layer_progress(model, f"cluster {cluster_id}"):
             kwargs = {"neighbors": neighbors} if cfg.attention == "sparse" else {}
             out = model(images.to(device), **kwargs)
         h, w = images.shape[-2:]
@@ -254,6 +258,29 @@ def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterab
     pending = [c for c in all_ids if c not in complete]
     manifest = {"clusters": len(all_ids), "reconstructed": done, "skipped_complete": skipped,
                 "frames": frames, "pending": len(pending)}
+    manifest = with_totals(store, all_ids, manifest, config.reconstruct)
     if not pending:
         store.stage_finished(STAGE, manifest)
     return manifest
+
+
+# ---- manifest --------------------------------------------------------------------------------------
+
+
+def model_weights(cfg: ReconstructConfig) -> dict[str, Any]:
+    """Provenance of the configured weights (random, or checkpoint file + hub revision); no network access."""
+    return provenance(cfg.model, ("model.safetensors", "model.pt"), preset=cfg.preset, seed=cfg.seed)
+
+
+def with_totals(store: RunStore, all_ids: list[int], manifest: dict[str, Any], cfg: ReconstructConfig
+                ) -> dict[str, Any]:
+    """The stage manifest states totals over every complete cluster (what `status` and the reports show, also
+    when each cluster ran in its own task and this call only checks); this call's work moves to ``*_now``."""
+    done = [c for c in all_ids if store.is_unit_complete(_group(c))]
+    frames = sum(int(store.zarr[_group(c)].attrs.get("frames", 0)) for c in done)
+    out = {"clusters": manifest["clusters"], "reconstructed": len(done), "frames": frames,
+           "pending": manifest["pending"], "reconstructed_now": manifest["reconstructed"],
+           "frames_now": manifest["frames"], "skipped_complete": manifest["skipped_complete"]}
+    out.update({k: v for k, v in manifest.items() if k not in out})
+    out["weights"] = model_weights(cfg)
+    return out

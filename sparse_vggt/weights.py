@@ -9,15 +9,28 @@ first and raises `CheckpointMismatchError` naming every missing/unexpected key a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from .provenance import (  # noqa: F401 - re-exported: the provenance helpers used to live here
+    DEFAULT_FILENAMES,
+    STAGE_FILENAMES,
+    _cached_file,
+    _looks_like_repo_id,
+    describe_weights,
+    provenance,
+    run_weights,
+    weights_markdown,
+)
+
 log = logging.getLogger(__name__)
 
-DEFAULT_FILENAMES = ("model.safetensors", "model.pt")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
@@ -44,15 +57,57 @@ class CheckpointMismatchError(RuntimeError):
         super().__init__("\n".join(parts))
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
+class WeightsUnavailableError(FileNotFoundError):
+    """A checkpoint cannot be found locally and cannot be downloaded; the message says what to run instead."""
+
+
+def random_weights_flags(stage: str) -> str:
+    """The exact CLI flags that run ``stage`` (describe / reconstruct) with random weights."""
+    return f"--set {stage}.model=random --set {stage}.allow_random_weights=true"
+
+
+def _offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE, no route), or None when it can.
+
+    Probed with one short TCP connection so an offline machine fails in seconds instead of waiting for
+    huggingface_hub's retries (about 50 s per file).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return None if _hub_reachable() else "this machine cannot reach the Hugging Face Hub (offline?)"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unavailable_message(name: str, filenames: Sequence[str], reason: str, stage: str | None = None) -> str:
+    """One short paragraph: what is missing, why, and the three ways forward (download, local path, random)."""
+    stages = [stage] if stage else ["reconstruct", "describe"]
+    key = f"{stages[0]}.model"
+    random_cmd = " ".join(random_weights_flags(s) for s in stages)
+    return (f"the checkpoint of the Hugging Face repo {name!r} ({' or '.join(filenames)}) is not in the local "
+            f"cache and {reason}. "
+            f"Either download it where there is network access (`hf download {name} {filenames[-1]}`) and copy "
+            f"the cache (~/.cache/huggingface) here, or pass a local file or directory with --set "
+            f"{key}=/path/to/{filenames[-1]}, or run with RANDOM weights (meaningless geometry, for trying the "
+            f"pipeline): {random_cmd}")
 
 
 def resolve_checkpoint(name_or_path: str | Path, filenames: Sequence[str] = DEFAULT_FILENAMES,
-                       revision: str | None = None) -> Path:
-    """Local file -> itself; directory -> the first of ``filenames`` in it; ``owner/name`` -> hub download of
-    the first of ``filenames`` the repo has. Raises FileNotFoundError with what was tried."""
+                       revision: str | None = None, stage: str | None = None) -> Path:
+    """Local file -> itself; directory -> the first of ``filenames`` in it; ``owner/name`` -> the Hugging Face
+    cache, else a hub download of the first of ``filenames`` the repo has. Raises FileNotFoundError with what was
+    tried; `WeightsUnavailableError` (short, with the commands to run) when offline. ``stage`` only words the
+    message."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -65,13 +120,22 @@ def resolve_checkpoint(name_or_path: str | Path, filenames: Sequence[str] = DEFA
     if not _looks_like_repo_id(name):
         raise FileNotFoundError(f"checkpoint {name!r} is neither an existing file, a directory, nor a Hugging Face "
                                 "repo id like 'facebook/VGGT-1B'")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
+    cached = _cached_file(name, filenames, revision)
+    if cached is not None:
+        return cached
+    reason = _offline_reason()
+    if reason:
+        raise WeightsUnavailableError(unavailable_message(name, filenames, reason, stage))
     errors = []
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo_id=name, filename=filename, revision=revision))
+            return Path(huggingface_hub.hf_hub_download(repo_id=name, filename=filename, revision=revision))
+        except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError) the network went away
+            raise WeightsUnavailableError(unavailable_message(
+                name, filenames, "the download failed (offline?)", stage)) from exc
         except EntryNotFoundError as exc:
             errors.append(f"{filename}: not in the repo ({type(exc).__name__})")
         except Exception as exc:  # network, auth, missing repo: no point trying other file names
@@ -131,3 +195,36 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | Path | Mapping[str,
         if left:
             raise RuntimeError(f"tensors left uninitialised after loading: {left[:10]}")
     return model
+
+
+
+
+def check_weights_available(config: Any, stages: Sequence[str] = ("describe", "reconstruct")) -> None:
+    """Before a long run: every configured checkpoint of ``stages`` is a local file, a cached hub file, or
+    downloadable now. Raises one `WeightsUnavailableError` naming every unavailable checkpoint (offline) and the
+    flags for each way forward, or FileNotFoundError for a bad path; ``model = "random"`` and bring-your-own
+    descriptors need no checkpoint."""
+    missing: list[tuple[str, str, str]] = []  # (stage, model, reason)
+    for stage in stages:
+        sub = getattr(config, stage)
+        if sub.model == "random" or (stage == "describe" and getattr(sub, "descriptors_file", None)):
+            continue
+        try:
+            resolve_checkpoint(sub.model, STAGE_FILENAMES[stage], stage=stage)
+        except WeightsUnavailableError as exc:
+            missing.append((stage, sub.model, str(exc)))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{stage}.model: {exc}. Fix the path, or run with RANDOM weights (meaningless "
+                                    f"geometry): {random_weights_flags(stage)}") from exc
+    if len(missing) == 1:
+        raise WeightsUnavailableError(missing[0][2])
+    if missing:
+        reason = _offline_reason() or "the download failed (offline?)"
+        names = ", ".join(f"{stage}.model={model!r}" for stage, model, _ in missing)
+        downloads = "; ".join(f"`hf download {model} {STAGE_FILENAMES[stage][-1]}`" for stage, model, _ in missing)
+        flags = " ".join(random_weights_flags(stage) for stage, _, _ in missing)
+        raise WeightsUnavailableError(
+            f"no checkpoint for {names}: not in the local Hugging Face cache and {reason}. Either download them "
+            f"where there is network access ({downloads}) and copy the cache (~/.cache/huggingface) here, or pass "
+            f"local files with --set <stage>.model=/path/to/file, or run with RANDOM weights (meaningless "
+            f"geometry, for trying the pipeline): {flags}")

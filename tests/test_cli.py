@@ -65,3 +65,241 @@ def test_console_script_is_installed() -> None:
     for cmd in ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo",
                 "eval", "status", "deploy"):
         assert cmd in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 19: version, global flags, exit codes, config show, deploy, fast re-run, weights messages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_and_global_flags_after_the_subcommand(tmp_path: Path, sample_photos: Path, fixtures_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_vggt import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"sparse-vggt {__version__}"
+    photos = _photos(tmp_path, sample_photos, fixtures_dir)
+    run = tmp_path / "run"
+    from sparse_vggt.cli import build_parser
+
+    args = build_parser().parse_args(["scan", str(photos), str(run), "-q", "--no-progress", "-vv"])
+    assert args.quiet and args.no_progress and args.verbose == 2
+    before = build_parser().parse_args(["-v", "status", str(run)])
+    assert before.verbose == 1 and not before.quiet  # given before the subcommand: kept
+    assert main(["scan", str(photos), str(run), "-q"]) == 0
+    with pytest.raises(SystemExit) as info:  # argparse usage error
+        main(["scan", "--bogus-flag"])
+    assert info.value.code == 2
+
+
+def test_exit_codes_usage_failure_partial_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_vggt import cli
+    from sparse_vggt.config import ConfigError
+
+    class ClusterFailures(RuntimeError):  # the flow's class is matched by name (flows/ is not imported)
+        pass
+
+    assert cli.exit_code(ConfigError("x")) == 2
+    assert cli.exit_code(RuntimeError("boom")) == 1
+    assert cli.exit_code(ClusterFailures("2 clusters failed")) == 3
+    assert cli.exit_code(KeyboardInterrupt()) == 130
+
+    def fails(args):
+        raise RuntimeError("disk on fire")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def partial(args):
+        raise ClusterFailures("1 cluster(s) failed: 3: boom")
+
+    for func, code in ((fails, 1), (interrupted, 130), (partial, 3)):
+        monkeypatch.setattr(cli, "cmd_status", func)
+        assert main(["status", str(tmp_path)]) == code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+    monkeypatch.setattr(cli, "cmd_status", fails)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # -v (also after the subcommand) shows the traceback
+        main(["status", str(tmp_path), "-v"])
+
+
+def test_config_show_prints_toml(tmp_path: Path, sample_photos: Path, fixtures_dir: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from sparse_vggt.config import PipelineConfig
+
+    assert main(["config", "show", "--defaults"]) == 0
+    assert tomllib.loads(capsys.readouterr().out) == tomllib.loads(PipelineConfig().to_toml())
+    assert main(["config", "show", "--set", "graph.k=7"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["graph"]["k"] == 7
+    photos = _photos(tmp_path, sample_photos, fixtures_dir)
+    run = tmp_path / "run"
+    assert main(["scan", str(photos), str(run), "--set", "ingest.chunk_size=2"]) == 0
+    capsys.readouterr()
+    assert main(["config", "show", str(run), "--set", "graph.k=9"]) == 0
+    shown = tomllib.loads(capsys.readouterr().out)
+    assert shown["ingest"]["chunk_size"] == 2 and shown["graph"]["k"] == 9
+    assert main(["config", "show", "--set", "graph.nope=1"]) == 2
+    assert "unknown field graph.nope" in capsys.readouterr().err
+
+
+def test_deploy_without_a_server_is_a_short_message(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}):
+        assert main(["deploy"]) == 1
+    err = capsys.readouterr().err
+    assert "no Prefect server configured" in err and "PREFECT_API_URL" in err and "Traceback" not in err
+
+
+def test_missing_weights_offline_is_one_message(tmp_path: Path, sample_photos: Path, fixtures_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`run` with the default (hub) checkpoints on an offline machine: one actionable message, exit 1, no
+    Prefect flow started."""
+    import sys as _sys
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(_sys.modules, "flows.reconstruct", None)  # importing the flow module would fail
+    photos = _photos(tmp_path, sample_photos, fixtures_dir)
+    assert main(["run", str(photos), str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "Traceback" not in err
+    assert "--set describe.model=random --set describe.allow_random_weights=true" in err.replace("\n", " ")
+
+
+def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
+    """A run whose every stage marker is set (scan for real; later stages marked as the flow would)."""
+    from sparse_vggt.config import PipelineConfig
+    from sparse_vggt.ingest import scan
+    from sparse_vggt.store import STAGES, RunStore
+
+    photos = tmp_path / "photos"
+    photos.mkdir(parents=True)
+    for p in sorted(sample_photos.glob("*.jpg"))[:3]:
+        shutil.copy(p, photos / p.name)
+    run = tmp_path / "run"
+    cfg = PipelineConfig()
+    scan(photos, run, cfg)
+    store = RunStore.open(run)
+    for stage in STAGES[1:]:
+        store.stage_finished(stage, {"clusters": 1, "reconstructed": 1, "frames": 3} if stage == "reconstruct" else {})
+    (run / "export").mkdir()
+    (run / "export" / "points.ply").write_bytes(b"ply\n")
+    return photos, run
+
+
+def test_rerun_of_a_finished_run_takes_the_fast_path_without_prefect(tmp_path: Path, sample_photos: Path) -> None:
+    """Markers are checked before Prefect is imported: no server can start. Checked in a fresh interpreter."""
+    photos, run = _finished_run(tmp_path, sample_photos)
+    code = ("import sys; from sparse_vggt.cli import main; rc = main(sys.argv[1:]); "
+            "print('PREFECT_IMPORTED', 'prefect' in sys.modules, 'FLOWS_IMPORTED', 'flows.reconstruct' in sys.modules);"
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "run", str(photos), str(run)], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "PREFECT_IMPORTED False FLOWS_IMPORTED False" in out.stdout
+    assert "already complete" in out.stdout and "points.ply" in out.stdout
+
+
+def test_fast_path_is_not_taken_when_anything_is_left(tmp_path: Path, sample_photos: Path) -> None:
+    from sparse_vggt.config import PipelineConfig
+    from sparse_vggt.runcheck import finished_run
+    from sparse_vggt.store import RunStore
+
+    photos, run = _finished_run(tmp_path, sample_photos)
+    assert finished_run(run, photos, PipelineConfig())["frames_reconstructed"] == 3
+    changed = PipelineConfig()
+    changed.graph.k = 3
+    assert finished_run(run, photos, changed) is None  # result-affecting config change: the flow decides
+    runtime = PipelineConfig()
+    runtime.reconstruct.device = "cpu"
+    assert finished_run(run, photos, runtime) is not None  # runtime-only fields do not matter
+    assert finished_run(run, tmp_path, PipelineConfig()) is None  # another photo folder
+    (photos / sorted(p.name for p in photos.iterdir())[0]).touch()  # a photo changed (mtime)
+    assert finished_run(run, photos, PipelineConfig()) is None
+    photos2, run2 = _finished_run(tmp_path / "b", sample_photos)
+    RunStore.open(run2).stage_invalidate("export")
+    assert finished_run(run2, photos2, PipelineConfig()) is None
+
+
+def test_manifest_lists_render_in_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich must not read list cells as markup: the demo's outputs cell was printed empty."""
+    from sparse_vggt.cli import print_manifest
+
+    print_manifest("demo", {"outputs": ["colmap/0/cameras.bin", "points.ply"], "note": "[bold]x[/]"})
+    out = capsys.readouterr().out
+    assert "colmap/0/cameras.bin" in out and "points.ply" in out and "[bold]x[/]" in out
+
+
+def test_console_logs_hide_tracebacks_unless_verbose() -> None:
+    """A failure logged with exc_info (as Prefect logs task/flow failures) prints one line, not a traceback."""
+    import io
+    import logging
+
+    from sparse_vggt.cli import hide_log_tracebacks
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    try:
+        hide_log_tracebacks()
+        try:
+            raise ValueError("the real reason")
+        except ValueError:
+            logging.getLogger("prefect.task_runs").error("Task run failed with exception: boom", exc_info=True)
+        logging.getLogger("prefect.task_runs").warning("Finished in state Completed()")  # kept: a warning
+        logging.getLogger("prefect.task_runs").info("Finished in state Completed()")  # routine: dropped
+        logging.getLogger("prefect.flow_runs").info("reconstructing 6 cluster(s)")
+    finally:
+        root.removeHandler(handler)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    out = stream.getvalue()
+    assert "Task run failed with exception: boom" in out and "Traceback" not in out and "-v shows it" in out
+    assert out.count("Finished in state Completed()") == 1 and "reconstructing 6 cluster(s)" in out
+
+
+def test_run_summary_shows_only_this_attempts_events() -> None:
+    from sparse_vggt.cli import _current_events
+
+    result = {"flow_run": "b", "events": [{"kind": "cluster_failed", "flow_run": "a"},
+                                          {"kind": "oom_split", "flow_run": "b"}]}
+    shown = _current_events(result)
+    assert shown["events"] == [{"kind": "oom_split", "flow_run": "b"}]
+    assert shown["earlier_events"].startswith("1 from earlier attempts")
+    assert _current_events({"events": []}) == {"events": []}
+
+
+def test_quiet_keeps_prefect_info_off_the_terminal() -> None:
+    import io
+    import logging
+
+    from sparse_vggt.cli import hide_log_tracebacks
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    level = flow_logger.level
+    flow_logger.setLevel(logging.INFO)
+    try:
+        hide_log_tracebacks(quiet=True)
+        flow_logger.info("Beginning flow run")
+        flow_logger.warning("cluster 3 ran out of memory; split")
+    finally:
+        root.removeHandler(handler)
+        flow_logger.setLevel(level)
+    assert stream.getvalue() == "cluster 3 ran out of memory; split\n"

@@ -135,6 +135,70 @@ def test_hub_repo_id_downloads_through_huggingface_hub(tmp_path, monkeypatch, ti
         return str(tmp_path / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the fake download stands in for the network
+    monkeypatch.setattr("sparse_vggt.weights._hub_reachable", lambda timeout=3.0: True)
     model = VGGT.from_pretrained("facebook/VGGT-1B", preset="tiny", revision="main")
     assert calls == [("facebook/VGGT-1B", "model.safetensors", "main"), ("facebook/VGGT-1B", "model.pt", "main")]
     _assert_same(model, tiny_state)
+
+
+def test_offline_hub_gives_one_actionable_message(monkeypatch):
+    """Offline (HF_HUB_OFFLINE or no route) and not cached: no retries, no 'not in the repo', the commands."""
+    from sparse_vggt import weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(weights.WeightsUnavailableError) as info:
+        resolve_checkpoint("facebook/VGGT-1B", stage="reconstruct")
+    msg = str(info.value)
+    assert "HF_HUB_OFFLINE" in msg and "not in the repo" not in msg
+    assert "--set reconstruct.model=random --set reconstruct.allow_random_weights=true" in msg
+    assert "hf download facebook/VGGT-1B" in msg
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(weights, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(weights.WeightsUnavailableError, match="cannot reach the Hugging Face Hub"):
+        resolve_checkpoint("gberton/MegaLoc", ("model.safetensors",), stage="describe")
+
+
+def test_cached_hub_file_is_used_offline_and_recorded_with_its_revision(tmp_path, monkeypatch, tiny_state):
+    """A file already in the Hugging Face cache resolves without network; provenance names the snapshot commit."""
+    from safetensors.torch import save_file
+
+    from sparse_vggt import weights
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "hub" / "models--facebook--VGGT-1B" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_file(tiny_state, str(snap / "model.safetensors"))
+    (tmp_path / "hub" / "models--facebook--VGGT-1B" / "refs").mkdir()
+    (tmp_path / "hub" / "models--facebook--VGGT-1B" / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint("facebook/VGGT-1B") == snap / "model.safetensors"
+    prov = weights.provenance("facebook/VGGT-1B", preset="tiny")
+    assert prov["weights"] == "checkpoint" and prov["revision"] == commit and prov["bytes"] > 0
+    assert commit in weights.describe_weights(prov)
+    rnd = weights.provenance("random", preset="tiny", seed=3)
+    assert rnd == {"weights": "random", "preset": "tiny", "seed": 3}
+    assert "RANDOM" in weights.describe_weights(rnd)
+
+
+def test_report_section_says_random_or_which_checkpoint(tmp_path):
+    """report.md / the Prefect report: RANDOM in bold, or the checkpoint file; old runs fall back to the config."""
+    from sparse_vggt.weights import run_weights, weights_markdown
+
+    ckpt = tmp_path / "vggt.pt"
+    ckpt.write_bytes(b"0" * 10)
+    meta = {"config": {"describe": {"model": "random", "preset": "tiny"},
+                       "reconstruct": {"model": str(ckpt), "preset": "vggt-1b", "seed": 0}},
+            "stages": {"describe": {"manifest": {"weights": {"weights": "random", "preset": "tiny", "seed": 0}}}}}
+    w = run_weights(meta)
+    assert w["describe"]["weights"] == "random"
+    assert w["reconstruct"]["weights"] == "checkpoint" and w["reconstruct"]["file"] == str(ckpt)
+    assert w["reconstruct"]["bytes"] == 10 and w["reconstruct"]["from_config"]
+    md = weights_markdown(meta)
+    assert "## Model weights" in md and "**describe ran with RANDOM weights" in md and str(ckpt) in md
+    real = weights_markdown({"config": {"describe": {"descriptors_file": "d.npy", "model": "gberton/MegaLoc"},
+                                        "reconstruct": {"model": str(ckpt)}}})
+    assert "RANDOM" not in real and "d.npy" in real
