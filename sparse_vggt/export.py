@@ -1,15 +1,40 @@
-"""Export the merged model (`sparse-vggt export`): COLMAP per component, coloured PLY, GLB, report.md.
+"""Export the merged model (`sparse-vggt export`): a COLMAP workspace, coloured PLY, GLB, plots and report.md.
 
-Files under ``<run>/export/``::
+Files under ``<run>/export/`` (a drop-in COLMAP / nerfstudio / gsplat data directory)::
 
-    colmap/<k>/            cameras.bin, images.bin, points3D.bin (+ rigs/frames as pycolmap writes them);
-                           also the .txt files with ``export.colmap_text``. One model per merge component k
-                           (0 = largest); each component has its own world frame.
+    images/                the images root of every model below: one entry per exported image under its
+                           (possibly mapped, see below) name. ``export.images=link`` (default): a symlink to the
+                           photo; ``copy``: a copy. Photos whose pixels a tool would read differently from the
+                           pipeline are always written as *upright copies*: EXIF orientation 2-8 (a portrait
+                           phone shot is stored sideways; COLMAP reads the raw pixels, the pipeline the upright
+                           ones) and HEIC/HEIF (which COLMAP cannot decode; saved as ``<name>.jpg``). So intrinsics,
+                           poses and keypoints are all in the upright pixels of exactly the files in ``images/``.
+                           ``export.images=none``: no images/ folder; names are relative to the photos root
+                           recorded in images.parquet (and EXIF-rotated photos are NOT drop-in then).
+    sparse/<k>/            cameras.bin, images.bin, points3D.bin (+ rigs/frames as pycolmap writes them; .txt
+                           too with ``export.colmap_text``). One model per merge component k (0 = largest),
+                           each with its own world frame.
+    pairs.txt              the covisibility graph between exported images, one "name_a name_b" per line (hloc /
+                           ``colmap matches_importer --match_type pairs``)
+    image_names.json       only when names had to be mapped: {exported name: original path}
     points.ply, scene.glb  component 0; other components as points_<k>.ply, scene_<k>.glb
-    report.md              every stage's manifest from run.json, merge edges/components, export counts
+    plots/*.png            top-down cameras by cluster, cluster graph, merge residuals, image status
+    recording.rrd          with ``export.rerun`` (needs the ``rerun`` extra): cameras, images, points, clusters
+    report.md              run summary, checks, plots, every stage's manifest, merge edges, export counts
 
-Cameras are PINHOLE, one per image (VGGT predicts a focal per frame), in original upright pixels. Points3D keep
-the tracks fused by merge: each observation is the pixel the point came from, so a COLMAP tool can refine them.
+Names: COLMAP's text files, pairs.txt and most tools split on whitespace, so an image whose path contains
+whitespace or control characters gets a mapped name (each such character -> ``_``, plus ``~<image_id>`` if that
+collides) in every model, text and binary alike, so the two formats and pairs.txt always agree; the file in
+``images/`` has that name. With ``export.images=none`` nothing can be renamed: the binary model keeps the original
+names, and text export refuses with an error that says what to do.
+
+Cameras: ``export.camera_model`` (PINHOLE default; SIMPLE_PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV with zero
+distortion), ``export.shared_camera`` (``image``: one camera per image, as VGGT predicts a focal per frame;
+``folder``: one per folder and image size; ``size``: one per image size; shared parameters are the members'
+median), ``export.focal_prior=exif`` starts from the photo's EXIF focal where it has one. ``export.bundle_adjust``
+refines poses, points (and focal, ``export.ba_refine_focal``) with pycolmap; the manifest records the mean
+reprojection error before and after. Points3D keep the tracks fused by merge: each observation is the pixel the
+point came from.
 """
 
 from __future__ import annotations
@@ -17,8 +42,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -30,6 +56,16 @@ from .store import STAGES, RunStore
 log = logging.getLogger(__name__)
 
 STAGE = "export"
+
+CAMERA_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+SHARED_CAMERA = ("image", "folder", "size")
+IMAGE_MODES = ("link", "copy", "none")
+FOCAL_PRIORS = ("predicted", "exif")
+_NOT_COLMAP_READABLE = (".heic", ".heif")
+
+
+class ExportError(ValueError):
+    """The export cannot be written as configured; the message says which option to change."""
 
 
 def _read_merge(store: RunStore) -> dict[str, np.ndarray]:
@@ -44,13 +80,169 @@ def _read_merge(store: RunStore) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_config(cfg: ExportConfig) -> None:
+    for name, value, allowed in (("camera_model", cfg.camera_model.upper(), CAMERA_MODELS),
+                                 ("shared_camera", cfg.shared_camera, SHARED_CAMERA),
+                                 ("images", cfg.images, IMAGE_MODES), ("focal_prior", cfg.focal_prior, FOCAL_PRIORS)):
+        if value not in allowed:
+            raise ExportError(f"export.{name}={value!r} is not supported; use one of: {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# names and the images/ folder
+# ------------------------------------------------------------------------------------------------------------
+def is_safe_name(name: str) -> bool:
+    """True when ``name`` survives whitespace-separated formats (COLMAP text, pairs.txt)."""
+    return bool(name) and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def _needs_upright_copy(path: str, orientation: int) -> bool:
+    return orientation not in (0, 1) or path.lower().endswith(_NOT_COLMAP_READABLE)
+
+
+def export_names(paths: dict[int, str], orientation: dict[int, int], mode: str) -> dict[int, str]:
+    """Name of each image inside the models (relative to ``images/``), unique and whitespace-free if possible."""
+    out: dict[int, str] = {}
+    taken: set[str] = set()
+    ids = sorted(paths)
+    if mode != "none":  # we write images/: names we do not change are reserved first
+        for i in ids:
+            name = _base_name(paths[i], orientation.get(i, 1))
+            if is_safe_name(name):
+                out[i] = name
+                taken.add(name)
+    for i in ids:
+        if i in out:
+            continue
+        if mode == "none":
+            out[i] = paths[i]
+            continue
+        name = "".join("_" if (c.isspace() or ord(c) < 32 or ord(c) == 127) else c
+                       for c in _base_name(paths[i], orientation.get(i, 1)))
+        if name in taken:
+            p = PurePosixPath(name)
+            name = str(p.with_name(f"{p.stem}~{i}{p.suffix}"))
+        out[i] = name
+        taken.add(name)
+    return out
+
+
+def _base_name(path: str, orientation: int) -> str:
+    return path + ".jpg" if path.lower().endswith(_NOT_COLMAP_READABLE) else path
+
+
+def write_images_dir(images_dir: Path, photos_root: Path | None, paths: dict[int, str], names: dict[int, str],
+                     orientation: dict[int, int], mode: str) -> dict[str, int]:
+    """Populate ``images/``: symlinks (or copies) of the photos, upright copies where pixels would differ."""
+    from .ingest import load_image
+
+    if images_dir.is_symlink():
+        images_dir.unlink()
+    elif images_dir.exists():
+        shutil.rmtree(images_dir)  # never follows the symlinks inside
+    counts = {"linked": 0, "copied": 0, "upright_copies": 0}
+    for i in sorted(names):
+        dst = images_dir / names[i]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = (photos_root / paths[i]) if photos_root is not None else None
+        if _needs_upright_copy(paths[i], orientation.get(i, 1)):
+            if src is None or not src.is_file():
+                raise ExportError(f"{paths[i]} must be written upright into export/images but the photo is not at "
+                                  f"{src}; restore the photos folder, or set export.images=none.")
+            img = load_image(src)
+            kwargs: dict[str, Any] = {}
+            if dst.suffix.lower() in (".jpg", ".jpeg"):
+                kwargs = {"quality": 95}
+                from PIL import Image
+
+                with Image.open(src) as raw:
+                    exif = raw.getexif()
+                if exif:
+                    exif[0x0112] = 1  # keep the EXIF (focal, GPS, time), orientation now "upright"
+                    kwargs["exif"] = exif.tobytes()
+            img.save(dst, **kwargs)
+            counts["upright_copies"] += 1
+        elif mode == "copy":
+            if src is None or not src.is_file():
+                raise ExportError(f"export.images=copy but {paths[i]} is not at {src}; restore the photos folder "
+                                  "or use export.images=link.")
+            shutil.copy2(src, dst)
+            counts["copied"] += 1
+        else:
+            if src is None:
+                raise ExportError("images.parquet records no photos_root, so export/images cannot link the photos; "
+                                  "re-run `sparse-vggt scan`, or set export.images=none.")
+            os.symlink(src.resolve() if src.exists() else src.absolute(), dst)
+            counts["linked"] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cameras
+# ------------------------------------------------------------------------------------------------------------
+def camera_params(model: str, fx: float, fy: float, cx: float, cy: float) -> list[float]:
+    """COLMAP parameter vector of ``model`` for a pinhole (fx, fy, cx, cy); distortion starts at zero."""
+    f = 0.5 * (fx + fy)
+    return {"PINHOLE": [fx, fy, cx, cy], "SIMPLE_PINHOLE": [f, cx, cy], "SIMPLE_RADIAL": [f, cx, cy, 0.0],
+            "RADIAL": [f, cx, cy, 0.0, 0.0], "OPENCV": [fx, fy, cx, cy, 0.0, 0.0, 0.0, 0.0]}[model]
+
+
+def camera_groups(image_ids: np.ndarray, paths: dict[int, str], hw: dict[int, tuple[int, int]], shared: str
+                  ) -> np.ndarray:
+    """Group index per image: each image alone, or images sharing (folder, size) / size."""
+    if shared == "image":
+        return np.arange(len(image_ids))
+    keys: dict[tuple, int] = {}
+    out = np.empty(len(image_ids), np.int64)
+    for n, i in enumerate(image_ids.tolist()):
+        key = (hw[i],) if shared == "size" else (str(PurePosixPath(paths[i]).parent), hw[i])
+        out[n] = keys.setdefault(key, len(keys))
+    return out
+
+
+def build_cameras(image_ids: np.ndarray, intrinsics: np.ndarray, paths: dict[int, str],
+                  hw: dict[int, tuple[int, int]], exif_focal: dict[int, float], cfg: ExportConfig
+                  ) -> tuple[list[dict[str, Any]], np.ndarray, int]:
+    """Camera dicts (camera_id, model, width, height, params) and the camera index of each image."""
+    model = cfg.camera_model.upper()
+    pin = np.stack([intrinsics[:, 0, 0], intrinsics[:, 1, 1], intrinsics[:, 0, 2], intrinsics[:, 1, 2]], 1)
+    pin = pin.astype(np.float64)
+    n_exif = 0
+    if cfg.focal_prior == "exif":
+        for n, i in enumerate(image_ids.tolist()):
+            f = exif_focal.get(i)
+            if f is not None and np.isfinite(f) and f > 0:
+                pin[n, :2] = f
+                n_exif += 1
+    groups = camera_groups(image_ids, paths, hw, cfg.shared_camera)
+    cams = []
+    for g in range(int(groups.max()) + 1 if len(groups) else 0):
+        members = np.flatnonzero(groups == g)
+        fx, fy, cx, cy = np.median(pin[members], axis=0)
+        h, w = hw[int(image_ids[members[0]])]
+        cam_id = int(image_ids[members[0]]) + 1 if cfg.shared_camera == "image" else g + 1
+        cams.append({"camera_id": cam_id, "model": model, "width": int(w), "height": int(h),
+                     "params": camera_params(model, float(fx), float(fy), float(cx), float(cy))})
+    return cams, groups, n_exif
+
+
+# ------------------------------------------------------------------------------------------------------------
+# COLMAP model
+# ------------------------------------------------------------------------------------------------------------
 def write_colmap(
-    out_dir: Path, names: dict[int, str], hw: dict[int, tuple[int, int]], image_ids: np.ndarray,
-    extrinsics: np.ndarray, intrinsics: np.ndarray, points: dict[str, np.ndarray] | None, text: bool,
-) -> dict[str, int]:
-    """One COLMAP model. COLMAP ids are image_id + 1 (cameras and images alike)."""
+    out_dir: Path, names: dict[int, str], image_ids: np.ndarray, extrinsics: np.ndarray,
+    cameras: list[dict[str, Any]], cam_of_image: np.ndarray, points: dict[str, np.ndarray] | None, text: bool,
+    bundle_adjust: bool = False, ba_refine_focal: bool = True, ba_max_iterations: int = 100,
+) -> dict[str, Any]:
+    """One COLMAP model. Image ids are image_id + 1; camera ids come from ``cameras``."""
     import pycolmap
 
+    if text:
+        bad = [names[int(i)] for i in image_ids if not is_safe_name(names[int(i)])]
+        if bad:
+            raise ExportError(f"{len(bad)} image name(s) contain whitespace or control characters (e.g. "
+                              f"{bad[0]!r}), which COLMAP's text format cannot hold. Use export.images=link or "
+                              "copy (names are then mapped safely), or export.colmap_text=false (binary keeps them).")
     rec = pycolmap.Reconstruction()
     obs: dict[int, list[tuple[int, np.ndarray]]] = {int(i): [] for i in image_ids}
     if points is not None and len(points["xyz"]):
@@ -60,16 +252,15 @@ def write_colmap(
                 img = int(points["track_image_ids"][t])
                 if img in obs:
                     obs[img].append((p, points["track_xy"][t]))
+    for c in cameras:
+        rec.add_camera_with_trivial_rig(pycolmap.Camera(model=c["model"], width=c["width"], height=c["height"],
+                                                        params=c["params"], camera_id=c["camera_id"]))
     point_obs: dict[int, list[tuple[int, int]]] = {}
-    for img, E, K in zip(image_ids, extrinsics, intrinsics):
+    for img, E, g in zip(image_ids, extrinsics, cam_of_image):
         img = int(img)
-        h, w = hw[img]
-        cam = pycolmap.Camera(model="PINHOLE", width=int(w), height=int(h),
-                              params=[float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])],
-                              camera_id=img + 1)
-        rec.add_camera_with_trivial_rig(cam)
         kp = np.array([xy for _, xy in obs[img]], np.float64).reshape(-1, 2)
-        image = pycolmap.Image(name=names[img], keypoints=kp, camera_id=img + 1, image_id=img + 1)
+        image = pycolmap.Image(name=names[img], keypoints=kp, camera_id=cameras[int(g)]["camera_id"],
+                               image_id=img + 1)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(np.asarray(E, np.float64)))
         for k, (p, _) in enumerate(obs[img]):
             point_obs.setdefault(p, []).append((img + 1, k))
@@ -79,13 +270,77 @@ def write_colmap(
             track = pycolmap.Track([pycolmap.TrackElement(i, k) for i, k in point_obs[p]])
             rec.add_point3D(points["xyz"][p].astype(np.float64), track, points["rgb"][p].astype(np.uint8))
             n_obs += len(point_obs[p])
+    stats: dict[str, Any] = {"images": int(len(image_ids)), "cameras": len(cameras),
+                             "points3D": int(rec.num_points3D()), "observations": n_obs}
+    if rec.num_points3D():
+        rec.update_point_3d_errors()
+        stats["reprojection_error_px"] = round(float(rec.compute_mean_reprojection_error()), 4)
+    if bundle_adjust:
+        stats["bundle_adjustment"] = _bundle_adjust(rec, cameras[0]["model"] if cameras else "PINHOLE",
+                                                    ba_refine_focal, ba_max_iterations)
+        if rec.num_points3D():
+            stats["reprojection_error_px"] = stats["bundle_adjustment"]["reprojection_error_after_px"]
     out_dir.mkdir(parents=True, exist_ok=True)
     rec.write_binary(str(out_dir))
     if text:
         rec.write_text(str(out_dir))
-    return {"images": int(len(image_ids)), "points3D": int(rec.num_points3D()), "observations": n_obs}
+    return stats
 
 
+def _bundle_adjust(rec: Any, model: str, refine_focal: bool, max_iterations: int) -> dict[str, Any]:
+    """pycolmap bundle adjustment of poses and points (focal optional); a Cauchy loss keeps fused outliers weak."""
+    import pycolmap
+
+    if rec.num_points3D() == 0:
+        return {"skipped": "no points3D with tracks (merge.fuse=false?): nothing to adjust"}
+    rec.update_point_3d_errors()
+    before = float(rec.compute_mean_reprojection_error())
+    opts = pycolmap.BundleAdjustmentOptions()
+    opts.refine_focal_length = bool(refine_focal)
+    opts.refine_principal_point = False
+    opts.refine_extra_params = model in ("SIMPLE_RADIAL", "RADIAL", "OPENCV")
+    opts.print_summary = False
+    ceres = opts.ceres
+    ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
+    ceres.loss_function_scale = 2.0
+    ceres.solver_options.max_num_iterations = int(max_iterations)
+    pycolmap.bundle_adjustment(rec, opts)
+    rec.update_point_3d_errors()
+    after = float(rec.compute_mean_reprojection_error())
+    log.info("bundle adjustment: mean reprojection error %.3f -> %.3f px", before, after)
+    return {"reprojection_error_before_px": round(before, 4), "reprojection_error_after_px": round(after, 4),
+            "refine_focal": bool(refine_focal), "max_iterations": int(max_iterations)}
+
+
+def write_pairs(path: Path, store: RunStore, names: dict[int, str]) -> dict[str, Any]:
+    """The covisibility graph restricted to exported images, as "name_a name_b" lines (each pair once)."""
+    if "graph" not in store.zarr or "indptr" not in store.zarr["graph"]:
+        return {"pairs": 0, "skipped": "store.zarr/graph is missing"}
+    g = store.zarr["graph"]
+    indptr, indices = np.asarray(g["indptr"][...]), np.asarray(g["indices"][...])
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    keep = rows < indices
+    a, b = rows[keep], indices[keep]
+    exported = np.zeros(len(indptr) - 1, bool)
+    ids = np.fromiter(names.keys(), np.int64, len(names))
+    exported[ids[ids < exported.size]] = True
+    sel = exported[a] & exported[b]
+    a, b = a[sel], b[sel]
+    unsafe = np.array([not (is_safe_name(names[int(x)]) and is_safe_name(names[int(y)])) for x, y in zip(a, b)],
+                      bool)
+    lines = [f"{names[int(x)]} {names[int(y)]}" for x, y in zip(a[~unsafe], b[~unsafe])]
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    out: dict[str, Any] = {"pairs": len(lines)}
+    if unsafe.any():
+        out["pairs_left_out_unsafe_names"] = int(unsafe.sum())
+        log.warning("pairs.txt: %d pair(s) left out because an image name contains whitespace "
+                    "(export.images=none keeps original names)", int(unsafe.sum()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PLY / GLB helpers
+# ------------------------------------------------------------------------------------------------------------
 def frusta_segments(
     extrinsics: np.ndarray, intrinsics: np.ndarray, hw: list[tuple[int, int]], size: float,
 ) -> np.ndarray:
@@ -111,13 +366,17 @@ def _subsample(n: int, cap: int, conf: np.ndarray | None = None, seed: int = 0) 
     return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------------------
 def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str, Any]:
-    """Write COLMAP models, PLY, GLB and report.md from ``store.zarr/merge``; return a manifest."""
+    """Write the COLMAP workspace, PLY, GLB, plots and report.md from ``store.zarr/merge``; return a manifest."""
     import trimesh
 
     store = RunStore.open(run_dir)
     config = config or store.config()
     cfg: ExportConfig = config.export
+    _check_config(cfg)
     wanted = dataclasses.asdict(cfg)
     if store.is_stage_complete(STAGE) and store.stage_manifest(STAGE).get("config") == wanted:
         log.info("export already complete in %s", store.root)
@@ -125,22 +384,55 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     store.require_stage("merge", needed_by="export")
     store.stage_started(STAGE)
     m = _read_merge(store)
-    images = store.read_table("images", columns=["image_id", "path", "width", "height"])
-    ids = images.column("image_id").to_numpy()
-    names = dict(zip(ids.tolist(), images.column("path").to_pylist()))
-    hw = {int(i): (int(h), int(w)) for i, h, w in zip(ids, images.column("height").to_numpy(),
-                                                       images.column("width").to_numpy())}
+    table = store.read_table("images")
+    if "status" in table.column_names:  # only kept images can have been reconstructed
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    cols = set(table.column_names)
+    ids = table.column("image_id").to_numpy()
+    paths = dict(zip(ids.tolist(), table.column("path").to_pylist()))
+    hw = {int(i): (int(h), int(w)) for i, h, w in zip(ids, table.column("height").to_numpy(),
+                                                       table.column("width").to_numpy())}
+    orient = dict(zip(ids.tolist(), (table.column("orientation").fill_null(1).to_pylist()
+                                     if "orientation" in cols else [1] * len(ids))))
+    exif_focal = ({int(i): f for i, f in zip(ids, table.column("focal_px").to_pylist()) if f is not None}
+                  if "focal_px" in cols else {})
+    meta = table.schema.metadata or {}
+    photos_root = Path(meta[b"photos_root"].decode()) if b"photos_root" in meta else None
+
+    exported_ids = m["img_image_ids"].astype(np.int64)
+    exp_paths = {int(i): paths[int(i)] for i in exported_ids}
+    names = export_names(exp_paths, orient, cfg.images)
     out = store.export_dir
-    colmap_root = out / "colmap"
-    if colmap_root.exists():
-        shutil.rmtree(colmap_root)
+    for old in (out / "colmap", out / "sparse", out / "plots"):
+        if old.exists():
+            shutil.rmtree(old)
     out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"components": [], "colmap_text": bool(cfg.colmap_text), "config": wanted,
+                                "layout": {"images": "images" if cfg.images != "none" else None,
+                                           "sparse": "sparse/<component>"}}
+    if cfg.images != "none":
+        manifest["images_dir"] = write_images_dir(out / "images", photos_root, exp_paths, names, orient, cfg.images)
+    else:
+        manifest["images_root"] = str(photos_root) if photos_root else None
+        rotated = sum(1 for i in exp_paths if _needs_upright_copy(exp_paths[i], orient.get(i, 1)))
+        if rotated:
+            log.warning("export.images=none: %d photo(s) are EXIF-rotated or HEIC; their models assume upright "
+                        "pixels, which COLMAP does not read from the original files. Use export.images=link.",
+                        rotated)
+            manifest["rotated_not_drop_in"] = rotated
+    mapped = {names[i]: exp_paths[i] for i in names if names[i] != exp_paths[i]}
+    names_file = out / "image_names.json"
+    names_file.unlink(missing_ok=True)
+    if mapped:
+        names_file.write_text(json.dumps(mapped, indent=1, ensure_ascii=False))
+        manifest["names_mapped"] = len(mapped)
     has_points = "pt_xyz" in m
-    manifest: dict[str, Any] = {"components": [], "colmap_text": bool(cfg.colmap_text), "config": wanted}
     for k in np.unique(m["img_component"]):
         k = int(k)
         sel = m["img_component"] == k
-        E, K, img_ids = m["img_extrinsics"][sel], m["img_intrinsics"][sel], m["img_image_ids"][sel]
+        E, K, img_ids = m["img_extrinsics"][sel], m["img_intrinsics"][sel], m["img_image_ids"][sel].astype(np.int64)
         pts = None
         if has_points:
             pm = np.flatnonzero(m["pt_component"] == k)
@@ -151,9 +443,12 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
             pts = {"xyz": m["pt_xyz"][pm], "rgb": m["pt_rgb"][pm],
                    "track_offsets": np.concatenate([[0], np.cumsum(ends - starts)]),
                    "track_image_ids": m["pt_track_image_ids"][tsel], "track_xy": m["pt_track_xy"][tsel]}
-        stats = write_colmap(colmap_root / str(k), names, hw, img_ids, E, K, pts, cfg.colmap_text)
-        entry: dict[str, Any] = {"component": k, "colmap": str((colmap_root / str(k)).relative_to(store.root)),
-                                 **stats}
+        cams, cam_of_image, n_exif = build_cameras(img_ids, K, exp_paths, hw, exif_focal, cfg)
+        model_dir = out / "sparse" / str(k)
+        stats = write_colmap(model_dir, names, img_ids, E, cams, cam_of_image, pts, cfg.colmap_text,
+                             cfg.bundle_adjust, cfg.ba_refine_focal, cfg.ba_max_iterations)
+        entry: dict[str, Any] = {"component": k, "colmap": str(model_dir.relative_to(store.root)), **stats,
+                                 "exif_focal_images": n_exif}
         suffix = "" if k == 0 else f"_{k}"
         centers = camera_centers(E)
         extent = float(np.linalg.norm(centers.max(0) - centers.min(0)))
@@ -180,6 +475,21 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
         manifest["components"].append(entry)
     manifest["images"] = int(len(m["img_image_ids"]))
     manifest["points3D"] = int(sum(c["points3D"] for c in manifest["components"]))
+    pairs_file = out / "pairs.txt"
+    pairs_file.unlink(missing_ok=True)
+    if cfg.pairs:
+        manifest["pairs"] = {"file": pairs_file.name, **write_pairs(pairs_file, store, names)}
+    if cfg.plots:
+        from .plots import write_plots
+
+        manifest["plots"] = write_plots(store, out / "plots", m, config)
+    rrd = out / "recording.rrd"
+    rrd.unlink(missing_ok=True)
+    if cfg.rerun:
+        from .rerun_log import write_recording
+
+        manifest["rerun"] = write_recording(rrd, store, m, names, out / "images" if cfg.images != "none" else None,
+                                            hw)
     report = out / "report.md"
     report.write_text(make_report(store, manifest))
     manifest["report"] = report.name
@@ -199,12 +509,44 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _checks(store: RunStore) -> list[str]:
+    """Things a user must not miss, from the stage manifests (one bullet each)."""
+    stages = store.meta().get("stages", {})
+    out = []
+    graph = stages.get("graph", {}).get("manifest") or {}
+    if graph.get("recall_ok") is False:
+        out.append(f"graph recall@{graph.get('k')} = {graph.get('recall_at_k')} ({graph.get('method')} search, "
+                   f"{graph.get('recall_sample')} sampled queries) is below graph.min_recall = "
+                   f"{graph.get('min_recall')}: some covisible pairs are missing from the graph. Use "
+                   "graph.method=exact or raise graph.candidates / graph.pca_dim.")
+    return out
+
+
+def _weights_lines(store: RunStore) -> list[str]:
+    """Weights provenance (real checkpoint + revision, or random) for the report.
+
+    Placeholder for the issue-19 weights-provenance section (owned by the UX/weights work): return Markdown lines
+    starting with a "## Weights" heading; they are placed right after the run header.
+    """
+    return []
+
+
 def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
-    """Markdown with every stage's state and numbers (from run.json) plus merge diagnostics."""
+    """Markdown with checks, plots, every stage's state and numbers (from run.json) and merge diagnostics."""
     meta = store.meta()
     stages = meta.get("stages", {})
     lines = [f"# sparse-vggt report: {store.root.name}", "", f"Run created {meta.get('created')}; "
              f"versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}", ""]
+    weights = _weights_lines(store)
+    if weights:
+        lines += weights + [""]
+    checks = _checks(store)
+    lines += ["## Checks", ""] + ([f"- **WARNING**: {c}" for c in checks] or ["- no warnings"]) + [""]
+    plots = export_manifest.get("plots", {})
+    if plots.get("files"):
+        lines += ["## Plots", ""]
+        for title, rel in plots["files"].items():
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Stages", "", "| stage | state | finished |", "|---|---|---|"]
     for s in STAGES:
         e = stages.get(s, {})
@@ -246,8 +588,18 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
                          f"edges, cost {_fmt(p.get('cost_initial', ''))} -> {_fmt(p.get('cost_final', ''))} in "
                          f"{p.get('iterations')} iterations {p.get('note', '')}")
     lines += ["", "## Export", ""]
+    if export_manifest.get("layout", {}).get("images"):
+        lines.append("COLMAP workspace: `images/` (image root) + `sparse/<component>/`, e.g. "
+                     "`colmap gui --import_path sparse/0 --image_path images` from the export folder; "
+                     "nerfstudio/gsplat take the export folder as the data directory.")
     for c in export_manifest.get("components", []):
-        lines.append(f"- component {c['component']}: {c['images']} images, {c['points3D']} points3D "
-                     f"({c['observations']} observations) in `{c['colmap']}`"
-                     + (f", `{c['ply']}`" if "ply" in c else "") + (f", `{c['glb']}`" if "glb" in c else ""))
+        ba = c.get("bundle_adjustment", {})
+        ba_text = (f", bundle adjustment {ba['reprojection_error_before_px']} -> "
+                   f"{ba['reprojection_error_after_px']} px" if "reprojection_error_after_px" in ba else "")
+        lines.append(f"- component {c['component']}: {c['images']} images, {c['cameras']} cameras, {c['points3D']} "
+                     f"points3D ({c['observations']} observations) in `{c['colmap']}`"
+                     + (f", `{c['ply']}`" if "ply" in c else "") + (f", `{c['glb']}`" if "glb" in c else "")
+                     + ba_text)
+    if "pairs" in export_manifest:
+        lines.append(f"- `pairs.txt`: {export_manifest['pairs'].get('pairs', 0)} covisibility pairs")
     return "\n".join(lines) + "\n"

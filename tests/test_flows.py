@@ -45,7 +45,7 @@ def _cfg(**overrides):
 
 def _export_files(run: Path) -> list[Path]:
     export = run / "export"
-    comps = sorted(p for p in (export / "colmap").iterdir() if p.is_dir())
+    comps = sorted(p for p in (export / "sparse").iterdir() if p.is_dir())
     assert comps, "no COLMAP component written"
     files = [export / "points.ply", export / "scene.glb", export / "report.md"]
     for c in comps:
