@@ -171,6 +171,7 @@ class ExportConfig:
     focal_prior: str = "predicted"  # predicted | exif: start from the photo's EXIF focal where it has one
     bundle_adjust: bool = False  # pycolmap bundle adjustment of poses and points after export
     ba_refine_focal: bool = True  # let bundle adjustment refine the focal length too
+    ba_refine_distortion: bool = False  # and the distortion of SIMPLE_RADIAL / RADIAL / OPENCV cameras
     ba_max_iterations: int = 100  # Ceres iterations of the bundle adjustment
     pairs: bool = True  # export/pairs.txt: the covisibility graph for hloc / COLMAP pair matching
     plots: bool = True  # export/plots/*.png and the plots in report.md (matplotlib)

@@ -62,6 +62,7 @@ SHARED_CAMERA = ("image", "folder", "size")
 IMAGE_MODES = ("link", "copy", "none")
 FOCAL_PRIORS = ("predicted", "exif")
 _NOT_COLMAP_READABLE = (".heic", ".heif")
+_BA_MIN_OBSERVATIONS = 15  # multi-view observations an image needs for its pose to be adjusted
 
 
 class ExportError(ValueError):
@@ -233,6 +234,7 @@ def write_colmap(
     out_dir: Path, names: dict[int, str], image_ids: np.ndarray, extrinsics: np.ndarray,
     cameras: list[dict[str, Any]], cam_of_image: np.ndarray, points: dict[str, np.ndarray] | None, text: bool,
     bundle_adjust: bool = False, ba_refine_focal: bool = True, ba_max_iterations: int = 100,
+    ba_refine_distortion: bool = False,
 ) -> dict[str, Any]:
     """One COLMAP model. Image ids are image_id + 1; camera ids come from ``cameras``."""
     import pycolmap
@@ -276,10 +278,9 @@ def write_colmap(
         rec.update_point_3d_errors()
         stats["reprojection_error_px"] = round(float(rec.compute_mean_reprojection_error()), 4)
     if bundle_adjust:
-        stats["bundle_adjustment"] = _bundle_adjust(rec, cameras[0]["model"] if cameras else "PINHOLE",
-                                                    ba_refine_focal, ba_max_iterations)
-        if rec.num_points3D():
-            stats["reprojection_error_px"] = stats["bundle_adjustment"]["reprojection_error_after_px"]
+        rec, stats["bundle_adjustment"] = _bundle_adjust(rec, cameras[0]["model"] if cameras else "PINHOLE",
+                                                         ba_refine_focal, ba_refine_distortion, ba_max_iterations)
+        stats["reprojection_error_px"] = _mean_error(rec)
     out_dir.mkdir(parents=True, exist_ok=True)
     rec.write_binary(str(out_dir))
     if text:
@@ -287,29 +288,87 @@ def write_colmap(
     return stats
 
 
-def _bundle_adjust(rec: Any, model: str, refine_focal: bool, max_iterations: int) -> dict[str, Any]:
-    """pycolmap bundle adjustment of poses and points (focal optional); a Cauchy loss keeps fused outliers weak."""
+def _bundle_adjust(rec: Any, model: str, refine_focal: bool, refine_distortion: bool, max_iterations: int
+                   ) -> tuple[Any, dict[str, Any]]:
+    """pycolmap bundle adjustment of poses and points (focal optional); returns (reconstruction, report).
+
+    A Cauchy loss keeps fused outliers weak. Points seen by one camera constrain nothing (and Ceres rejects them):
+    they are taken out and put back at their depth along their pixel's ray through the adjusted camera, as merge
+    made them. If the adjustment raises the mean reprojection error of the multi-view points (a diverged or
+    degenerate problem), the unadjusted model is kept and the report says so.
+    """
     import pycolmap
 
     if rec.num_points3D() == 0:
-        return {"skipped": "no points3D with tracks (merge.fuse=false?): nothing to adjust"}
-    rec.update_point_3d_errors()
-    before = float(rec.compute_mean_reprojection_error())
+        return rec, {"skipped": "no points3D with tracks (merge.fuse=false?): nothing to adjust"}
+    before = _mean_error(rec)
+    work = pycolmap.Reconstruction(rec)
     opts = pycolmap.BundleAdjustmentOptions()
     opts.refine_focal_length = bool(refine_focal)
     opts.refine_principal_point = False
-    opts.refine_extra_params = model in ("SIMPLE_RADIAL", "RADIAL", "OPENCV")
+    opts.refine_extra_params = bool(refine_distortion) and model in ("SIMPLE_RADIAL", "RADIAL", "OPENCV")
     opts.print_summary = False
-    ceres = opts.ceres
-    ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
-    ceres.loss_function_scale = 2.0
-    ceres.solver_options.max_num_iterations = int(max_iterations)
-    pycolmap.bundle_adjustment(rec, opts)
+    opts.ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
+    opts.ceres.loss_function_scale = 2.0
+    opts.ceres.solver_options.max_num_iterations = int(max_iterations)
+    single = []
+    for pid, p in work.points3D.items():
+        if p.track.length() == 1:
+            el = p.track.elements[0]
+            xc = work.images[el.image_id].cam_from_world().matrix() @ np.append(p.xyz, 1.0)
+            single.append((pid, el.image_id, el.point2D_idx, xc, np.asarray(p.color, np.uint8)))
+    for pid, *_ in single:
+        work.delete_point3D(pid)
+    info: dict[str, Any] = {"reprojection_error_before_px": before, "refine_focal": bool(refine_focal),
+                            "refine_distortion": bool(opts.refine_extra_params), "max_iterations": int(max_iterations),
+                            "multi_view_points": work.num_points3D(), "single_view_points": len(single)}
+    if work.num_points3D() == 0:
+        info["skipped"] = "every point is seen by one camera only: nothing constrains the poses"
+        info["reprojection_error_after_px"] = before
+        return rec, info
+    multi_before = _mean_error(work)
+    # an image with few multi-view observations cannot pin its 6 pose parameters (the problem is rank deficient
+    # and LM can run off): such images keep their merged pose; two well-observed cameras fix the gauge
+    n_obs: dict[int, int] = {}
+    for p in work.points3D.values():
+        for el in p.track.elements:
+            n_obs[el.image_id] = n_obs.get(el.image_id, 0) + 1
+    config = pycolmap.BundleAdjustmentConfig()
+    adjusted = [i for i, c in n_obs.items() if c >= _BA_MIN_OBSERVATIONS]
+    for i in adjusted:
+        config.add_image(i)
+    info["images_adjusted"] = len(adjusted)
+    if len(adjusted) < 2:
+        info["skipped"] = f"fewer than 2 images with >= {_BA_MIN_OBSERVATIONS} multi-view observations"
+        info["reprojection_error_after_px"] = before
+        return rec, info
+    config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    pycolmap.create_default_bundle_adjuster(opts, config, work).solve()
+    multi_after = _mean_error(work)
+    info.update(multi_view_error_before_px=multi_before, multi_view_error_after_px=multi_after)
+    if multi_after is None or not np.isfinite(multi_after) or multi_after > multi_before:
+        log.warning("bundle adjustment raised the multi-view reprojection error (%.4g -> %.4g px): kept the "
+                    "unadjusted model", multi_before, multi_after if multi_after is not None else float("nan"))
+        info.update(reverted=True, reprojection_error_after_px=before)
+        return rec, info
+    for _, img, idx, xc, color in single:  # same depth along the observed pixel's (refined) ray
+        image = work.images[img]
+        E = image.cam_from_world().matrix()
+        xy = image.camera.cam_from_img(image.points2D[idx].xy)
+        xc_new = xc if xy is None else xc[2] * np.append(xy, 1.0)  # None: the pixel does not undistort
+        work.add_point3D(E[:, :3].T @ (xc_new - E[:, 3]), pycolmap.Track([pycolmap.TrackElement(img, idx)]), color)
+    after = _mean_error(work)
+    info.update(reverted=False, reprojection_error_after_px=after)
+    log.info("bundle adjustment: mean reprojection error %.3f -> %.3f px (multi-view points %.3f -> %.3f)",
+             before, after, multi_before, multi_after)
+    return work, info
+
+
+def _mean_error(rec: Any) -> float | None:
+    if rec.num_points3D() == 0:
+        return None
     rec.update_point_3d_errors()
-    after = float(rec.compute_mean_reprojection_error())
-    log.info("bundle adjustment: mean reprojection error %.3f -> %.3f px", before, after)
-    return {"reprojection_error_before_px": round(before, 4), "reprojection_error_after_px": round(after, 4),
-            "refine_focal": bool(refine_focal), "max_iterations": int(max_iterations)}
+    return round(float(rec.compute_mean_reprojection_error()), 4)
 
 
 def write_pairs(path: Path, store: RunStore, names: dict[int, str]) -> dict[str, Any]:
@@ -382,7 +441,6 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
         log.info("export already complete in %s", store.root)
         return store.stage_manifest(STAGE)  # same options (e.g. --text not newly asked for): nothing to do
     store.require_stage("merge", needed_by="export")
-    store.stage_started(STAGE)
     m = _read_merge(store)
     table = store.read_table("images")
     if "status" in table.column_names:  # only kept images can have been reconstructed
@@ -404,9 +462,18 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     exported_ids = m["img_image_ids"].astype(np.int64)
     exp_paths = {int(i): paths[int(i)] for i in exported_ids}
     names = export_names(exp_paths, orient, cfg.images)
+    unsafe = [n for n in names.values() if not is_safe_name(n)]
+    if unsafe and cfg.colmap_text:  # checked before anything is written
+        raise ExportError(f"{len(unsafe)} image name(s) contain whitespace or control characters (e.g. "
+                          f"{unsafe[0]!r}), which COLMAP's text format cannot hold. Use export.images=link or copy "
+                          "(names are then mapped safely), or export.colmap_text=false (binary keeps them).")
+    store.stage_started(STAGE)
     out = store.export_dir
-    for old in (out / "colmap", out / "sparse", out / "plots"):
-        if old.exists():
+    stale = [out / "colmap", out / "sparse", out / "plots"] + ([out / "images"] if cfg.images == "none" else [])
+    for old in stale:
+        if old.is_symlink():
+            old.unlink()
+        elif old.exists():
             shutil.rmtree(old)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"components": [], "colmap_text": bool(cfg.colmap_text), "config": wanted,
@@ -446,7 +513,8 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
         cams, cam_of_image, n_exif = build_cameras(img_ids, K, exp_paths, hw, exif_focal, cfg)
         model_dir = out / "sparse" / str(k)
         stats = write_colmap(model_dir, names, img_ids, E, cams, cam_of_image, pts, cfg.colmap_text,
-                             cfg.bundle_adjust, cfg.ba_refine_focal, cfg.ba_max_iterations)
+                             cfg.bundle_adjust, cfg.ba_refine_focal, cfg.ba_max_iterations,
+                             cfg.ba_refine_distortion)
         entry: dict[str, Any] = {"component": k, "colmap": str(model_dir.relative_to(store.root)), **stats,
                                  "exif_focal_images": n_exif}
         suffix = "" if k == 0 else f"_{k}"
