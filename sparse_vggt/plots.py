@@ -214,3 +214,25 @@ def write_plots(store: RunStore, plots_dir: Path, merged: dict[str, np.ndarray],
         job(path)
         files[PLOTS[key]] = f"{plots_dir.name}/{path.name}"
     return {"files": files}
+
+
+def plots_markdown(export_dir: Path, max_bytes: int = 2_000_000) -> str:
+    """The export's plots as one Markdown document with the PNGs inline (data URIs), for a Prefect artifact.
+
+    Why inline: a Prefect artifact cannot reference files on the worker's disk, and the UI renders data URIs.
+    Plots are listed from the export manifest order in ``plots/``; returns "" when there are none.
+    """
+    import base64
+
+    files = sorted((export_dir / "plots").glob("*.png")) if (export_dir / "plots").is_dir() else []
+    titles = {f"{k}.png": v for k, v in PLOTS.items()}
+    parts, used = [], 0
+    for path in sorted(files, key=lambda p: list(titles).index(p.name) if p.name in titles else len(titles)):
+        data = path.read_bytes()
+        title = titles.get(path.name, path.stem)
+        if used + len(data) > max_bytes:
+            parts += [f"### {title}", "", f"(not inlined: over {max_bytes} bytes in all; see `{path}`)", ""]
+            continue
+        used += len(data)
+        parts += [f"### {title}", "", f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})", ""]
+    return ("# sparse-vggt plots\n\n" + "\n".join(parts)) if parts else ""

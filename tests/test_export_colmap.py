@@ -241,3 +241,17 @@ def test_rerun_recording(small_run: syn.SyntheticRun) -> None:
     assert sum(c.endswith(":EncodedImage:blob") for c in columns) == small_run.scene.n
     assert "/world/component_0/points:Points3D:positions" in columns
     assert "/world/component_0/camera_centers:Points3D:labels" in columns
+
+
+def test_plots_markdown_inlines_the_pngs_for_prefect(small_run: syn.SyntheticRun) -> None:
+    import base64
+
+    from sparse_vggt.plots import plots_markdown
+
+    export(small_run.root, PipelineConfig())
+    md = plots_markdown(small_run.root / "export")
+    blobs = [part.split(")", 1)[0] for part in md.split("data:image/png;base64,")[1:]]
+    assert len(blobs) == 4
+    for b in blobs:
+        assert base64.b64decode(b).startswith(b"\x89PNG")
+    assert "not inlined" in plots_markdown(small_run.root / "export", max_bytes=10)
