@@ -448,12 +448,16 @@ def measure_recall(src: DescriptorSource, idx: np.ndarray, k: int, sample: int, 
     return float(np.mean(hits) / k)
 
 
-# Cost model of the two searches on CPU (benchmarks/graph.py, BENCHMARKS.md "auto: exact or PCA"): the exact
-# blocked search costs ~ n^2/2 (D + _TOPK_MACS) multiply-add equivalents, the PCA path ~ n^2/2 (r + 1 +
-# _TOPK_MACS) for the candidate search plus n c D re-rank multiply-adds that are _RERANK_SLOWDOWN x slower
-# (gathered rows, fp16 -> fp32) plus the PCA fit. Exact is chosen where it is not slower.
-_TOPK_MACS = 0.0
-_RERANK_SLOWDOWN = 0.0
+# Cost model of the two searches on CPU, in multiply-add equivalents, fitted to the phase timings of
+# benchmarks/graph.py (BENCHMARKS.md, "graph.method=auto: where exact search is not slower"):
+#   exact  n^2/2 (D + _TOPK_MACS)                        blocked Gram tiles + the per-score top-k filter
+#   pca    n^2/2 (r + 1 + _TOPK_MACS)                    candidate search in r dimensions, same filter
+#          + _RERANK_SLOWDOWN n c D                       exact re-rank of c candidates (gathered fp16 rows: slow)
+#          + _FIT_FACTOR min(n, pca_sample) D (r + 16)    randomised PCA with power iterations
+# Exact search is chosen where it is predicted not to be slower; recall is measured either way.
+_TOPK_MACS = 600.0
+_RERANK_SLOWDOWN = 84.0
+_FIT_FACTOR = 6.0
 
 
 def exact_is_not_slower(n: int, dim: int, k: int, cfg: GraphConfig) -> bool:
@@ -462,7 +466,8 @@ def exact_is_not_slower(n: int, dim: int, k: int, cfg: GraphConfig) -> bool:
         return True
     c = max(k, min(cfg.candidates, n - 1))
     exact = 0.5 * n * n * (dim + _TOPK_MACS)
-    approx = 0.5 * n * n * (cfg.pca_dim + 1 + _TOPK_MACS) + _RERANK_SLOWDOWN * n * c * dim
+    approx = (0.5 * n * n * (cfg.pca_dim + 1 + _TOPK_MACS) + _RERANK_SLOWDOWN * n * c * dim
+              + _FIT_FACTOR * min(n, cfg.pca_sample) * dim * (cfg.pca_dim + 16))
     return exact <= approx
 
 
