@@ -455,9 +455,9 @@ def measure_recall(src: DescriptorSource, idx: np.ndarray, k: int, sample: int, 
 #          + _RERANK_SLOWDOWN n c D                       exact re-rank of c candidates (gathered fp16 rows: slow)
 #          + _FIT_FACTOR min(n, pca_sample) D (r + 16)    randomised PCA with power iterations
 # Exact search is chosen where it is predicted not to be slower; recall is measured either way.
-_TOPK_MACS = 600.0
-_RERANK_SLOWDOWN = 84.0
-_FIT_FACTOR = 6.0
+_TOPK_MACS = 1500.0
+_RERANK_SLOWDOWN = 64.0
+_FIT_FACTOR = 11.0
 
 
 def exact_is_not_slower(n: int, dim: int, k: int, cfg: GraphConfig) -> bool:
