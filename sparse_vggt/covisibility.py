@@ -7,8 +7,10 @@ Why this shape: at city scale N is 10^5-10^6, so an N x N similarity matrix (10^
 Candidate search runs on a reduced projection (PCA fitted on a sample; or faiss HNSW over the same projection),
 block by block, keeping only the best ``candidates`` per query; those candidates are then re-ranked by the exact
 cosine on the full descriptors. Descriptors are cached in RAM as fp16 when they fit ``graph.memory_mb``,
-otherwise streamed from Zarr in super-blocks. Recall against exact search is measured on a sample of queries and
-recorded, so an approximate search never silently degrades the graph.
+otherwise streamed from Zarr in super-blocks. ``graph.method=auto`` takes the exact search wherever a cost model
+fitted to benchmarks/graph.py predicts it is not slower (~13k images at D=8448). Recall against exact search is
+measured on a sample of queries for every method and recorded; below ``graph.min_recall`` it is a WARNING in the
+log, the manifest and report.md, so an approximate search never silently degrades the graph.
 
 Edges come from retrieval (kNN by cosine, optional similarity threshold and mutual-kNN, union symmetrisation),
 plus priors where metadata exists: sequence neighbours (capture time, else file order) and GPS neighbours within
