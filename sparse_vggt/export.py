@@ -460,6 +460,11 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     photos_root = Path(meta[b"photos_root"].decode()) if b"photos_root" in meta else None
 
     exported_ids = m["img_image_ids"].astype(np.int64)
+    stale = [int(i) for i in exported_ids if int(i) not in paths]
+    if stale:
+        raise ExportError(f"store.zarr/merge has {len(stale)} image(s) that images.parquet does not list as kept "
+                          f"(e.g. image_id {stale[0]}): the merge is older than the scan. Run the stages after scan again "
+                          "(e.g. `sparse-vggt run PHOTOS NEW_RUN`) before exporting.")
     exp_paths = {int(i): paths[int(i)] for i in exported_ids}
     names = export_names(exp_paths, orient, cfg.images)
     unsafe = [n for n in names.values() if not is_safe_name(n)]
