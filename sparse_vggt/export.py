@@ -385,15 +385,22 @@ def write_pairs(path: Path, store: RunStore, names: dict[int, str]) -> dict[str,
     exported[ids[ids < exported.size]] = True
     sel = exported[a] & exported[b]
     a, b = a[sel], b[sel]
-    unsafe = np.array([not (is_safe_name(names[int(x)]) and is_safe_name(names[int(y)])) for x, y in zip(a, b)],
-                      bool)
-    lines = [f"{names[int(x)]} {names[int(y)]}" for x, y in zip(a[~unsafe], b[~unsafe])]
-    path.write_text("\n".join(lines) + ("\n" if lines else ""))
-    out: dict[str, Any] = {"pairs": len(lines)}
-    if unsafe.any():
-        out["pairs_left_out_unsafe_names"] = int(unsafe.sum())
+    safe = np.zeros(exported.size, bool)
+    for i, name in names.items():
+        if i < safe.size:
+            safe[i] = is_safe_name(name)
+    ok = safe[a] & safe[b]
+    n_unsafe = int((~ok).sum())
+    a, b = a[ok], b[ok]
+    with open(path, "w", encoding="utf-8") as fh:  # streamed: city-scale graphs have 10^7 pairs
+        for s in range(0, a.size, 100_000):
+            fh.write("".join(f"{names[int(x)]} {names[int(y)]}\n"
+                             for x, y in zip(a[s:s + 100_000], b[s:s + 100_000])))
+    out: dict[str, Any] = {"pairs": int(a.size)}
+    if n_unsafe:
+        out["pairs_left_out_unsafe_names"] = n_unsafe
         log.warning("pairs.txt: %d pair(s) left out because an image name contains whitespace "
-                    "(export.images=none keeps original names)", int(unsafe.sum()))
+                    "(export.images=none keeps original names)", n_unsafe)
     return out
 
 
@@ -463,8 +470,8 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
     stale = [int(i) for i in exported_ids if int(i) not in paths]
     if stale:
         raise ExportError(f"store.zarr/merge has {len(stale)} image(s) that images.parquet does not list as kept "
-                          f"(e.g. image_id {stale[0]}): the merge is older than the scan. Run the stages after scan again "
-                          "(e.g. `sparse-vggt run PHOTOS NEW_RUN`) before exporting.")
+                          f"(e.g. image_id {stale[0]}): the merge is older than the scan. Run the stages after scan "
+                          "again (e.g. `sparse-vggt run PHOTOS NEW_RUN`) before exporting.")
     exp_paths = {int(i): paths[int(i)] for i in exported_ids}
     names = export_names(exp_paths, orient, cfg.images)
     unsafe = [n for n in names.values() if not is_safe_name(n)]
