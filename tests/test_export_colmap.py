@@ -50,11 +50,16 @@ def photo_run(tmp_path_factory: pytest.TempPathFactory, fixtures_dir: Path, samp
     others = sorted(sample_photos.glob("*.jpg"))[:2]
     shutil.copy(others[0], photos / "upright.jpg")
     shutil.copy(others[1], photos / "my photo.jpg")
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    with Image.open(others[0]) as im:  # a phone's HEIC (COLMAP cannot decode HEIC)
+        im.convert("RGB").resize((im.width // 2, im.height // 2)).save(photos / "phone.heic")
     run = tmp_path_factory.mktemp("run") / "run"
     scan(photos, run, PipelineConfig())
     store = RunStore.open(run)
     t = store.read_table("images")
-    assert t.column("status").to_pylist() == ["ok"] * 3
+    assert t.column("status").to_pylist() == ["ok"] * 4
     ids = t.column("image_id").to_numpy()
     hw = list(zip(t.column("height").to_pylist(), t.column("width").to_pylist()))
     _fake_merge(store, ids, hw)
@@ -73,11 +78,11 @@ def test_exif_rotated_photo_is_written_upright_and_matches_its_camera(photo_run:
     cfg.export.colmap_text = True
     man = export(photo_run, cfg)
     out = photo_run / "export"
-    assert man["images_dir"]["upright_copies"] == 1 and man["images_dir"]["linked"] == 2
+    assert man["images_dir"]["upright_copies"] == 2 and man["images_dir"]["linked"] == 2
     rec = pycolmap.Reconstruction()
     rec.read_text(str(out / "sparse" / "0"))
     ims = _by_name(rec)
-    assert set(ims) == {"rotated.jpg", "upright.jpg", "my_photo.jpg"}
+    assert set(ims) == {"rotated.jpg", "upright.jpg", "my_photo.jpg", "phone.heic.jpg"}
     for name, im in ims.items():
         cam = rec.cameras[im.camera_id]
         path = out / "images" / name
@@ -98,7 +103,10 @@ def test_exif_rotated_photo_is_written_upright_and_matches_its_camera(photo_run:
     assert diff.mean() < 3.0  # quality-95 copy of the upright original
     assert (out / "images" / "upright.jpg").is_symlink()
     assert (out / "images" / "my_photo.jpg").resolve().name == "my photo.jpg"
-    assert json.loads((out / "image_names.json").read_text()) == {"my_photo.jpg": "my photo.jpg"}
+    assert json.loads((out / "image_names.json").read_text()) == {"my_photo.jpg": "my photo.jpg",
+                                                                   "phone.heic.jpg": "phone.heic"}
+    with Image.open(out / "images" / "phone.heic.jpg") as im:
+        assert im.format == "JPEG"
     # binary and text agree
     rb = pycolmap.Reconstruction()
     rb.read_binary(str(out / "sparse" / "0"))
@@ -112,7 +120,7 @@ def test_names_with_whitespace_without_an_images_folder(photo_run: Path) -> None
         export(photo_run, cfg)
     cfg.export.colmap_text = False  # binary keeps the original names
     man = export(photo_run, cfg)
-    assert man["rotated_not_drop_in"] == 1 and not (photo_run / "export" / "images").exists()
+    assert man["rotated_not_drop_in"] == 2 and not (photo_run / "export" / "images").exists()
     rec = pycolmap.Reconstruction(str(photo_run / "export" / "sparse" / "0"))
     assert "my photo.jpg" in _by_name(rec)
 
