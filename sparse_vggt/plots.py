@@ -120,35 +120,40 @@ def plot_cluster_graph(path: Path, clusters: dict[int, int], edges: list[dict[st
     fig.savefig(path)
 
 
-def plot_merge_residuals(path: Path, edges: list[dict[str, Any]], max_rmse: float, min_inlier_ratio: float
-                         ) -> None:
-    fig = _figure(7.0, 5.5)
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+def _edge_values(edges: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([e[key] if e.get(key) is not None else np.nan for e in edges], float)
+
+
+def plot_merge_residuals(path: Path, edges: list[dict[str, Any]], max_rmse: float, min_inlier_ratio: float,
+                         max_camera_rot_deg: float) -> None:
+    """Per edge: relative RMSE, inlier ratio and shared-camera rotation disagreement against their thresholds."""
+    fig = _figure(7.0, 7.0)
+    axes = fig.subplots(3, 1, sharex=True)
     if not edges:
-        ax1.text(0.5, 0.5, "no cluster edges (one cluster, or no overlaps)", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no cluster edges (one cluster, or no overlaps)", ha="center", va="center")
     else:
-        rmse = np.array([e.get("rmse_rel", np.nan) if e.get("rmse_rel") is not None else np.nan for e in edges],
-                        float)
-        inl = np.array([e.get("inlier_ratio", np.nan) if e.get("inlier_ratio") is not None else np.nan
-                        for e in edges], float)
+        rmse = _edge_values(edges, "rmse_rel")
         acc = np.array([bool(e["accepted"]) for e in edges])
         order = np.argsort(np.where(np.isfinite(rmse), rmse, np.inf), kind="stable")
         x = np.arange(len(edges))
         cols = np.where(acc[order], "tab:green", "tab:red")
-        ax1.bar(x, np.nan_to_num(rmse[order], nan=0.0), color=cols)
-        ax1.axhline(max_rmse, color="k", ls="--", lw=0.8, label=f"merge.max_rmse = {max_rmse:g}")
-        ax1.set_ylabel("relative inlier RMSE", fontsize=8)
-        ax1.legend(fontsize=7)
-        ax2.bar(x, np.nan_to_num(inl[order], nan=0.0), color=cols)
-        ax2.axhline(min_inlier_ratio, color="k", ls="--", lw=0.8,
-                    label=f"merge.min_inlier_ratio = {min_inlier_ratio:g}")
-        ax2.set_ylabel("inlier ratio", fontsize=8)
-        ax2.legend(fontsize=7)
+        panels = (("rmse_rel", "relative inlier RMSE", f"merge.max_rmse = {max_rmse:g}", max_rmse),
+                  ("inlier_ratio", "inlier ratio", f"merge.min_inlier_ratio = {min_inlier_ratio:g}",
+                   min_inlier_ratio),
+                  ("camera_rot_deg", "shared camera rot. (deg)",
+                   f"merge.max_camera_rotation_deg = {max_camera_rot_deg:g}", max_camera_rot_deg))
+        for ax, (key, ylabel, label, thr) in zip(axes, panels):
+            ax.bar(x, np.nan_to_num(_edge_values(edges, key)[order], nan=0.0), color=cols)
+            ax.axhline(thr, color="k", ls="--", lw=0.8, label=label)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.legend(fontsize=7)
         if len(edges) <= 40:
-            ax2.set_xticks(x, [f"{edges[i]['clusters'][0]}-{edges[i]['clusters'][1]}" for i in order],
-                           rotation=90, fontsize=6)
-        ax2.set_xlabel("cluster edge (sorted by RMSE); green accepted, red rejected", fontsize=8)
-    ax1.set_title("Sim(3) alignment residuals per cluster pair", fontsize=9)
+            axes[-1].set_xticks(x, [f"{edges[i]['clusters'][0]}-{edges[i]['clusters'][1]}" for i in order],
+                                rotation=90, fontsize=6)
+        n_rej = int((~acc).sum())
+        axes[-1].set_xlabel(f"cluster edge (sorted by RMSE); green accepted, red rejected ({n_rej}; reasons in "
+                            "report.md)", fontsize=8)
+    axes[0].set_title("Sim(3) alignment residuals per cluster pair", fontsize=9)
     fig.savefig(path)
 
 
@@ -206,7 +211,8 @@ def write_plots(store: RunStore, plots_dir: Path, merged: dict[str, np.ndarray],
         "cameras": lambda p: plot_cameras(p, merged["img_extrinsics"], merged["img_component"], cluster),
         "cluster_graph": lambda p: plot_cluster_graph(p, sizes, edges),
         "merge_residuals": lambda p: plot_merge_residuals(p, edges, config.merge.max_rmse,
-                                                          config.merge.min_inlier_ratio),
+                                                          config.merge.min_inlier_ratio,
+                                                          config.merge.max_camera_rotation_deg),
         "image_status": lambda p: plot_image_status(p, status_counts(statuses, len(img_ids))),
     }
     for key, job in jobs.items():
