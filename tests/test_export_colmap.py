@@ -263,3 +263,34 @@ def test_plots_markdown_inlines_the_pngs_for_prefect(small_run: syn.SyntheticRun
     for b in blobs:
         assert base64.b64decode(b).startswith(b"\x89PNG")
     assert "not inlined" in plots_markdown(small_run.root / "export", max_bytes=10)
+
+
+def test_bundle_adjustment_that_raises_the_error_is_reverted(small_run: syn.SyntheticRun,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diverged adjustment (simulated: every point pushed off its rays) must not reach the exported model."""
+
+    class Diverging:
+        def __init__(self, options, config, rec):
+            self.rec = rec
+
+        def solve(self):
+            for p in self.rec.points3D.values():
+                p.xyz = p.xyz + 5.0
+
+    cfg = PipelineConfig()
+    man_plain = export(small_run.root, cfg)
+    plain = pycolmap.Reconstruction(str(small_run.root / "export" / "sparse" / "0"))
+    monkeypatch.setattr(pycolmap, "create_default_bundle_adjuster", Diverging)
+    cfg.export.bundle_adjust = True
+    man = export(small_run.root, cfg)
+    ba = man["components"][0]["bundle_adjustment"]
+    assert ba["reverted"] is True and ba["multi_view_error_after_px"] > ba["multi_view_error_before_px"]
+    assert ba["reprojection_error_after_px"] == ba["reprojection_error_before_px"]
+    rec = pycolmap.Reconstruction(str(small_run.root / "export" / "sparse" / "0"))
+    xyz_plain = np.array(sorted(map(tuple, (p.xyz for p in plain.points3D.values()))))
+    xyz = np.array(sorted(map(tuple, (p.xyz for p in rec.points3D.values()))))
+    np.testing.assert_allclose(xyz, xyz_plain, atol=1e-9)
+    for im in rec.images.values():  # and the poses are the merged ones
+        np.testing.assert_allclose(im.cam_from_world().matrix(), plain.images[im.image_id].cam_from_world().matrix(),
+                                   atol=1e-9)
+    assert man["components"][0]["reprojection_error_px"] == man_plain["components"][0]["reprojection_error_px"]
