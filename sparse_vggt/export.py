@@ -63,6 +63,7 @@ IMAGE_MODES = ("link", "copy", "none")
 FOCAL_PRIORS = ("predicted", "exif")
 _NOT_COLMAP_READABLE = (".heic", ".heif")
 _BA_MIN_OBSERVATIONS = 15  # multi-view observations an image needs for its pose to be adjusted
+_BA_MAX_ERROR_PX = 4.0  # points reprojecting worse than this after the adjustment are dropped (COLMAP's default)
 
 
 class ExportError(ValueError):
@@ -294,7 +295,8 @@ def _bundle_adjust(rec: Any, model: str, refine_focal: bool, refine_distortion: 
 
     A Cauchy loss keeps fused outliers weak. Points seen by one camera constrain nothing (and Ceres rejects them):
     they are taken out and put back at their depth along their pixel's ray through the adjusted camera, as merge
-    made them. If the adjustment raises the mean reprojection error of the multi-view points (a diverged or
+    made them. Afterwards, as COLMAP does, points behind a camera or over 4 px off are dropped (their count is
+    reported). If the adjustment does not lower the mean error of the remaining multi-view points (a diverged or
     degenerate problem), the unadjusted model is kept and the report says so.
     """
     import pycolmap
@@ -326,7 +328,8 @@ def _bundle_adjust(rec: Any, model: str, refine_focal: bool, refine_distortion: 
         info["skipped"] = "every point is seen by one camera only: nothing constrains the poses"
         info["reprojection_error_after_px"] = before
         return rec, info
-    multi_before = _mean_error(work)
+    work.update_point_3d_errors()
+    err_before = {pid: float(p.error) for pid, p in work.points3D.items()}
     # an image with few multi-view observations cannot pin its 6 pose parameters (the problem is rank deficient
     # and LM can run off): such images keep their merged pose; two well-observed cameras fix the gauge
     n_obs: dict[int, int] = {}
@@ -344,11 +347,25 @@ def _bundle_adjust(rec: Any, model: str, refine_focal: bool, refine_distortion: 
         return rec, info
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
     pycolmap.create_default_bundle_adjuster(opts, config, work).solve()
+    # as COLMAP does after each adjustment: drop points that ended behind a camera (the reprojection cost does not
+    # see that) or far off their observations; compare before/after on the points that stay
+    work.update_point_3d_errors()
+    drop = []
+    for pid, p in work.points3D.items():
+        behind = any((work.images[el.image_id].cam_from_world().matrix() @ np.append(p.xyz, 1.0))[2] <= 0
+                     for el in p.track.elements)
+        if behind or not np.isfinite(p.error) or p.error > _BA_MAX_ERROR_PX:
+            drop.append(pid)
+    for pid in drop:
+        work.delete_point3D(pid)
+    kept = list(work.points3D.keys())
+    multi_before = round(float(np.mean([err_before[k] for k in kept])), 4) if kept else None
     multi_after = _mean_error(work)
-    info.update(multi_view_error_before_px=multi_before, multi_view_error_after_px=multi_after)
-    if multi_after is None or not np.isfinite(multi_after) or multi_after > multi_before:
-        log.warning("bundle adjustment raised the multi-view reprojection error (%.4g -> %.4g px): kept the "
-                    "unadjusted model", multi_before, multi_after if multi_after is not None else float("nan"))
+    info.update(multi_view_points_removed=len(drop), multi_view_error_before_px=multi_before,
+                multi_view_error_after_px=multi_after)
+    if not kept or multi_after is None or not np.isfinite(multi_after) or multi_after > multi_before:
+        log.warning("bundle adjustment did not lower the multi-view reprojection error (%s -> %s px, %d of %d points "
+                    "dropped): kept the unadjusted model", multi_before, multi_after, len(drop), len(err_before))
         info.update(reverted=True, reprojection_error_after_px=before)
         return rec, info
     for _, img, idx, xc, color in single:  # same depth along the observed pixel's (refined) ray
@@ -359,8 +376,8 @@ def _bundle_adjust(rec: Any, model: str, refine_focal: bool, refine_distortion: 
         work.add_point3D(E[:, :3].T @ (xc_new - E[:, 3]), pycolmap.Track([pycolmap.TrackElement(img, idx)]), color)
     after = _mean_error(work)
     info.update(reverted=False, reprojection_error_after_px=after)
-    log.info("bundle adjustment: mean reprojection error %.3f -> %.3f px (multi-view points %.3f -> %.3f)",
-             before, after, multi_before, multi_after)
+    log.info("bundle adjustment: mean reprojection error %.3f -> %.3f px (multi-view points %.3f -> %.3f, %d "
+             "dropped)", before, after, multi_before, multi_after, len(drop))
     return work, info
 
 
