@@ -546,6 +546,11 @@ def export(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[st
                              cfg.ba_refine_distortion)
         entry: dict[str, Any] = {"component": k, "colmap": str(model_dir.relative_to(store.root)), **stats,
                                  "exif_focal_images": n_exif}
+        ratio = [float(Ki[0, 0]) / exif_focal[int(i)] for i, Ki in zip(img_ids, K)
+                 if exif_focal.get(int(i)) and np.isfinite(exif_focal[int(i)]) and exif_focal[int(i)] > 0]
+        if ratio:  # a sanity check of the predicted focal against the cameras' own metadata
+            entry["predicted_over_exif_focal_median"] = round(float(np.median(ratio)), 4)
+            entry["images_with_exif_focal"] = len(ratio)
         suffix = "" if k == 0 else f"_{k}"
         centers = camera_centers(E)
         extent = float(np.linalg.norm(centers.max(0) - centers.min(0)))
@@ -693,10 +698,12 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
         ba = c.get("bundle_adjustment", {})
         ba_text = (f", bundle adjustment {ba['reprojection_error_before_px']} -> "
                    f"{ba['reprojection_error_after_px']} px" if "reprojection_error_after_px" in ba else "")
+        exif = (f", predicted/EXIF focal median {c['predicted_over_exif_focal_median']} over "
+                f"{c['images_with_exif_focal']} images" if "predicted_over_exif_focal_median" in c else "")
         lines.append(f"- component {c['component']}: {c['images']} images, {c['cameras']} cameras, {c['points3D']} "
                      f"points3D ({c['observations']} observations) in `{c['colmap']}`"
                      + (f", `{c['ply']}`" if "ply" in c else "") + (f", `{c['glb']}`" if "glb" in c else "")
-                     + ba_text)
+                     + ba_text + exif)
     if "pairs" in export_manifest:
         lines.append(f"- `pairs.txt`: {export_manifest['pairs'].get('pairs', 0)} covisibility pairs")
     return "\n".join(lines) + "\n"

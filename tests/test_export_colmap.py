@@ -176,6 +176,10 @@ def test_camera_model_sharing_and_exif_focal(small_run: syn.SyntheticRun) -> Non
         assert cam.params[2] == pytest.approx(K[i][0, 2], abs=1e-4)
         n_exif += 1
     assert sum(c["exif_focal_images"] for c in man["components"]) == small_run.scene.n
+    # the predicted/EXIF focal check: half the EXIF focals are 123 px, the other half equal the predicted ones
+    want = np.median([K[i][0, 0] / (123.0 if i % 2 == 0 else focal[i]) for i in K])
+    assert man["components"][0]["predicted_over_exif_focal_median"] == pytest.approx(want, rel=1e-3)
+    assert "predicted/EXIF focal median" in (root / "export" / "report.md").read_text()
     with pytest.raises(ExportError, match="camera_model"):
         cfg.export.camera_model = "FISHEYE_FOO"
         export(root, cfg)
