@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 256  # longer side of the images logged with each camera (keeps the file small)
 MAX_POINTS = 500_000
+MAX_IMAGES = 2_000  # photos logged with their cameras (evenly spread); every camera is logged regardless
 
 
 def _core_clusters(store: RunStore, image_ids: np.ndarray) -> np.ndarray:
@@ -70,7 +71,8 @@ def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], 
     rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Y_DOWN, static=True)  # OpenCV camera convention
     ids = merged["img_image_ids"].astype(np.int64)
     clusters = _core_clusters(store, ids)
-    n_images = n_points = 0
+    n_images = n_points = n_photos = 0
+    stride = max(1, -(-len(ids) // MAX_IMAGES))  # ceil: at most MAX_IMAGES photos in the file
     for k in np.unique(merged["img_component"]).tolist():
         base = f"world/component_{int(k)}"
         sel = np.flatnonzero(merged["img_component"] == k)
@@ -86,10 +88,11 @@ def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], 
             rec.log(ent, rr.Transform3D(translation=E[n, :, 3], mat3x3=E[n, :, :3],
                                         relation=rr.TransformRelation.ChildFromParent), static=True)
             rec.log(ent, rr.Pinhole(image_from_camera=Ks, resolution=[tw, th]), static=True)
-            if images_dir is not None:
+            if images_dir is not None and n_images % stride == 0:
                 data = _thumbnail(images_dir / names[i], (tw, th))
                 if data is not None:
                     rec.log(f"{ent}/image", rr.EncodedImage(contents=data, media_type="image/jpeg"), static=True)
+                    n_photos += 1
             n_images += 1
         cl = clusters[sel]
         cols = np.array([cmap(int(c) % 20) if c >= 0 else (0.6, 0.6, 0.6, 1.0) for c in cl])
@@ -103,4 +106,4 @@ def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], 
             n_points += len(pm)
     rec.flush()
     rec.disconnect()
-    return {"file": path.name, "cameras": n_images, "points": int(n_points)}
+    return {"file": path.name, "cameras": n_images, "images": n_photos, "points": int(n_points)}

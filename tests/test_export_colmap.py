@@ -246,7 +246,7 @@ def test_rerun_recording(small_run: syn.SyntheticRun) -> None:
     cfg.export.rerun = True
     man = export(small_run.root, cfg)
     path = small_run.root / "export" / "recording.rrd"
-    assert man["rerun"]["cameras"] == small_run.scene.n and man["rerun"]["points"] > 0
+    assert man["rerun"]["cameras"] == man["rerun"]["images"] == small_run.scene.n and man["rerun"]["points"] > 0
     columns = [line.split(":", 1)[1].strip() for line in str(RrdReader(path).store().schema()).splitlines()
                if line.startswith("Column name:")]
     assert sum(c.endswith(":Pinhole:image_from_camera") for c in columns) == small_run.scene.n
