@@ -57,11 +57,13 @@ def _thumbnail(path: Path, size: tuple[int, int]) -> bytes | None:
 
 def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], names: dict[int, str],
                     images_dir: Path | None, hw: dict[int, tuple[int, int]]) -> dict[str, Any]:
-    """Write ``path`` (.rrd); returns counts. Raises ImportError with the install command if rerun is missing."""
+    """Write ``path`` (.rrd); returns counts. Raises ExportError with the install command if rerun is missing."""
     try:
         import rerun as rr
     except ImportError as exc:
-        raise ImportError('export.rerun=true needs the Rerun SDK: pip install "sparse-vggt[rerun]" '
+        from .export import ExportError
+
+        raise ExportError('export.rerun=true needs the Rerun SDK: pip install "sparse-vggt[rerun]" '
                           "-c constraints.txt (or set export.rerun=false)") from exc
     from matplotlib import colormaps
 

@@ -299,3 +299,14 @@ def test_bundle_adjustment_that_raises_the_error_is_reverted(small_run: syn.Synt
         np.testing.assert_allclose(im.cam_from_world().matrix(), plain.images[im.image_id].cam_from_world().matrix(),
                                    atol=1e-9)
     assert man["components"][0]["reprojection_error_px"] == man_plain["components"][0]["reprojection_error_px"]
+
+
+def test_rerun_without_the_sdk_says_how_to_install_it(small_run: syn.SyntheticRun,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rerun", None)  # import rerun -> ImportError
+    cfg = PipelineConfig()
+    cfg.export.rerun = True
+    with pytest.raises(ExportError, match=r"sparse-vggt\[rerun\]"):
+        export(small_run.root, cfg)
