@@ -88,6 +88,12 @@ def _check_config(cfg: ExportConfig) -> None:
                                  ("images", cfg.images, IMAGE_MODES), ("focal_prior", cfg.focal_prior, FOCAL_PRIORS)):
         if value not in allowed:
             raise ExportError(f"export.{name}={value!r} is not supported; use one of: {', '.join(allowed)}")
+    if cfg.rerun:  # checked before anything is written
+        try:
+            import rerun  # noqa: F401
+        except ImportError as exc:
+            raise ExportError('export.rerun=true needs the Rerun SDK: pip install "sparse-vggt[rerun]" '
+                              "-c constraints.txt (or set export.rerun=false)") from exc
 
 
 # ------------------------------------------------------------------------------------------------------------

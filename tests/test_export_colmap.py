@@ -308,5 +308,7 @@ def test_rerun_without_the_sdk_says_how_to_install_it(small_run: syn.SyntheticRu
     monkeypatch.setitem(sys.modules, "rerun", None)  # import rerun -> ImportError
     cfg = PipelineConfig()
     cfg.export.rerun = True
+    before = RunStore.open(small_run.root).meta()["stages"].get("export")
     with pytest.raises(ExportError, match=r"sparse-vggt\[rerun\]"):
         export(small_run.root, cfg)
+    assert RunStore.open(small_run.root).meta()["stages"].get("export") == before  # refused before starting
