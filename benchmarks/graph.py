@@ -8,8 +8,13 @@ Distributions:
              reduced projection: true neighbours differ from the rest by ~1/sqrt(D) noise.
   clustered  a crude model of real retrieval descriptors: "places" with k+1..60 views each; a view is
              A (z_place + 0.5 z_view) + isotropic noise (norm ratio 0.5), A a random 512-d subspace of R^D.
+  longtail   as clustered, but place sizes follow a Zipf law (exponent 1.8, capped at 2,000 views): most places
+             have 1-3 views and a few landmarks have hundreds, as in tourist photo collections. A query whose
+             place has fewer than k+1 views has true neighbours in *other* places, which a reduced projection
+             ranks poorly: the hard case for approximate search on realistic data.
 
     python benchmarks/graph.py --n 100000 --dim 8448 --dist random clustered --method pca --json
+    python benchmarks/graph.py --n 20000 --dim 8448 --dist longtail --method exact pca auto --json
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ def generate(root: Path, n: int, dim: int, dist: str, k: int, seed: int = 0) -> 
     }).replace_schema_metadata({b"photos_root": b"/nonexistent"}))
     store.stage_finished("scan", {})
     arr = store.zarr.create_array("descriptors", shape=(n, dim), dtype="float16", chunks=(256, dim))
-    if dist == "clustered":
+    if dist in ("clustered", "longtail"):
         latent = 512
         basis = np.linalg.qr(rng.standard_normal((dim, latent)).astype(np.float32))[0]  # (dim, latent)
         sizes = []
         while sum(sizes) < n:
-            sizes.append(int(rng.integers(k + 1, 61)))
+            if dist == "clustered":
+                sizes.append(int(rng.integers(k + 1, 61)))
+            else:
+                sizes.append(int(min(rng.zipf(1.8), 2000)))
         labels = np.repeat(np.arange(len(sizes)), sizes)[:n]
         labels = labels[rng.permutation(n)]
         places = rng.standard_normal((len(sizes), latent)).astype(np.float32)
@@ -56,7 +64,7 @@ def generate(root: Path, n: int, dim: int, dist: str, k: int, seed: int = 0) -> 
         e = min(n, s + block)
         if dist == "random":
             x = rng.standard_normal((e - s, dim), dtype=np.float32)
-        elif dist == "clustered":
+        elif dist in ("clustered", "longtail"):
             z = places[labels[s:e]] + 0.5 * rng.standard_normal((e - s, latent), dtype=np.float32)
             sig = z @ basis.T
             noise = rng.standard_normal((e - s, dim), dtype=np.float32)
@@ -93,7 +101,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=8448)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--dist", nargs="+", default=["random", "clustered"])
-    ap.add_argument("--method", nargs="+", default=["pca"])
+    ap.add_argument("--method", nargs="+", default=["pca"], help="exact | pca | faiss | auto (several: one run each)")
     ap.add_argument("--pca-dim", type=int, default=256)
     ap.add_argument("--candidates", type=int, default=64)
     ap.add_argument("--recall-sample", type=int, default=1000)
@@ -123,9 +131,9 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 m = res["manifest"]
-                row = {"bench": "graph_build", "variant": f"{dist}/{m['method']}", "seconds": round(res["seconds"], 1),
+                row = {"bench": "graph_build", "variant": f"{dist}/{method}->{m['method']}", "seconds": round(res["seconds"], 1),
                        "peak_bytes": res["peak_bytes"], "n": args.n, "dim": args.dim, "k": args.k,
-                       "distribution": dist, "method": m["method"], "pca_dim": args.pca_dim,
+                       "distribution": dist, "method": m["method"], "requested": method, "pca_dim": args.pca_dim,
                        "candidates": args.candidates, "recall_at_k": m["recall_at_k"],
                        "recall_sample": m["recall_sample"], "edges": m["edges"], "components": m["components"],
                        "threads": args.threads, "memory_mb": args.memory_mb, "generate_seconds": round(gen_s, 1),

@@ -34,6 +34,7 @@ from prefect.states import Failed
 
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
+from sparse_vggt.plots import plots_markdown
 from sparse_vggt.store import RunStore, atomic_write_bytes
 from tasks.dispatch import OOM_MARK, dispatch_cluster_task
 from tasks.stages import (
@@ -377,7 +378,10 @@ def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: 
 
 def _outputs(run_dir: str) -> dict[str, Any]:
     export_dir = RunStore(run_dir).export_dir
-    files = sorted(str(p.relative_to(export_dir)) for p in export_dir.rglob("*") if p.is_file()) if export_dir.exists() else []
+    files = sorted(str(p.relative_to(export_dir)) for p in export_dir.rglob("*") if p.is_file()
+                   and p.relative_to(export_dir).parts[0] != "images") if export_dir.exists() else []
+    if (export_dir / "images").is_dir():  # one entry per photo (symlinks / upright copies): named once, not listed
+        files.insert(0, "images/")
     return {"export_dir": str(export_dir.resolve()), "files": files}
 
 
@@ -456,6 +460,11 @@ def _publish_report(run_dir: str, report: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=_report_markdown(report),
                                  description="final report with output paths")
+    with contextlib.suppress(Exception):  # the export's plots (export/plots/*.png), inlined
+        plots = plots_markdown(RunStore(run_dir).export_dir)
+        if plots:
+            create_markdown_artifact(key=artifact_key(run_dir, "plots"), markdown=plots,
+                                     description="cameras by cluster, cluster graph, merge residuals, image status")
 
 
 # ---------------------------------------------------------------------------------------------------------

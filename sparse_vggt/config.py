@@ -78,6 +78,7 @@ class GraphConfig:
     gps_neighbors: int = 10  # at most this many nearest GPS neighbours within gps_radius_m per image
     pca_sample: int = 10000  # descriptors sampled to fit the PCA of the reduced candidate search
     recall_sample: int = 256  # queries checked against exact search to measure recall (0 = off)
+    min_recall: float = 0.95  # recall@k below this is a warning (log, manifest, report); issue 19
     seed: int = 0  # PCA / recall sampling
     memory_mb: int = _runtime(2048, "descriptors are cached in RAM (fp16) if they fit in about this much")
 
@@ -166,6 +167,18 @@ class ExportConfig:
     max_points: int = 2_000_000  # cap on exported points (uniform subsample)
     max_track_points: int = 200_000  # cap on COLMAP points3D with tracks
     frustum_scale: float = 0.0  # 0 = automatic (2% of scene extent)
+    # drop-in COLMAP workspace (issue 19): export/images + export/sparse/<k> + pairs.txt
+    images: str = "link"  # link | copy | none: how export/images/ is made (EXIF-rotated/HEIC: upright copies)
+    camera_model: str = "PINHOLE"  # PINHOLE | SIMPLE_PINHOLE | SIMPLE_RADIAL | RADIAL | OPENCV
+    shared_camera: str = "image"  # image (one camera per image) | folder (per folder and size) | size (per size)
+    focal_prior: str = "predicted"  # predicted | exif: start from the photo's EXIF focal where it has one
+    bundle_adjust: bool = False  # pycolmap bundle adjustment of poses and points after export
+    ba_refine_focal: bool = True  # let bundle adjustment refine the focal length too
+    ba_refine_distortion: bool = False  # and the distortion of SIMPLE_RADIAL / RADIAL / OPENCV cameras
+    ba_max_iterations: int = 100  # Ceres iterations of the bundle adjustment
+    pairs: bool = True  # export/pairs.txt: the covisibility graph for hloc / COLMAP pair matching
+    plots: bool = True  # export/plots/*.png and the plots in report.md (matplotlib)
+    rerun: bool = False  # export/recording.rrd for the Rerun viewer (pip install "sparse-vggt[rerun]")
 
 
 @dataclass

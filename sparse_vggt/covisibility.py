@@ -7,8 +7,10 @@ Why this shape: at city scale N is 10^5-10^6, so an N x N similarity matrix (10^
 Candidate search runs on a reduced projection (PCA fitted on a sample; or faiss HNSW over the same projection),
 block by block, keeping only the best ``candidates`` per query; those candidates are then re-ranked by the exact
 cosine on the full descriptors. Descriptors are cached in RAM as fp16 when they fit ``graph.memory_mb``,
-otherwise streamed from Zarr in super-blocks. Recall against exact search is measured on a sample of queries and
-recorded, so an approximate search never silently degrades the graph.
+otherwise streamed from Zarr in super-blocks. ``graph.method=auto`` takes the exact search wherever a cost model
+fitted to benchmarks/graph.py predicts it is not slower (~13k images at D=8448). Recall against exact search is
+measured on a sample of queries for every method and recorded; below ``graph.min_recall`` it is a WARNING in the
+log, the manifest and report.md, so an approximate search never silently degrades the graph.
 
 Edges come from retrieval (kNN by cosine, optional similarity threshold and mutual-kNN, union symmetrisation),
 plus priors where metadata exists: sequence neighbours (capture time, else file order) and GPS neighbours within
@@ -418,7 +420,11 @@ def pair_similarity(src: DescriptorSource, i: np.ndarray, j: np.ndarray, chunk_q
 
 def measure_recall(src: DescriptorSource, idx: np.ndarray, k: int, sample: int, block_size: int,
                    seed: int = 0) -> float:
-    """Mean |approx top-k ∩ exact top-k| / k over ``sample`` random queries (one streaming pass over the db)."""
+    """Recall@k of ``idx`` against exact search on ``sample`` random queries (one streaming pass over the db).
+
+    A returned neighbour counts as a hit when its exact cosine reaches the query's exact k-th best (within
+    1e-5): neighbours tied with the k-th are equally correct, so an exact search scores 1.0 whatever its tie order.
+    """
     if sample <= 0 or src.n < 2 or k == 0:
         return float("nan")
     rng = np.random.default_rng(seed + 1)
@@ -433,9 +439,38 @@ def measure_recall(src: DescriptorSource, idx: np.ndarray, k: int, sample: int, 
         s[rows, q_idx[rows] - d_start] = -math.inf
         ids = torch.arange(d_start, d_start + d.shape[0]).expand(q.shape[0], -1)
         best_s, best_i = _merge_topk(best_s, best_i, s, ids, k)
-    exact = best_i.numpy()
-    hits = [len(set(exact[r]) & set(idx[qi, :k])) for r, qi in enumerate(q_idx)]
+    kth = best_s[:, -1].numpy()
+    got = idx[q_idx, :k]
+    valid = (got >= 0) & (got != q_idx[:, None])
+    sims = np.full(got.shape, -np.inf, np.float32)
+    if valid.any():
+        qi, pj = np.nonzero(valid)
+        sims[qi, pj] = pair_similarity(src, q_idx[qi], got[qi, pj])
+    hits = np.minimum((sims >= kth[:, None] - 1e-5).sum(1), k)
     return float(np.mean(hits) / k)
+
+
+# Cost model of the two searches on CPU, in multiply-add equivalents, fitted to the phase timings of
+# benchmarks/graph.py (BENCHMARKS.md, "graph.method=auto: where exact search is not slower"):
+#   exact  n^2/2 (D + _TOPK_MACS)                        blocked Gram tiles + the per-score top-k filter
+#   pca    n^2/2 (r + 1 + _TOPK_MACS)                    candidate search in r dimensions, same filter
+#          + _RERANK_SLOWDOWN n c D                       exact re-rank of c candidates (gathered fp16 rows: slow)
+#          + _FIT_FACTOR min(n, pca_sample) D (r + 16)    randomised PCA with power iterations
+# Exact search is chosen where it is predicted not to be slower; recall is measured either way.
+_TOPK_MACS = 1500.0
+_RERANK_SLOWDOWN = 64.0
+_FIT_FACTOR = 11.0
+
+
+def exact_is_not_slower(n: int, dim: int, k: int, cfg: GraphConfig) -> bool:
+    """True where the exact search is predicted to take no longer than the PCA candidate path."""
+    if dim <= cfg.pca_dim or n - 1 <= max(k, cfg.candidates):
+        return True
+    c = max(k, min(cfg.candidates, n - 1))
+    exact = 0.5 * n * n * (dim + _TOPK_MACS)
+    approx = (0.5 * n * n * (cfg.pca_dim + 1 + _TOPK_MACS) + _RERANK_SLOWDOWN * n * c * dim
+              + _FIT_FACTOR * min(n, cfg.pca_sample) * dim * (cfg.pca_dim + 16))
+    return exact <= approx
 
 
 def knn(src: DescriptorSource, k: int, cfg: GraphConfig, timings: dict[str, float] | None = None
@@ -453,7 +488,7 @@ def knn(src: DescriptorSource, k: int, cfg: GraphConfig, timings: dict[str, floa
     if method not in {"auto", "exact", "pca", "faiss"}:
         raise GraphError(f"graph.method={cfg.method!r}: use auto, exact, pca or faiss")
     if method == "auto":
-        method = "exact" if (src.n <= 8192 or src.dim <= cfg.pca_dim) else "pca"
+        method = "exact" if exact_is_not_slower(src.n, src.dim, k, cfg) else "pca"
     if method == "exact" or src.n - 1 <= max(k, cfg.candidates):
         idx, sim = knn_exact(src, k, cfg.block_size)
         lap("exact_knn")
@@ -757,13 +792,18 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
     method = "none"
     if k > 0:
         idx, sim, method = knn(src, k, cfg, timings)
-        if method != "exact":
-            t_rec = time.perf_counter()
-            recall = measure_recall(src, idx, k, cfg.recall_sample, cfg.block_size, cfg.seed)
-            timings["recall_check"] = round(time.perf_counter() - t_rec, 2)
-            log.info("%s kNN recall@%d vs exact on %d queries: %.4f", method, k, min(cfg.recall_sample, n), recall)
+        # every method is checked (exact too: a cheap self-check) so a degraded graph never goes unnoticed
+        t_rec = time.perf_counter()
+        recall = measure_recall(src, idx, k, cfg.recall_sample, cfg.block_size, cfg.seed)
+        timings["recall_check"] = round(time.perf_counter() - t_rec, 2)
+        if not math.isnan(recall) and recall < cfg.min_recall:
+            msg = (f"{method} kNN recall@{k} = {recall:.3f} on {min(cfg.recall_sample, n)} sampled queries is below "
+                   f"graph.min_recall = {cfg.min_recall}: covisible pairs are missing from the graph. Use "
+                   "graph.method=exact (O(n^2 D) time) or raise graph.candidates / graph.pca_dim.")
+            log.warning(msg)
+            warnings.append(msg)
         else:
-            recall = 1.0
+            log.info("%s kNN recall@%d vs exact on %d queries: %.4f", method, k, min(cfg.recall_sample, n), recall)
         ra, rb, rs = knn_pairs(idx, sim, cfg.min_similarity, cfg.mutual)
     else:
         ra = rb = np.zeros(0, np.int64)
@@ -842,7 +882,9 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
         "images": int(n), "rows": int(n_rows), "method": method, "k": int(k), "k_requested": int(cfg.k),
         "mutual": bool(cfg.mutual), "min_similarity": float(cfg.min_similarity),
         "recall_at_k": None if math.isnan(recall) else round(recall, 4),
-        "recall_sample": int(min(cfg.recall_sample, n)) if method not in ("exact", "none") else 0,
+        "recall_sample": int(min(cfg.recall_sample, n)) if method != "none" and not math.isnan(recall) else 0,
+        "min_recall": float(cfg.min_recall),
+        "recall_ok": None if math.isnan(recall) else bool(recall >= cfg.min_recall),
         "candidate_pairs": candidates_pairs, "edges": int(indices.size // 2), "weights": weight_kind,
         "priors": priors, "images_with_gps": n_gps, "pairs_dropped_by_gps": dropped_gps,
         "degree": _degree_stats(indptr, ok_rows), "components": int(sizes.size),
@@ -856,7 +898,7 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
     store.mark_unit_complete("graph", config=settings, descriptors_version=_descriptors_version(store),
                              method=method, k=int(k), priors=priors, weights=weight_kind,
                              mutual=bool(cfg.mutual), min_similarity=float(cfg.min_similarity),
-                             recall_at_k=manifest["recall_at_k"],
+                             recall_at_k=manifest["recall_at_k"], recall_ok=manifest["recall_ok"],
                              edge_source_bits={"retrieval": SRC_RETRIEVAL, "sequence": SRC_SEQUENCE,
                                                "gps": SRC_GPS, "verified": SRC_VERIFIED})
     store.stage_finished("graph", manifest)

@@ -211,3 +211,45 @@ def test_verification_separates_two_unrelated_real_scenes(tmp_path: Path, sample
     # without verification the same candidates join everything: verification made the split
     cfg.graph.verify = False
     assert build_graph(tmp_path / "run", cfg)["components"] == 1
+
+
+def test_low_recall_is_a_warning_in_the_manifest_and_the_report(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Isotropic descriptors and a tiny PCA: recall far below graph.min_recall must be loud, not an INFO line."""
+    from sparse_vggt.export import _checks
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((900, 96))
+    cfg = PipelineConfig()
+    cfg.graph.method, cfg.graph.pca_dim, cfg.graph.candidates, cfg.graph.k = "pca", 6, 12, 8
+    cfg.graph.min_similarity = -1.0
+    make_run(tmp_path / "run", x, config=cfg)
+    with caplog.at_level(logging.WARNING, logger="sparse_vggt.covisibility"):
+        man = build_graph(tmp_path / "run", cfg)
+    assert man["method"] == "pca" and man["recall_at_k"] < 0.5 and man["recall_sample"] == 256
+    assert man["recall_ok"] is False and man["min_recall"] == 0.95
+    assert any("graph.min_recall" in w for w in man["warnings"])
+    assert any("below graph.min_recall" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+    store = RunStore.open(tmp_path / "run")
+    assert store.zarr["graph"].attrs["recall_ok"] is False
+    assert any("graph recall@8" in c and "below graph.min_recall" in c for c in _checks(store))
+    # exact search is measured too, and passes
+    cfg.graph.method = "exact"
+    man = build_graph(tmp_path / "run", cfg)
+    assert man["recall_at_k"] == 1.0 and man["recall_ok"] is True and man["recall_sample"] == 256
+    assert not man["warnings"] and _checks(store) == []
+
+
+def test_auto_picks_exact_search_below_the_measured_crossover() -> None:
+    from sparse_vggt.covisibility import exact_is_not_slower
+
+    cfg = GraphConfig()
+    assert exact_is_not_slower(2000, 8448, 10, cfg)
+    assert not exact_is_not_slower(200_000, 8448, 10, cfg)
+    assert exact_is_not_slower(10**6, cfg.pca_dim, 10, cfg)  # nothing to reduce
+    # one crossover: once PCA is faster it stays faster as n grows
+    flips = [exact_is_not_slower(n, 8448, 10, cfg) for n in range(1000, 200_001, 1000)]
+    assert flips == sorted(flips, reverse=True)
+    rng = np.random.default_rng(0)
+    src = DescriptorSource(rng.standard_normal((500, 512)).astype(np.float16), np.arange(500))
+    assert knn(src, 5, GraphConfig(method="auto", pca_dim=16, candidates=20))[2] == "exact"

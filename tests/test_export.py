@@ -42,7 +42,7 @@ def _merged(root: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("fmt", ["bin", "txt"])
 def test_colmap_round_trip_gives_the_same_poses_and_tracks(exported, fmt: str, tmp_path: Path) -> None:
     run, _, manifest = exported
-    model = run.root / "export" / "colmap" / "0"
+    model = run.root / "export" / "sparse" / "0"
     assert (model / f"images.{fmt}").exists() and (model / f"points3D.{fmt}").exists()
     rec = pycolmap.Reconstruction()
     (rec.read_binary if fmt == "bin" else rec.read_text)(str(model))
@@ -99,7 +99,7 @@ def test_report_has_every_stage_and_the_merge_numbers(exported) -> None:
 
 def test_eval_of_run_and_of_exported_model_agree(exported) -> None:
     run, _, _ = exported
-    model = run.root / "export" / "colmap" / "0"
+    model = run.root / "export" / "sparse" / "0"
     a = evaluate(run.root, model)
     assert a["images_matched"] == run.scene.n and a["ate_rel_extent"] < 1e-6 and a["auc30"] == 1.0
 
@@ -120,14 +120,14 @@ def test_rerun_noop_and_text_on_request(tmp_path: Path) -> None:
     out = run.root / "export"
     for name in ("points.ply", "points_1.ply", "points_2.ply", "scene.glb", "scene_2.glb"):
         assert (out / name).is_file()
-    assert not (out / "colmap" / "0" / "images.txt").exists()
-    assert sum(pycolmap.Reconstruction(str(out / "colmap" / str(k))).num_reg_images() for k in range(3)) == n
+    assert not (out / "sparse" / "0" / "images.txt").exists()
+    assert sum(pycolmap.Reconstruction(str(out / "sparse" / str(k))).num_reg_images() for k in range(3)) == n
     assert export(run.root, cfg) == m1
     # the CLI's --text redoes the export with text files
     assert main(["-q", "export", str(run.root), "--text"]) == 0
-    assert (out / "colmap" / "0" / "images.txt").is_file()
+    assert (out / "sparse" / "0" / "images.txt").is_file()
     # eval of the run against one component's model: only that component's images match
-    assert main(["eval", str(run.root), "--reference", str(out / "colmap" / "1"), "--json"]) == 0
+    assert main(["eval", str(run.root), "--reference", str(out / "sparse" / "1"), "--json"]) == 0
 
 
 def test_cli_merge_and_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
