@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITER_COMMANDS = {"scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     progress.enable(not args.no_progress and sys.stderr.isatty())
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command in WRITER_COMMANDS:  # one writer per run directory (sparse_vggt.lock)
+            from .lock import writer_lock
+
+            if args.command not in ("scan", "run", "demo"):
+                RunStore.open(args.run)  # a clear "not a run directory" before creating anything
+            with writer_lock(args.run, " ".join(["sparse-vggt", *(sys.argv[1:] if argv is None else argv)])):
+                return func(args)
         return func(args)
     except Exception as exc:
         # errors raised on purpose by our stages (their messages say what to do) are printed without a

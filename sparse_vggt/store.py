@@ -47,6 +47,8 @@ STAGES = ("scan", "describe", "graph", "partition", "reconstruct", "merge", "exp
 # config section -> the stage whose results its result-affecting fields change
 SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
+_STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one verified unit
+_STAGE_TABLE = {"scan": "images", "partition": "clusters"}
 # files that may exist in a run directory before run.json (the writer lock is taken first)
 _ALLOWED_BEFORE_CREATE = {".writer.lock", "writer.json"}
 RUN_FORMAT_VERSION = 1
@@ -339,6 +341,27 @@ class RunStore:
     def stage_invalidate(self, stage: str) -> None:
         with self._locked_meta() as meta:
             meta.setdefault("stages", {}).pop(stage, None)
+
+    def stage_intact(self, stage: str) -> bool:
+        """Stage marker set *and* its outputs verify (the unit of graph/merge checksummed, its table present).
+        A finished stage whose outputs fail is invalidated with every later stage (recorded) and reported False."""
+        if not self.is_stage_complete(stage):
+            return False
+        problem = ""
+        unit = _STAGE_UNIT.get(stage)
+        if unit is not None:
+            check = self.verify_unit(unit, full=True)
+            if not check:
+                problem = f"store.zarr/{unit}: {check.reason or 'missing'}"
+                if check.marked:
+                    self.redo_unit(unit, check.reason)
+        table = _STAGE_TABLE.get(stage)
+        if not problem and table is not None and not self.has_table(table):
+            problem = f"tables/{table}.parquet is missing"
+        if problem:
+            self.invalidate_from(stage, f"{stage} output failed verification: {problem}")
+            return False
+        return True
 
     def is_stage_complete(self, stage: str) -> bool:
         return bool(self.meta().get("stages", {}).get(stage, {}).get("finished"))
