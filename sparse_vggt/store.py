@@ -49,8 +49,18 @@ SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "pa
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
 _STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one verified unit
 _STAGE_TABLE = {"scan": "images", "partition": "clusters"}
-# files that may exist in a run directory before run.json (the writer lock is taken first)
-_ALLOWED_BEFORE_CREATE = {".writer.lock", "writer.json"}
+
+
+def _allowed_before_create(p: Path) -> bool:
+    """What may be in a run directory before its run.json: the writer lock (taken first), file-system probes
+    and what a create killed before writing run.json leaves (tables/, an empty store.zarr, temp files)."""
+    if p.name in (".writer.lock", "writer.json"):
+        return True
+    if p.name == "tables":
+        return p.is_dir() and not any(p.iterdir())
+    if p.name == "store.zarr":
+        return p.is_dir() and {c.name for c in p.iterdir()} <= {"zarr.json"}
+    return p.name.startswith((".fscheck-", ".run.json.", ".writer.json."))
 RUN_FORMAT_VERSION = 1
 
 
@@ -220,13 +230,12 @@ class RunStore:
                         store.invalidate_from(
                             STAGES[first], "config forced: " + "; ".join(line for _, line in blocking))
             return store
-        if store.root.exists() and any(p.name not in _ALLOWED_BEFORE_CREATE for p in store.root.iterdir()):
+        if store.root.exists() and not all(_allowed_before_create(p) for p in store.root.iterdir()):
             raise RunStoreError(
                 f"{store.root} exists, is not empty and has no run.json: refusing to turn it into a run "
                 "directory. Pick an empty or new path."
             )
         store.root.mkdir(parents=True, exist_ok=True)
-        store.tables_dir.mkdir(exist_ok=True)
         meta = {
             "format_version": RUN_FORMAT_VERSION,
             "created": _now(),
@@ -234,8 +243,9 @@ class RunStore:
             "config": (config or PipelineConfig()).to_dict(),
             "stages": {},
         }
-        atomic_write_bytes(store.run_json, json.dumps(meta, indent=2).encode())
+        store.tables_dir.mkdir(exist_ok=True)
         zarr.open_group(store.zarr_path, mode="a")
+        atomic_write_bytes(store.run_json, json.dumps(meta, indent=2).encode())  # last: a killed create is redone
         log.info("created run directory %s", store.root)
         return store
 
