@@ -286,3 +286,162 @@ def test_chaos_sigkill_five_times_then_finish(harness, reference, tmp_path):
     assert all(now.get(c) == m for c, m in kept.items()), f"a finished cluster was redone (seed {seed})"
     _assert_same_output(run, reference[0])
     print(f"chaos seed {seed}: killed at {moments} s; {len(kept)} clusters survived the kills")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pieces, in process (fast)
+
+
+def test_pool_worker_writes_only_its_cluster(harness, reference, tmp_path):
+    """A farm worker's cluster flow writes its own cluster unit and record only (no lock, no run.json)."""
+    from flows.reconstruct import reconstruct_cluster_flow
+
+    run = _copy(reference, tmp_path)
+    _drop_marker(run, "clusters/4")
+    snap = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*") if p.is_file()}
+    cfg = RunStore.open(run).config()
+    cfg.orchestration.cluster_process = False
+    reconstruct_cluster_flow(str(run), 4, cfg.to_dict())
+    now = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*") if p.is_file()}
+    changed = {str(p.relative_to(run)) for p in set(now) | set(snap) if now.get(p) != snap.get(p)}
+    own = ("store.zarr/clusters/4/", "orchestration/clusters/4.json", "orchestration/events.jsonl")
+    assert changed and all(c.startswith(own) for c in changed), sorted(changed)
+    assert RunStore.open(run).is_unit_complete("clusters/4", full=True)
+
+
+def _unit(tmp_path: Path):
+    from sparse_vggt.config import PipelineConfig
+
+    store = RunStore.create_or_open(tmp_path / "run", PipelineConfig())
+    grp = store.group("merge")
+    store.write_array(grp, "depth", np.arange(2 * 4 * 5, dtype=np.float16).reshape(2, 4, 5), chunks=(1, 4, 5))
+    store.write_array(grp, "extrinsics", np.ones((2, 3, 4), np.float32), chunks=(2, 3, 4))
+    store.mark_unit_complete("merge", images=2)
+    return store
+
+
+def test_markers_record_and_verify_every_array(tmp_path):
+    store = _unit(tmp_path)
+    arrays = store.unit_attrs("merge")["arrays"]
+    assert arrays["depth"]["shape"] == [2, 4, 5] and arrays["depth"]["dtype"] == "float16"
+    assert arrays["depth"]["files"] == 3 and arrays["depth"]["nbytes"] > 0 and "crc32" in arrays["depth"]
+    assert store.verify_unit("merge", full=True)
+    chunk = sorted(p for p in (store.zarr_path / "merge/depth").rglob("*") if p.is_file() and p.name != "zarr.json")[-1]
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte altered: only the checksum sees it
+    chunk.write_bytes(bytes(data))
+    from sparse_vggt import store as store_mod
+
+    store_mod._FULLY_VERIFIED.clear()
+    assert store.verify_unit("merge")  # quick check: sizes still match
+    check = store.verify_unit("merge", full=True)
+    assert not check and check.marked and "crc32" in check.reason
+    chunk.write_bytes(bytes(data[:5]))
+    assert "nbytes" in store.verify_unit("merge").reason
+    chunk.unlink()
+    assert "files" in store.verify_unit("merge").reason and not store.is_unit_complete("merge")
+    assert store.complete_units("") == []
+
+
+def test_damaged_stage_unit_invalidates_stage_and_later(tmp_path):
+    store = _unit(tmp_path)
+    for s in STAGES:
+        store.stage_finished(s, {})
+    assert store.stage_intact("merge")
+    chunk = next(p for p in (store.zarr_path / "merge/extrinsics").rglob("*") if p.name != "zarr.json" and p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    assert not store.stage_intact("merge")
+    assert [s for s in STAGES if store.is_stage_complete(s)] == list(STAGES[:5])
+    kinds = [e["kind"] for e in _events(store.root)]
+    assert kinds == ["unit_redone", "stages_invalidated"]
+    assert "merge" not in store.zarr  # the damaged unit is gone, never read as zeros
+
+
+def test_files_are_group_and_world_readable(tmp_path):
+    from sparse_vggt.store import FILE_MODE, append_event, atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        assert FILE_MODE == 0o644  # pytest runs with the usual umask here
+        import pyarrow as pa
+
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        store = _unit(tmp_path)
+        store.write_table("t", pa.table({"a": [1]}))
+        append_event(store.root, {"kind": "x"})
+        for p in (tmp_path / "a.json", store.table_path("t"), store.run_json, store.root / "orchestration/events.jsonl",
+                  store.zarr_path / "merge/zarr.json"):
+            assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+    finally:
+        os.umask(old)
+
+
+def test_filesystem_without_hard_links_fails_at_start(tmp_path, monkeypatch):
+    from sparse_vggt import lock
+    from sparse_vggt.store import RunStoreError
+
+    def no_link(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    with pytest.raises(RunStoreError, match="hard link"):
+        lock.check_filesystem(tmp_path / "share")
+    assert not [p for p in (tmp_path / "share").iterdir()]  # probes cleaned up
+
+
+HOLDER = """
+import sys, time
+from sparse_vggt.lock import RunLock
+RunLock(sys.argv[1], "holder").acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_writer_lock_refuses_second_writer_and_takes_over_stale(tmp_path):
+    from sparse_vggt import lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lock.RunLockedError, match=f"pid {holder.pid} on host "):
+            lock.RunLock(run, "second").acquire()
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # the holder died (SIGKILL): its flock is gone with it, its owner record is stale and taken over
+    assert lock.read_owner(run)["pid"] == holder.pid
+    first = lock.RunLock(run, "after").acquire()
+    again = lock.RunLock(run, "re-entrant").acquire()  # same process: re-entrant
+    assert again is first and lock.read_owner(run)["pid"] == os.getpid()
+    first.heartbeat()
+    again.release()
+    assert lock.read_owner(run)["pid"] == os.getpid()  # still held once
+    first.release()
+    assert lock.read_owner(run) is None
+
+    # another host whose flock we cannot see: a fresh heartbeat refuses, a stale one is taken over
+    other = {"host": "other-host", "pid": 1, "command": "run", "started": "x", "heartbeat": time.time()}
+    (run / "writer.json").write_text(json.dumps(other))
+    with pytest.raises(lock.RunLockedError, match="pid 1 on host other-host"):
+        lock.RunLock(run, "x", stale_s=60).acquire()
+    (run / "writer.json").write_text(json.dumps({**other, "heartbeat": time.time() - 61}))
+    taken = lock.RunLock(run, "x", stale_s=60).acquire()
+    assert lock.read_owner(run)["host"] != "other-host"
+    taken.release()
+
+
+def test_heartbeat_thread_refreshes_owner(tmp_path):
+    from sparse_vggt import lock
+
+    held = lock.RunLock(tmp_path / "run", "beat", heartbeat_s=0.05).acquire()
+    try:
+        t0 = lock.read_owner(tmp_path / "run")["heartbeat"]
+        deadline = time.time() + 30
+        while lock.read_owner(tmp_path / "run")["heartbeat"] == t0:
+            assert time.time() < deadline, "no heartbeat"
+            time.sleep(0.05)
+    finally:
+        held.release()
