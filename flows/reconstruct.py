@@ -479,7 +479,7 @@ def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force
         logger.warning("skipped %s: %s", s["path"], s["reason"])
 
     # a finished describe stage needs no plan (the finish task below is a cache hit)
-    described = RunStore.open(run_dir).is_stage_complete("describe")
+    described = RunStore.open(run_dir).stage_intact("describe")  # marker set and descriptors verify
     plan = {"pending": []} if described else work.call(describe_plan_task.with_options(**retry), run_dir, cfgd)
     if plan["pending"]:
         chunk_task = cached(run_dir, describe_chunk_task, tags=[orch.accelerator_tag] if orch.dispatch == "local" else [],

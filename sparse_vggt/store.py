@@ -49,6 +49,8 @@ SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "pa
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
 _STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one verified unit
 _STAGE_TABLE = {"scan": "images", "partition": "clusters"}
+_STAGE_ARRAY = {"describe": "descriptors"}  # stages whose output is one array shared by their units
+_STAGE_ARRAY_UNITS = {"describe": ("describe_chunks",)}
 
 
 def _allowed_before_create(p: Path) -> bool:
@@ -365,6 +367,15 @@ class RunStore:
                 problem = f"store.zarr/{unit}: {check.reason or 'missing'}"
                 if check.marked:
                     self.redo_unit(unit, check.reason)
+        array = _STAGE_ARRAY.get(stage)
+        recorded = self.stage_manifest(stage).get("integrity") if array else None
+        if recorded:
+            actual = self.array_integrity(array)
+            if actual != recorded:
+                problem = f"store.zarr/{array} differs from its manifest (truncated, deleted or altered chunk)"
+                append_event(self.root, {"kind": "unit_redone", "unit": array, "reason": problem})
+                for unit in _STAGE_ARRAY_UNITS.get(stage, ()):
+                    self.remove_group(unit)  # its per-chunk markers covered the damaged bytes too
         table = _STAGE_TABLE.get(stage)
         if not problem and table is not None and not self.has_table(table):
             problem = f"tables/{table}.parquet is missing"
@@ -372,6 +383,15 @@ class RunStore:
             self.invalidate_from(stage, f"{stage} output failed verification: {problem}")
             return False
         return True
+
+    def array_integrity(self, name: str) -> dict[str, Any]:
+        """Files, bytes and CRC-32 of one stored array (e.g. ``descriptors``), for a stage manifest."""
+        adir = self.zarr_path / name
+        stored = sorted(p for p in adir.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        crc = 0
+        for p in stored:
+            crc = zlib.crc32(p.read_bytes(), crc)
+        return {"files": len(stored), "nbytes": sum(p.stat().st_size for p in stored), "crc32": crc}
 
     def is_stage_complete(self, stage: str) -> bool:
         return bool(self.meta().get("stages", {}).get(stage, {}).get("finished"))

@@ -261,11 +261,11 @@ def test_chaos_sigkill_five_times_then_finish(harness, reference, tmp_path):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     run = tmp_path / "run"
-    span = max(8.0, 0.8 * reference[1])
+    span = max(8.0, reference[1])  # a kill can land anywhere in a full run (each restart resumes)
     kept: dict[str, tuple[str, bytes]] = {}
     moments = []
     for _ in range(5):
-        t = rng.uniform(1.0, span)
+        t = rng.uniform(2.0, span)
         moments.append(round(t, 2))
         proc = subprocess.Popen(_cli("demo", str(run)), env=_env(harness), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
@@ -445,3 +445,22 @@ def test_heartbeat_thread_refreshes_owner(tmp_path):
             time.sleep(0.05)
     finally:
         held.release()
+
+
+def test_damaged_descriptors_reopen_describe(tmp_path):
+    """The describe stage's shared array is checksummed in its manifest: a damaged chunk reopens the stage."""
+    from sparse_vggt.config import PipelineConfig
+
+    store = RunStore.create_or_open(tmp_path / "run", PipelineConfig())
+    arr = store.zarr.create_array("descriptors", shape=(8, 4), dtype="float16", chunks=(4, 4), fill_value=0)
+    arr[...] = np.ones((8, 4), np.float16)
+    store.mark_unit_complete("describe_chunks/0", images=8)
+    for s in STAGES:
+        store.stage_finished(s, {"integrity": store.array_integrity("descriptors")} if s == "describe" else {})
+    assert store.stage_intact("describe")
+    chunk = next(p for p in (store.zarr_path / "descriptors").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()  # would read back as zeros (the fill value)
+    assert not store.stage_intact("describe")
+    assert [s for s in STAGES if store.is_stage_complete(s)] == ["scan"]
+    assert store.complete_units("describe_chunks") == []  # every chunk is described again
+    assert [e["kind"] for e in _events(store.root)] == ["unit_redone", "stages_invalidated"]
