@@ -253,7 +253,7 @@ class RunStore:
 
     def _config_changes(self, old: PipelineConfig, new: PipelineConfig
                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """Changed result-affecting fields as (stage, line): (those of stages that ran, those of stages that did not)."""
+        """Changed result-affecting fields as (stage, line): (of stages that ran, of stages that did not)."""
         a, b = old.result_affecting(), new.result_affecting()
         stages = self.meta().get("stages", {})
         blocking: list[tuple[str, str]] = []
@@ -264,7 +264,8 @@ class RunStore:
                 if a[section][name] == b[section].get(name):
                     continue
                 line = f"{section}.{name}: {a[section][name]!r} -> {b[section].get(name)!r}"
-                ran = stage is not None and bool(stages.get(stage, {}).get("started") or stages.get(stage, {}).get("finished"))
+                entry = stages.get(stage, {}) if stage is not None else {}
+                ran = bool(entry.get("started") or entry.get("finished"))
                 (blocking if ran else free).append((stage or section, line))
         return blocking, free
 
@@ -566,8 +567,8 @@ class RunStore:
         pdir = self.zarr_path / parent
         if not pdir.is_dir():
             return []
-        return sorted(p.name for p in pdir.iterdir()
-                      if p.is_dir() and (p / "zarr.json").exists() and self.is_unit_complete(f"{parent}/{p.name}", full))
+        return sorted(p.name for p in pdir.iterdir() if p.is_dir() and (p / "zarr.json").exists()
+                      and self.is_unit_complete(f"{parent}/{p.name}", full))
 
     # ---- status ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

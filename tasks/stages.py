@@ -152,7 +152,8 @@ def cluster_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 # stage tasks
 
 
-@task(name="scan", task_run_name="scan", cache_policy=NO_CACHE, persist_result=False)
+@task(name="scan", task_run_name="scan",
+      **TASK_OPTIONS)
 def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Not Prefect-cached on purpose: its input is a folder outside the run directory; the library compares the
     folder listing with the finished scan itself (and refuses a changed folder)."""
@@ -165,7 +166,8 @@ def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = F
     return manifest
 
 
-@task(name="describe-plan", task_run_name="describe-plan", cache_policy=NO_CACHE, persist_result=False)
+@task(name="describe-plan", task_run_name="describe-plan",
+      **TASK_OPTIONS)
 def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
     from sparse_vggt.describe import describe
@@ -182,7 +184,8 @@ def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
             "finished": finished, "manifest": manifest}
 
 
-@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}",
+      **TASK_OPTIONS)
 def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
     from sparse_vggt.describe import describe
 
@@ -191,7 +194,8 @@ def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> 
             "images_per_s": manifest.get("images_per_s")}
 
 
-@task(name="describe-finish", task_run_name="describe-finish", cache_policy=NO_CACHE, persist_result=False)
+@task(name="describe-finish", task_run_name="describe-finish",
+      **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.describe import describe
 
@@ -201,7 +205,8 @@ def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]
     return manifest
 
 
-@task(name="graph", task_run_name="covisibility-graph", cache_policy=NO_CACHE, persist_result=False)
+@task(name="graph", task_run_name="covisibility-graph",
+      **TASK_OPTIONS)
 def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.covisibility import build_graph
 
@@ -211,7 +216,8 @@ def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-@task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False)
+@task(name="partition", task_run_name="partition",
+      **TASK_OPTIONS)
 def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.partition import partition
 
@@ -224,7 +230,8 @@ def publish_clusters(run_dir: str, description: str) -> None:
     _publish_table(artifact_key(run_dir, "clusters"), cluster_rows(run_dir), description)
 
 
-@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}",
+      **TASK_OPTIONS)
 def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int,
                              isolate: bool = False) -> dict[str, Any]:
     """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the flow splits.
@@ -240,14 +247,16 @@ def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: i
     return lib.reconstruct_cluster(Path(run_dir), int(cluster_id), _cfg(config))
 
 
-@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}",
+      **TASK_OPTIONS)
 def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> list[int]:
     from sparse_vggt.partition import split_cluster
 
     return split_cluster(Path(run_dir), int(cluster_id), _cfg(config))
 
 
-@task(name="reconstruct-finish", task_run_name="reconstruct-finish", cache_policy=NO_CACHE, persist_result=False)
+@task(name="reconstruct-finish", task_run_name="reconstruct-finish",
+      **TASK_OPTIONS)
 def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
     from sparse_vggt.reconstruct import reconstruct
@@ -259,7 +268,8 @@ def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, A
     return manifest
 
 
-@task(name="merge", task_run_name="merge", cache_policy=NO_CACHE, persist_result=False)
+@task(name="merge", task_run_name="merge",
+      **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.merge import merge
 
@@ -285,7 +295,8 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@task(name="export", task_run_name="export", cache_policy=NO_CACHE, persist_result=False)
+@task(name="export", task_run_name="export",
+      **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.export import export
 
