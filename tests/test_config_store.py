@@ -133,3 +133,11 @@ def test_tables_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.undo()
     assert store.read_table("t").column("a").to_pylist() == [1, 2]  # the old table survives intact
     assert [p.name for p in store.tables_dir.iterdir()] == ["t.parquet"]  # no temp file left behind
+
+
+def test_dtype_and_attention_backend_change_results() -> None:
+    """issue 15: bf16 vs fp32 and flex vs sdpa give different numbers, so they are not runtime-only."""
+    a, b = PipelineConfig(), PipelineConfig()
+    b.set("reconstruct.dtype", "bfloat16")
+    b.set("reconstruct.attention_backend", "sdpa")
+    assert a.diff(b) == ["reconstruct.dtype: 'auto' -> 'bfloat16'", "reconstruct.attention_backend: 'auto' -> 'sdpa'"]
