@@ -93,7 +93,7 @@ class ClusterFailures(RuntimeError):
 
 
 def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: dict[str, Any] | None,
-                        force: bool = False) -> tuple[PipelineConfig, dict[str, Any]]:
+                        force: bool = False, create: bool = True) -> tuple[PipelineConfig, dict[str, Any]]:
     """Check everything we can before any work starts; returns the config object and its dict."""
     problems: list[str] = []
     try:
@@ -135,7 +135,7 @@ def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: 
         problems.append(str(exc))
     if problems:
         raise FlowParameterError("invalid flow parameters:\n  " + "\n  ".join(problems))
-    if photos is not None:
+    if photos is not None and create:
         RunStore.create_or_open(run, cfg, force=force)  # refuses a conflicting recorded config before any work
     return cfg, cfg.to_dict()
 
@@ -560,6 +560,7 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
 def run_pipeline(photos: Path, run_dir: Path, cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """`sparse-vggt run`: the main flow (ephemeral Prefect unless PREFECT_API_URL points at a server)."""
     cfg_d = cfg.to_dict()
+    validate_parameters(photos, run_dir, cfg_d, force, create=False)  # nothing is created for invalid parameters
     with writer_lock(run_dir, f"run {photos} {run_dir}"):
         validate_parameters(photos, run_dir, cfg_d, force)  # clear errors before Prefect starts anything
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the stage logs
