@@ -93,6 +93,10 @@ def _cluster_markers(run: Path) -> dict[str, tuple[str, bytes]]:
     return out
 
 
+def _stage_markers(run: Path) -> dict[str, str]:
+    return {s: e["finished"] for s, e in RunStore.open(run).meta().get("stages", {}).items() if e.get("finished")}
+
+
 def _events(run: Path) -> list[dict]:
     path = run / "orchestration" / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -263,6 +267,7 @@ def test_chaos_sigkill_five_times_then_finish(harness, reference, tmp_path):
     run = tmp_path / "run"
     span = max(8.0, reference[1])  # a kill can land anywhere in a full run (each restart resumes)
     kept: dict[str, tuple[str, bytes]] = {}
+    kept_stages: dict[str, str] = {}
     moments = []
     for _ in range(5):
         t = rng.uniform(2.0, span)
@@ -276,6 +281,10 @@ def test_chaos_sigkill_five_times_then_finish(harness, reference, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        if (run / "run.json").exists():
+            stages = _stage_markers(run)
+            assert all(stages.get(s) == t for s, t in kept_stages.items()), f"a finished stage was redone ({seed})"
+            kept_stages.update(stages)
         if (run / "run.json").exists() and (run / "store.zarr" / "clusters").exists():
             now = _cluster_markers(run)
             assert all(now.get(c) == m for c, m in kept.items()), f"a finished cluster was redone (seed {seed})"
@@ -284,8 +293,10 @@ def test_chaos_sigkill_five_times_then_finish(harness, reference, tmp_path):
     _ok(final)
     now = _cluster_markers(run)
     assert all(now.get(c) == m for c, m in kept.items()), f"a finished cluster was redone (seed {seed})"
+    assert all(_stage_markers(run)[s] == t for s, t in kept_stages.items()), f"a finished stage was redone ({seed})"
     _assert_same_output(run, reference[0])
-    print(f"chaos seed {seed}: killed at {moments} s; {len(kept)} clusters survived the kills")
+    print(f"chaos seed {seed}: killed at {moments} s; {len(kept)} clusters and stages {sorted(kept_stages)} "
+          "survived the kills")
 
 
 # ---------------------------------------------------------------------------------------------------------
