@@ -434,6 +434,12 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- cluster {f.get('cluster_id')}: {f.get('reason')} ({f.get('time')})"
                                             for f in report["failures"]]
+    integrity = [e for e in report["events"] if e.get("kind") in ("unit_redone", "stages_invalidated",
+                                                                   "stale_lock_taken_over")]
+    if integrity:  # issue 15: damaged units redone, stages invalidated, stale locks taken over (all runs)
+        lines += ["", "## Redone, invalidated, taken over", ""]
+        lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
+                  f"{e.get('reason')}" for e in integrity[-200:]]
     if report["merge"]:
         lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
     out = report["outputs"]
