@@ -1,7 +1,7 @@
 """Run cluster reconstructions in a child process, so the OS out-of-memory killer costs one cluster, not the run.
 
 Local dispatch (``orchestration.cluster_process = true``) sends each cluster to one persistent child process
-(``spawn``: safe with CUDA/MPS and with the parent's threads). The child keeps its model loaded between
+(a fresh interpreter: safe with CUDA/MPS and with the parent's threads). The child keeps its model loaded between
 clusters (`reconstruct.load_model` caches it), so the cost is one process start plus one model load per flow run,
 not per cluster. When the child dies while a cluster is in flight:
 
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -61,49 +63,62 @@ def _inject(cluster_id: int) -> None:
             torch.empty(1 << 60, dtype=torch.uint8)  # raises the allocator's "can't allocate memory"
 
 
-def _child_main(conn: Any, log_level: int) -> None:
-    """Child loop: JSON request in, JSON answer out, until the pipe closes."""
+def _child_main(req_fd: int, ans_fd: int, log_level: int) -> None:
+    """Child loop: one JSON request line in, one JSON answer line out, until the request pipe closes."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     from . import reconstruct as recon
 
-    while True:
-        try:
-            req = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        cid = int(req["cluster_id"])
-        try:
-            _inject(cid)
-            result = recon.reconstruct_cluster(Path(req["run_dir"]), cid, PipelineConfig.from_dict(req["config"]))
-            answer: dict[str, Any] = {"ok": result}
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent as data
-            answer = {"error": type(exc).__name__, "message": str(exc), "oom": recon.is_oom(exc)
-                      or isinstance(exc, recon.ClusterOutOfMemory),
-                      "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
-                      "transient": isinstance(exc, OSError)}
-        conn.send_bytes(json.dumps(answer, default=str).encode())
+    with os.fdopen(req_fd, "rb") as requests, os.fdopen(ans_fd, "wb") as answers:
+        for line in requests:
+            req = json.loads(line)
+            cid = int(req["cluster_id"])
+            try:
+                _inject(cid)
+                result = recon.reconstruct_cluster(Path(req["run_dir"]), cid,
+                                                   PipelineConfig.from_dict(req["config"]))
+                answer: dict[str, Any] = {"ok": result}
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent as data
+                answer = {"error": type(exc).__name__, "message": str(exc),
+                          "oom": recon.is_oom(exc) or isinstance(exc, recon.ClusterOutOfMemory),
+                          "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
+                          "transient": isinstance(exc, OSError)}
+            answers.write(json.dumps(answer, default=str).encode() + b"\n")
+            answers.flush()
 
 
 class ClusterWorker:
-    """One persistent child process; ``run`` reconstructs one cluster in it (see the module docstring)."""
+    """One persistent child process; ``run`` reconstructs one cluster in it (see the module docstring).
+
+    The child is ``python -m sparse_vggt.cluster_worker`` with two pipes (not multiprocessing): it never re-imports
+    the caller's ``__main__``, so scripts without a ``__main__`` guard work, and it starts clean (no inherited
+    threads or accelerator context)."""
 
     def __init__(self) -> None:
-        self._proc: Any = None
-        self._conn: Any = None
+        self._proc: subprocess.Popen | None = None
+        self._req: Any = None
+        self._ans: Any = None
         self._lock = threading.Lock()
         self.started = 0  # child processes started (a restart after each OOM kill)
 
     def _ensure(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is None:
             return
         self.close()
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parents[1])  # the package's parent: the child imports this code
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
         level = logging.getLogger("sparse_vggt").getEffectiveLevel()
-        self._proc = ctx.Process(target=_child_main, args=(child, level), name="sparse-vggt-cluster", daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sparse_vggt.cluster_worker", str(req_r), str(ans_w), str(level)],
+                pass_fds=(req_r, ans_w), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(req_r)
+            os.close(ans_w)
+        self._req = os.fdopen(req_w, "wb", buffering=0)
+        self._ans = os.fdopen(ans_r, "rb")
         self.started += 1
 
     @property
@@ -115,21 +130,28 @@ class ClusterWorker:
 
         with self._lock:
             self._ensure()
+            assert self._proc is not None
             request = json.dumps({"run_dir": str(run_dir), "cluster_id": int(cluster_id),
-                                  "config": config.to_dict()}).encode()
+                                  "config": config.to_dict()}).encode() + b"\n"
             answer = None
             try:
-                self._conn.send_bytes(request)
+                self._req.write(request)
                 while answer is None:
-                    if self._conn.poll(0.2):
-                        answer = json.loads(self._conn.recv_bytes())
-                    elif not self._proc.is_alive():
+                    ready, _, _ = select.select([self._ans], [], [], 0.2)
+                    if ready:
+                        line = self._ans.readline()
+                        if not line:  # EOF: the child is gone
+                            break
+                        answer = json.loads(line)
+                    elif self._proc.poll() is not None:
                         break
-            except (EOFError, OSError):
+            except (BrokenPipeError, OSError, ValueError):
                 answer = None
             if answer is None:
-                self._proc.join(timeout=10)
-                code = self._proc.exitcode
+                try:
+                    code = self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    code = None
                 self.close()
                 if code == -signal.SIGKILL:
                     raise ClusterOutOfMemory(int(cluster_id), "the cluster process was killed with SIGKILL (the "
@@ -145,18 +167,20 @@ class ClusterWorker:
         raise ReconstructError(f"cluster {cluster_id}: {answer['error']}: {answer['message']}")
 
     def close(self) -> None:
-        """Stop the child (its model memory is freed)."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except OSError:
-                pass
+        """Stop the child (its model memory is freed): closing its request pipe ends its loop."""
+        for fh in (self._req, self._ans):
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    pass
         if self._proc is not None:
-            self._proc.join(timeout=5)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.join(timeout=5)
-        self._proc = self._conn = None
+                self._proc.wait(timeout=10)
+        self._proc = self._req = self._ans = None
 
 
 _WORKER: ClusterWorker | None = None
@@ -175,3 +199,7 @@ def shutdown() -> None:
     if _WORKER is not None:
         _WORKER.close()
         _WORKER = None
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
