@@ -182,6 +182,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     if status["units"]:
         console.print("units: " + ", ".join(f"{k}={v}" for k, v in status["units"].items()))
+    if status.get("writer"):
+        w = status["writer"]
+        console.print(f"being written by pid {w.get('pid')} on host {w.get('host')}: {escape(str(w.get('command')))}")
     return 0
 
 

@@ -593,7 +593,12 @@ class RunStore:
             units["describe_chunks_complete"] = len(self.complete_units("describe_chunks"))
         if "clusters" in self.zarr:
             units["clusters_complete"] = len(self.complete_units("clusters"))
-        return {"root": str(self.root), "created": meta.get("created"), "stages": rows, "units": units}
+        try:  # who holds the writer lock now (sparse_vggt.lock), if anyone
+            writer = json.loads((self.root / "writer.json").read_text())
+        except (OSError, ValueError):
+            writer = None
+        return {"root": str(self.root), "created": meta.get("created"), "stages": rows, "units": units,
+                "writer": writer}
 
 
 _FULLY_VERIFIED: dict[str, tuple[Any, ...]] = {}  # unit dir -> (dir, completed_at, marker mtime) checksummed OK
