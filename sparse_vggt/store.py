@@ -355,15 +355,19 @@ class RunStore:
         with self._locked_meta() as meta:
             meta.setdefault("stages", {}).pop(stage, None)
 
-    def stage_intact(self, stage: str) -> bool:
+    def stage_intact(self, stage: str, strict: bool = True) -> bool:
         """Stage marker set *and* its outputs verify (the unit of graph/merge checksummed, its table present).
-        A finished stage whose outputs fail is invalidated with every later stage (recorded) and reported False."""
+        A finished stage whose outputs fail is invalidated with every later stage (recorded) and reported False.
+        ``strict=False`` accepts a stage unit that exists without a marker of its own (run directories written by
+        other tools, e.g. synthetic runs); damaged marked data and missing outputs still fail."""
         if not self.is_stage_complete(stage):
             return False
         problem = ""
         unit = _STAGE_UNIT.get(stage)
         if unit is not None:
             check = self.verify_unit(unit, full=True)
+            if not check and not strict and not check.marked and check.reason == "no completion marker":
+                check = UnitCheck(True)
             if not check:
                 problem = f"store.zarr/{unit}: {check.reason or 'missing'}"
                 if check.marked:
@@ -401,7 +405,15 @@ class RunStore:
         return self.meta().get("stages", {}).get(stage, {}).get("manifest", {})
 
     def require_stage(self, stage: str, needed_by: str) -> None:
-        if not self.is_stage_complete(stage):
+        """The stage must be finished and its outputs intact (a damaged output is recorded and reopens it)."""
+        was_complete = self.is_stage_complete(stage)
+        if was_complete and not self.stage_intact(stage, strict=False):
+            raise RunStoreError(
+                f"`{needed_by}` needs the `{stage}` stage, whose output in {self.root} failed verification (recorded "
+                f"in orchestration/events.jsonl; the stage was reopened). Run `sparse-vggt {stage} {self.root}` "
+                "(or `sparse-vggt run`) to recompute it."
+            )
+        if not was_complete:
             raise RunStoreError(
                 f"`{needed_by}` needs the `{stage}` stage, which has not finished in {self.root}. "
                 f"Run `sparse-vggt {stage} {self.root}` first (or `sparse-vggt run`)."

@@ -475,3 +475,23 @@ def test_damaged_descriptors_reopen_describe(tmp_path):
     assert [s for s in STAGES if store.is_stage_complete(s)] == ["scan"]
     assert store.complete_units("describe_chunks") == []  # every chunk is described again
     assert [e["kind"] for e in _events(store.root)] == ["unit_redone", "stages_invalidated"]
+
+
+def test_stage_commands_verify_what_they_read(tmp_path):
+    """A stage command (e.g. `partition`) reading a damaged graph refuses with what to run, and records it."""
+    from sparse_vggt.config import PipelineConfig
+    from sparse_vggt.store import RunStoreError
+
+    store = RunStore.create_or_open(tmp_path / "run", PipelineConfig())
+    g = store.group("graph")
+    store.write_array(g, "indptr", np.arange(5, dtype=np.int64))
+    store.mark_unit_complete("graph")
+    for s in STAGES[:3]:
+        store.stage_finished(s, {})
+    store.require_stage("graph", "partition")  # intact: no error
+    chunk = next(p for p in (store.zarr_path / "graph/indptr").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    with pytest.raises(RunStoreError, match="failed verification.*sparse-vggt graph"):
+        store.require_stage("graph", "partition")
+    assert not store.is_stage_complete("graph")
+    assert [e["kind"] for e in _events(store.root)] == ["unit_redone", "stages_invalidated"]
