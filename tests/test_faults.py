@@ -129,7 +129,7 @@ class _Evil:
         return (os.system, (f"touch {os.environ['PWNED_PATH']}",))
 
 
-def test_marker_deleted_recomputed_second_run_refused_pickle_not_run(harness, reference, tmp_path):
+def test_marker_deleted_recomputed_second_run_refused_pickle_not_run(harness, reference, tmp_path, monkeypatch):
     """Rows: cluster marker deleted; stage marker deleted; two runs at once; a pickle planted in <run>/.prefect/."""
     run = _copy(reference, tmp_path)
     before = _cluster_markers(run)
@@ -138,7 +138,7 @@ def test_marker_deleted_recomputed_second_run_refused_pickle_not_run(harness, re
     meta["stages"]["graph"].pop("finished")  # a stage marker too: graph (and everything after it) is redone
     (run / "run.json").write_text(json.dumps(meta))
     pwned = tmp_path / "PWNED"
-    os.environ["PWNED_PATH"] = str(pwned)
+    monkeypatch.setenv("PWNED_PATH", str(pwned))
     blob = pickle.dumps(_Evil())
     for sub in ("results", "cache", "storage"):  # where Prefect kept cache records and results before issue 15
         d = run / ".prefect" / sub
