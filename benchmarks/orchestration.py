@@ -80,6 +80,9 @@ def main() -> None:
     cfg = fr.demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}",
                           "partition.min_overlap_frames=2", f"reconstruct.image_size={args.image_size}",
                           f"describe.image_size={args.image_size}"])
+    # the library time is measured in this process, so clusters run here (orchestration.cluster_process=false);
+    # the child-process mode adds one process start + one model load per run, not per cluster
+    cfg.orchestration.cluster_process = False
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         t = time.perf_counter()

@@ -5,10 +5,12 @@ partition -> one reconstruction per cluster -> merge -> export. Clusters run eit
 (``orchestration.dispatch = "local"``; a tag concurrency limit keeps one model per accelerator) or as one flow run
 per cluster on a Prefect work pool (``"pool"``; one process worker per Mac mini, run directory on shared storage).
 
-Resume: every stage and unit writes its completion marker last, and tasks are cached in the run directory, so a
-re-run of a finished run does no work and a killed run recomputes only unfinished units. An out-of-memory cluster
-is split in two with the partitioner and the halves are retried (at most ``orchestration.max_oom_splits`` times
-per original cluster). Skips, splits and failures are appended to ``<run>/orchestration/events.jsonl`` and end up
+Resume: every stage and unit writes its (verified) completion marker last and the run directory is the only truth
+(no Prefect cache, no persisted task results), so a re-run of a finished run does no work, a killed run recomputes
+only unfinished units, and a unit whose data fails verification is redone. The flow holds the run directory's
+writer lock (`sparse_vggt.lock`) for its whole duration. An out-of-memory cluster (accelerator or host, or its
+child process killed by the OS) is split in two with the partitioner and the halves are retried (at most
+``orchestration.max_oom_splits`` times per original cluster; the depth is kept in clusters.parquet). Skips, splits and failures are appended to ``<run>/orchestration/events.jsonl`` and end up
 in the final report (``<run>/orchestration/report.json`` and a Prefect artifact).
 """
 
@@ -34,8 +36,9 @@ from prefect.states import Failed
 
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
+from sparse_vggt.lock import writer_lock
 from sparse_vggt.plots import plots_markdown
-from sparse_vggt.store import RunStore, atomic_write_bytes
+from sparse_vggt.store import RunStore, append_event, atomic_write_bytes
 from tasks.dispatch import OOM_MARK, dispatch_cluster_task
 from tasks.stages import (
     artifact_key,
@@ -91,7 +94,7 @@ class ClusterFailures(RuntimeError):
 
 
 def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: dict[str, Any] | None,
-                        force: bool = False) -> tuple[PipelineConfig, dict[str, Any]]:
+                        force: bool = False, create: bool = True) -> tuple[PipelineConfig, dict[str, Any]]:
     """Check everything we can before any work starts; returns the config object and its dict."""
     problems: list[str] = []
     try:
@@ -133,23 +136,14 @@ def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: 
         problems.append(str(exc))
     if problems:
         raise FlowParameterError("invalid flow parameters:\n  " + "\n  ".join(problems))
-    if photos is not None:
+    if photos is not None and create:
         RunStore.create_or_open(run, cfg, force=force)  # refuses a conflicting recorded config before any work
     return cfg, cfg.to_dict()
 
 
 def record_event(run_dir: str | Path, kind: str, **info: Any) -> dict[str, Any]:
     """Append one skip/split/failure to <run>/orchestration/events.jsonl (locked: several workers may write)."""
-    event = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind,
-             "flow_run": _flow_run_name(), **info}
-    path = Path(run_dir) / "orchestration" / "events.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(event, default=str) + "\n")
-        fh.flush()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return event
+    return append_event(run_dir, {"kind": kind, "flow_run": _flow_run_name(), **info})
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -245,13 +239,14 @@ class _Work:
         return state.result()
 
     def stage(self, stage: str, run_dir: str, force: bool, t: Any, cfgd: dict[str, Any]) -> Any:
-        """Skip a stage whose completion marker is set (no task run at all), else run its (cached) task.
+        """Skip a stage whose completion marker is set and whose outputs verify (no task run at all), else run
+        its task (never Prefect-cached: the library's markers make finished units no-ops).
 
-        Without ``force`` the recorded config equals this one in every result-affecting field (RunStore refuses
-        otherwise), so a finished stage is valid as is; with ``force`` the task runs and the library decides.
+        A config that changes a finished stage's results is refused without ``force``; with ``force`` RunStore has
+        already invalidated that stage and every later one, so a stage still marked here is valid as is.
         """
         store = RunStore.open(run_dir)
-        if not force and store.is_stage_complete(stage):
+        if store.stage_intact(stage):  # --force already invalidated what a changed config affects
             self.complete[stage] = True
             return store.stage_manifest(stage)
         return self.call(t, run_dir, cfgd)
@@ -261,11 +256,16 @@ class _Work:
 # cluster stage
 
 
-def _pending_clusters(run_dir: str) -> tuple[list[int], list[int]]:
+def _pending_clusters(run_dir: str, cfg: PipelineConfig) -> tuple[list[int], list[int]]:
+    """(all clusters, those to compute): markers verified, damaged or stale ones recorded and redone."""
+    from sparse_vggt.reconstruct import cluster_status
+
+    return cluster_status(run_dir, cfg)
+
+
+def _cluster_ids(run_dir: str) -> list[int]:
     store = RunStore.open(run_dir)
-    ids = sorted({int(c) for c in store.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
-    done = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
-    return ids, [c for c in ids if c not in done]
+    return sorted({int(c) for c in store.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
 
 
 def _failure(state: Any) -> BaseException | None:
@@ -305,7 +305,7 @@ def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], 
                                                 orch.poll_interval_s), ids, len(ids))
     else:
         t = cached(run_dir, reconstruct_cluster_task, tags=[orch.accelerator_tag], **retry_options(cfgd))
-        finished = _windowed(lambda c: t.submit(run_dir, cfgd, c), ids, 1)
+        finished = _windowed(lambda c: t.submit(run_dir, cfgd, c, orch.cluster_process), ids, 1)
     out: dict[int, tuple[str, Any]] = {}
     for cid, fut in finished:
         state = fut.state
@@ -324,7 +324,9 @@ def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], 
 def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: _Work) -> dict[str, Any]:
     """Every unfinished cluster, with OOM splitting; returns counts and the failures."""
     logger = get_run_logger()
-    all_ids, pending = _pending_clusters(run_dir)
+    from sparse_vggt.partition import split_depths
+
+    all_ids, pending = _pending_clusters(run_dir, cfg)
     total = max(1, len(pending))
     state = {"done": 0, "total": total}
     pid = create_progress_artifact(progress=0.0 if pending else 100.0, key=artifact_key(run_dir, "reconstruct-progress"),
@@ -335,7 +337,7 @@ def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: 
         state["done"] += 1
         update_progress_artifact(pid, min(100.0, 100.0 * state["done"] / state["total"]))
 
-    depth = {c: 0 for c in pending}
+    depth = split_depths(RunStore.open(run_dir).read_table("clusters"))  # kept across re-runs
     failures: list[dict[str, Any]] = []
     splits: list[dict[str, Any]] = []
     rounds = 0
@@ -368,6 +370,9 @@ def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: 
         pending = nxt
         if splits:
             publish_clusters(run_dir, f"clusters after {len(splits)} out-of-memory split(s)")
+    from sparse_vggt.cluster_worker import shutdown
+
+    shutdown()  # frees the child's model memory before merge
     update_progress_artifact(pid, 100.0)
     return {"failures": failures, "splits": splits, "rounds": rounds}
 
@@ -402,7 +407,7 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "components_skipped": part.get("small_components_skipped"),
         "singletons_skipped": (part.get("singletons", 0) or 0) - (part.get("singletons_reconstructed", 0) or 0),
         "frames_not_clustered": part.get("frames_skipped"),
-        "clusters": len(_pending_clusters(run_dir)[0]),
+        "clusters": len(_cluster_ids(run_dir)),
         "oom_splits": part.get("splits", []),
         "failures": cluster_info.get("failures", []),  # this flow run's; earlier ones stay in "events"
         "events": read_events(run_dir),
@@ -435,6 +440,12 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- cluster {f.get('cluster_id')}: {f.get('reason')} ({f.get('time')})"
                                             for f in report["failures"]]
+    integrity = [e for e in report["events"] if e.get("kind") in ("unit_redone", "stages_invalidated",
+                                                                   "stale_lock_taken_over")]
+    if integrity:  # issue 15: damaged units redone, stages invalidated, stale locks taken over (all runs)
+        lines += ["", "## Redone, invalidated, taken over", ""]
+        lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
+                  f"{e.get('reason')}" for e in integrity[-200:]]
     if report["merge"]:
         lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
     out = report["outputs"]
@@ -471,9 +482,16 @@ def _publish_report(run_dir: str, report: dict[str, Any]) -> None:
 # flows
 
 
-@flow(name="reconstruct", flow_run_name=_main_run_name, log_prints=True)
+@flow(name="reconstruct", flow_run_name=_main_run_name, log_prints=True, persist_result=False)
 def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
-    """Photos folder -> run directory with COLMAP/PLY/GLB exports (see the module docstring)."""
+    """Photos folder -> run directory with COLMAP/PLY/GLB exports (see the module docstring).
+
+    Holds the run directory's writer lock throughout: a second run on the same directory is refused at once."""
+    with writer_lock(run_dir, f"flow reconstruct {photos} {run_dir}"):
+        return _reconstruct(photos, run_dir, config, force)
+
+
+def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     photos, run_dir = str(Path(photos).expanduser().resolve()), str(Path(run_dir).expanduser().resolve())
     cfg, cfgd = validate_parameters(photos, run_dir, config, force)
@@ -490,7 +508,7 @@ def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None,
         logger.warning("skipped %s: %s", s["path"], s["reason"])
 
     # a finished describe stage needs no plan (the finish task below is a cache hit)
-    described = RunStore.open(run_dir).is_stage_complete("describe")
+    described = RunStore.open(run_dir).stage_intact("describe")  # marker set and descriptors verify
     plan = {"pending": []} if described else work.call(describe_plan_task.with_options(**retry), run_dir, cfgd)
     if plan["pending"]:
         chunk_task = cached(run_dir, describe_chunk_task, tags=[orch.accelerator_tag] if orch.dispatch == "local" else [],
@@ -536,9 +554,12 @@ def _cluster_run_name() -> str:
     return f"cluster-{p['cluster_id']}-{_slug(p['run_dir'])}"
 
 
-@flow(name="reconstruct-cluster", flow_run_name=_cluster_run_name)
+@flow(name="reconstruct-cluster", flow_run_name=_cluster_run_name, persist_result=False)
 def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any]) -> Any:
-    """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts."""
+    """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts.
+
+    No writer lock here: the main flow holds it; this flow writes only ``store.zarr/clusters/<id>`` and
+    ``orchestration/clusters/<id>.json`` (and appends to events.jsonl), so workers never touch each other's files."""
     from sparse_vggt.reconstruct import ClusterOutOfMemory
 
     if not (Path(run_dir) / "run.json").exists():
@@ -568,9 +589,11 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
 def run_pipeline(photos: Path, run_dir: Path, cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """`sparse-vggt run`: the main flow (ephemeral Prefect unless PREFECT_API_URL points at a server)."""
     cfg_d = cfg.to_dict()
-    validate_parameters(photos, run_dir, cfg_d, force)  # clear errors before Prefect starts anything
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the stage logs
-    return reconstruct(str(photos), str(run_dir), cfg_d, force)
+    validate_parameters(photos, run_dir, cfg_d, force, create=False)  # nothing is created for invalid parameters
+    with writer_lock(run_dir, f"run {photos} {run_dir}"):
+        validate_parameters(photos, run_dir, cfg_d, force)  # clear errors before Prefect starts anything
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the stage logs
+        return reconstruct(str(photos), str(run_dir), cfg_d, force)
 
 
 RANDOM_BANNER = (

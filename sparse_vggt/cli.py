@@ -213,6 +213,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if len(skipped) > 50:
         console.print(f"... and {len(skipped) - 50} more skipped photos (status --json, or the status column of "
                       "tables/images.parquet)", highlight=False, soft_wrap=True)
+    if status.get("writer"):
+        w = status["writer"]
+        console.print(f"being written by pid {w.get('pid')} on host {w.get('host')}: {escape(str(w.get('command')))}")
     return 0
 
 
@@ -491,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITER_COMMANDS = {"scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo"}
+
+
 def exit_code(exc: BaseException) -> int:
     """2 for usage errors, 3 for partial results (some units failed, the rest is done), 130 for Ctrl-C, else 1."""
     if isinstance(exc, KeyboardInterrupt):
@@ -510,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     progress.enable(not args.no_progress and sys.stderr.isatty())
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command in WRITER_COMMANDS:  # one writer per run directory (sparse_vggt.lock)
+            from .lock import writer_lock
+
+            if args.command not in ("scan", "run", "demo"):
+                RunStore.open(args.run)  # a clear "not a run directory" before creating anything
+            with writer_lock(args.run, " ".join(["sparse-vggt", *(sys.argv[1:] if argv is None else argv)])):
+                return func(args)
         return func(args)
     except Exception as exc:
         # one short message; the traceback only with -v. Our own errors say what to do; anything else names

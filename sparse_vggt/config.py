@@ -112,11 +112,13 @@ class ReconstructConfig:
     attention: str = "sparse"  # sparse | dense global attention
     special_tokens_global: bool = False  # every frame also attends to all frames' camera/register tokens
     device: str = _runtime("auto", "auto | cuda | mps | cpu")
-    dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
+    # dtype and the attention kernel change the numbers a cluster produces (bf16 vs fp32, flex vs sdpa rounding),
+    # so they are result-affecting: changing them on a finished reconstruct stage needs --force (issue 15)
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT heads (0: all at once)")
     attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
     # added by the reconstruct stage (issue 6): kernel of sparse global attention
-    attention_backend: str = _runtime("auto", "auto (= sdpa until flex is benchmarked on a GPU) | sdpa | flex")
+    attention_backend: str = "auto"  # auto (= sdpa until flex is benchmarked on a GPU) | sdpa | flex
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
     seed: int = 0  # seed for random-initialised weights
@@ -195,6 +197,9 @@ class OrchestrationConfig:
     accelerator_tag: str = _runtime("accelerator", "tag concurrency-limited to one model per accelerator")
     # added by the orchestration issue (10):
     poll_interval_s: float = _runtime(1.0, "pool mode: seconds between state polls of a dispatched cluster run")
+    # added by issue 15: local dispatch runs each cluster's model in a child process (one persistent worker that
+    # keeps the model loaded), so an out-of-memory SIGKILL costs that cluster (split and retried), not the run
+    cluster_process: bool = _runtime(True, "local dispatch: run cluster models in a child worker process")
 
 
 @dataclass

@@ -367,6 +367,10 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         return manifest
     version = _dt.datetime.now(_dt.timezone.utc).isoformat()
     arr.attrs.update({"complete": True, "version": version})
+    from .store import fsync_tree
+
+    fsync_tree(store.zarr_path / "descriptors")
+    manifest["integrity"] = store.array_integrity("descriptors")  # verified by RunStore.stage_intact (issue 15)
     store.stage_finished("describe", manifest)
     return manifest
 

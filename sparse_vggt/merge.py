@@ -658,6 +658,14 @@ def merge(run_dir: str | Path, config: PipelineConfig | None = None) -> dict[str
         log.info("merge already complete in %s", store.root)
         return store.stage_manifest(STAGE)
     store.require_stage("partition", needed_by="merge")
+    if store.is_stage_complete("reconstruct"):  # verify every cluster before reading it (issue 15)
+        from .reconstruct import cluster_status
+
+        redo = cluster_status(store.root, config)[1]
+        if redo:
+            raise RunStoreError(f"cluster(s) {redo} of {store.root} failed verification (recorded in "
+                                "orchestration/events.jsonl) and must be recomputed before merging: run "
+                                f"`sparse-vggt reconstruct {store.root}` (or `sparse-vggt run`).")
     if not store.is_stage_complete("reconstruct"):
         log.warning("the reconstruct stage has not finished; merging the clusters that are complete "
                     "(missing ones are excluded and reported)")

@@ -1238,6 +1238,17 @@ def _grow_any(A: sp.csr_matrix, members: set[int], allowed: set[int], targets: s
     return added
 
 
+def split_depths(table: pa.Table) -> dict[int, int]:
+    """cluster_id -> how many out-of-memory halvings produced it (column ``split_depth``; 0 when absent).
+
+    The depth lives in clusters.parquet so a re-run continues the split budget instead of restarting it.
+    """
+    ids = table.column("cluster_id").to_pylist()
+    if "split_depth" not in table.column_names:
+        return {int(c): 0 for c in ids}
+    return {int(c): int(d or 0) for c, d in zip(ids, table.column("split_depth").to_pylist())}
+
+
 def split_cluster(run_dir: Path, cluster_id: int, config: PipelineConfig | None = None) -> list[int]:
     """Out-of-memory fallback: replace one cluster by two halves; returns the two new cluster ids.
 
@@ -1267,7 +1278,11 @@ def split_cluster(run_dir: Path, cluster_id: int, config: PipelineConfig | None 
     graph = _load_graph(indptr, indices, weights, component)
     new, ids = split_clusters_in_memory(clusters, int(cluster_id), graph.A, config.partition)
     meta = table.schema.metadata or {}
+    depths = split_depths(table)
     out = new.to_table()
+    parent_depth = depths.get(int(cluster_id), 0)
+    depth_col = [parent_depth + 1 if c in ids else depths.get(c, 0) for c in out.column("cluster_id").to_pylist()]
+    out = out.append_column("split_depth", pa.array(depth_col, type=pa.int32()))
     if meta:
         out = out.replace_schema_metadata(meta)
     store.write_table("clusters", out)

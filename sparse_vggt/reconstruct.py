@@ -7,13 +7,18 @@ and intrinsics mapped back to original upright pixels; depth and confidence stay
 ``depth_to_image`` mapping their pixel grid to the original image.
 
 A cluster's group gets its completion marker last; a complete cluster is skipped, an incomplete one is
-deleted and redone. CUDA/MPS out-of-memory becomes `ClusterOutOfMemory` so the orchestrator can split the
-cluster (`sparse_vggt.partition.split_cluster`) and retry. The model is built once per process and reused
-across clusters.
+deleted and redone. "Complete" means the marker verifies (every array's bytes match the manifest written with it,
+`sparse_vggt.store`) and was written for the same inputs: the cluster's frames, order and neighbours and the
+result-affecting reconstruct settings (``inputs`` attribute), so a re-partition or a forced config change redoes
+exactly the clusters it changes. Out-of-memory on CUDA/MPS and on the CPU (allocator failures, MemoryError)
+becomes `ClusterOutOfMemory` so the orchestrator can split the cluster (`sparse_vggt.partition.split_cluster`) and
+retry. The model is built once per process and reused across clusters.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,6 +55,58 @@ class ClusterOutOfMemory(RuntimeError):
 
 class ReconstructError(RuntimeError):
     """Input of the reconstruct stage is inconsistent; the message says what to fix."""
+
+
+_CPU_OOM_MARKS = ("can't allocate memory", "cannot allocate memory", "defaultcpuallocator", "not enough memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Accelerator OOM (device.is_out_of_memory) and host OOM: MemoryError and CPU allocator failures."""
+    if is_out_of_memory(exc) or isinstance(exc, MemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, (RuntimeError, OSError)) and any(m in msg for m in _CPU_OOM_MARKS)
+
+
+def cluster_inputs_key(config: PipelineConfig, image_ids: np.ndarray, neighbors: list[list[int]]) -> str:
+    """What a cluster's result depends on: its frames in order, their neighbours and the result-affecting
+    reconstruct settings. Stored on the unit; a mismatch means the unit is stale and is redone."""
+    payload = {"image_ids": [int(i) for i in image_ids], "neighbors": neighbors,
+               "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.k)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def check_cluster(store: RunStore, cluster_id: int, key: str | None, full: bool = True) -> tuple[bool, str]:
+    """(done, why not): the unit's marker verifies and matches ``key`` (when given)."""
+    path = _group(cluster_id)
+    check = store.verify_unit(path, full=full)
+    if not check:
+        return False, check.reason if check.marked else ""
+    recorded = store.unit_attrs(path).get("inputs")
+    if key is not None and recorded is not None and recorded != key:
+        return False, "stale: its frames, neighbours or reconstruct settings changed since it was computed"
+    return True, ""
+
+
+def cluster_status(run_dir: str | Path, config: PipelineConfig, full: bool = True) -> tuple[list[int], list[int]]:
+    """(all cluster ids, those to (re)compute). A marked cluster that fails verification or is stale is recorded
+    as redone in events.jsonl, and a finished reconstruct stage is invalidated (with merge and export)."""
+    store = RunStore.open(run_dir)
+    table = store.read_table("clusters")
+    all_ids = sorted({int(c) for c in table.column("cluster_id").to_pylist()})
+    pending: list[int] = []
+    bad: list[str] = []
+    for cid in all_ids:
+        image_ids, neighbors = cluster_frames(table, cid)
+        done, why = check_cluster(store, cid, cluster_inputs_key(config, image_ids, neighbors), full=full)
+        if not done:
+            pending.append(cid)
+            if why:
+                store.redo_unit(_group(cid), why)
+                bad.append(f"cluster {cid}: {why}")
+    if pending and store.is_stage_complete(STAGE):
+        store.invalidate_from(STAGE, "; ".join(bad) or f"{len(pending)} cluster(s) not complete")
+    return all_ids, pending
 
 
 # ---- cluster table ---------------------------------------------------------------------------------
@@ -183,10 +240,14 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     store = RunStore.open(run_dir)
     store.require_stage("partition", "reconstruct")
     path = _group(cluster_id)
-    if store.is_unit_complete(path):
-        return {"cluster_id": int(cluster_id), "skipped": True}
     cfg = config.reconstruct
     image_ids, neighbors = cluster_frames(store.read_table("clusters"), int(cluster_id))
+    key = cluster_inputs_key(config, image_ids, neighbors)
+    done, why = check_cluster(store, int(cluster_id), key)
+    if done:
+        return {"cluster_id": int(cluster_id), "skipped": True}
+    if why:  # a marker that does not verify: record the redo (the partial group is replaced below)
+        store.redo_unit(path, why)
     device = select_device(cfg.device)
     dtype = select_dtype(device, cfg.dtype)
     try:
@@ -204,7 +265,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
         depth = out["depth"][0, ..., 0].float().cpu().numpy()
         conf = out["depth_conf"][0].float().cpu().numpy()
     except Exception as exc:
-        if is_out_of_memory(exc):
+        if is_oom(exc):
             _free(device)
             raise ClusterOutOfMemory(int(cluster_id), str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         raise
@@ -224,7 +285,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     store.mark_unit_complete(
         path, model=cfg.model, preset=cfg.preset, k=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
         attention=cfg.attention, special_tokens_global=cfg.special_tokens_global, image_size=cfg.image_size,
-        preprocess_mode=cfg.preprocess_mode, frames=n,
+        preprocess_mode=cfg.preprocess_mode, frames=n, inputs=key,
     )
     log.info("cluster %d: %d frames reconstructed (%s, %s)", cluster_id, n, device.type, dtype)
     return {"cluster_id": int(cluster_id), "skipped": False, "frames": n, "depth_shape": [n, int(h), int(w)]}
@@ -246,6 +307,7 @@ def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterab
     unknown = sorted(set(todo) - set(all_ids))
     if unknown:
         raise ReconstructError(f"clusters {unknown} are not in clusters.parquet (known: {len(all_ids)} clusters)")
+    cluster_status(run_dir, config)  # verifies every marker; a damaged or stale cluster reopens the stage
     if not store.is_stage_complete(STAGE):
         store.stage_started(STAGE)
     done = skipped = frames = 0
@@ -254,8 +316,7 @@ def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterab
         skipped += bool(result["skipped"])
         done += not result["skipped"]
         frames += int(result.get("frames", 0))
-    complete = {int(c) for c in store.complete_units("clusters") if c.isdigit()}
-    pending = [c for c in all_ids if c not in complete]
+    pending = cluster_status(run_dir, config)[1]
     manifest = {"clusters": len(all_ids), "reconstructed": done, "skipped_complete": skipped,
                 "frames": frames, "pending": len(pending)}
     manifest = with_totals(store, all_ids, manifest, config.reconstruct)

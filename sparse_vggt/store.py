@@ -8,8 +8,15 @@ Layout::
     <run>/export/                COLMAP, PLY, GLB, report
 
 Completion markers are always written last: a unit (a Zarr group such as ``clusters/3``) is complete when its
-attributes hold ``"complete": true``; a stage is complete when ``run.json["stages"][stage]["finished"]`` is set.
-A killed run therefore resumes from the last complete unit, and re-running a complete unit is a no-op.
+attributes hold ``"complete": true`` *and* the manifest written with that marker (per array: shape, dtype, stored
+file count, byte count and CRC-32 of the stored bytes) still matches the files on disk; a stage is complete when
+``run.json["stages"][stage]["finished"]`` is set. A killed run therefore resumes from the last complete unit,
+re-running a complete unit is a no-op, and a unit whose files were truncated, deleted or altered is redone (and
+recorded in ``orchestration/events.jsonl``) instead of being read as zeros.
+
+Durability: every metadata file (run.json, tables, markers) is written to a temp file, fsynced, renamed over the
+target and the directory fsynced, so a marker never counts before the data it covers is on disk. Files are created
+with the process umask (group/world-readable like the rest of a shared run), never mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import platform
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +44,25 @@ from .config import PipelineConfig
 log = logging.getLogger(__name__)
 
 STAGES = ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export")
+# config section -> the stage whose results its result-affecting fields change
+SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
+                 "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
+_STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one verified unit
+_STAGE_TABLE = {"scan": "images", "partition": "clusters"}
+_STAGE_ARRAY = {"describe": "descriptors"}  # stages whose output is one array shared by their units
+_STAGE_ARRAY_UNITS = {"describe": ("describe_chunks",)}
+
+
+def _allowed_before_create(p: Path) -> bool:
+    """What may be in a run directory before its run.json: the writer lock (taken first), file-system probes
+    and what a create killed before writing run.json leaves (tables/, an empty store.zarr, temp files)."""
+    if p.name in (".writer.lock", "writer.json"):
+        return True
+    if p.name == "tables":
+        return p.is_dir() and not any(p.iterdir())
+    if p.name == "store.zarr":
+        return p.is_dir() and {c.name for c in p.iterdir()} <= {"zarr.json"}
+    return p.name.startswith((".fscheck-", ".run.json.", ".writer.json."))
 RUN_FORMAT_VERSION = 1
 
 
@@ -63,10 +90,41 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _read_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is process-global)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give: shared runs stay readable by the group/others
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation in ``path`` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600: other users of a shared run could not read it
+    return fd, tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a fsynced temp file in the same directory + rename + directory fsync: readers never see half a
+    file, and after return the new content survives a crash or power loss."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -77,6 +135,52 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (unit data before its completion marker)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
+    """Append one event (skip, split, redo, failure...) to <run>/orchestration/events.jsonl under a lock."""
+    path = Path(run_dir) / "orchestration" / "events.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    event = {"time": _now(), **event}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    with os.fdopen(fd, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.write(json.dumps(event, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return event
+
+
+class UnitCheck:
+    """Outcome of verifying one unit: ``ok`` or the reason it must be redone."""
+
+    __slots__ = ("ok", "reason", "marked")
+
+    def __init__(self, ok: bool, reason: str = "", marked: bool = False):
+        self.ok, self.reason, self.marked = ok, reason, marked  # marked: a marker said complete, the data disagrees
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"UnitCheck(ok={self.ok}, reason={self.reason!r})"
 
 
 class RunStore:
@@ -97,37 +201,43 @@ class RunStore:
     ) -> "RunStore":
         """Open ``root`` if it is a run directory, else create it.
 
-        With a ``config`` whose result-affecting fields differ from the recorded one, this fails unless
-        ``force`` is true, in which case the new config is recorded (earlier stage outputs are kept; stages
-        decide themselves whether they are still valid).
+        A changed result-affecting field of a stage that has run (started or finished) needs ``force``; with
+        ``force`` that stage and every later one are invalidated (markers cleared, recorded in run.json history
+        and events.jsonl) so they are recomputed. A changed field of a stage that has not run yet is recorded
+        without ``force``: nothing computed depends on it.
         """
         store = cls(root)
         if store.run_json.exists():
             recorded = store.config()
             if config is not None:
-                changes = recorded.diff(config)
-                if changes and not force:
+                blocking, free = store._config_changes(recorded, config)
+                if blocking and not force:
                     raise ConfigMismatchError(
                         f"{store.root} was created with a different config:\n  "
-                        + "\n  ".join(changes)
-                        + "\nUse a new run directory, drop the conflicting --set/--config, or pass --force "
-                        "to record the new config (completed stages are not recomputed automatically)."
+                        + "\n  ".join(line for _, line in blocking)
+                        + "\nThese fields change results of stages that already ran. Use a new run directory, drop "
+                        "the conflicting --set/--config, or pass --force to record the new config: --force "
+                        "invalidates the first affected stage and every later one, which are then recomputed."
                     )
-                if changes or recorded.to_dict() != config.to_dict():
+                if blocking or free or recorded.to_dict() != config.to_dict():
+                    first = min((STAGES.index(st) for st, _ in blocking), default=None)
                     with store._locked_meta() as meta:
                         meta["config"] = config.to_dict()
-                        if changes:
+                        if blocking or free:
                             meta.setdefault("history", []).append(
-                                {"time": _now(), "event": "config forced", "changes": changes}
+                                {"time": _now(), "event": "config forced" if blocking else "config changed",
+                                 "changes": [line for _, line in blocking + free]}
                             )
+                    if first is not None:
+                        store.invalidate_from(
+                            STAGES[first], "config forced: " + "; ".join(line for _, line in blocking))
             return store
-        if store.root.exists() and any(store.root.iterdir()):
+        if store.root.exists() and not all(_allowed_before_create(p) for p in store.root.iterdir()):
             raise RunStoreError(
                 f"{store.root} exists, is not empty and has no run.json: refusing to turn it into a run "
                 "directory. Pick an empty or new path."
             )
         store.root.mkdir(parents=True, exist_ok=True)
-        store.tables_dir.mkdir(exist_ok=True)
         meta = {
             "format_version": RUN_FORMAT_VERSION,
             "created": _now(),
@@ -135,10 +245,29 @@ class RunStore:
             "config": (config or PipelineConfig()).to_dict(),
             "stages": {},
         }
-        atomic_write_bytes(store.run_json, json.dumps(meta, indent=2).encode())
+        store.tables_dir.mkdir(exist_ok=True)
         zarr.open_group(store.zarr_path, mode="a")
+        atomic_write_bytes(store.run_json, json.dumps(meta, indent=2).encode())  # last: a killed create is redone
         log.info("created run directory %s", store.root)
         return store
+
+    def _config_changes(self, old: PipelineConfig, new: PipelineConfig
+                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Changed result-affecting fields as (stage, line): (of stages that ran, of stages that did not)."""
+        a, b = old.result_affecting(), new.result_affecting()
+        stages = self.meta().get("stages", {})
+        blocking: list[tuple[str, str]] = []
+        free: list[tuple[str, str]] = []
+        for section in a:
+            stage = SECTION_STAGE.get(section)
+            for name in a[section]:
+                if a[section][name] == b[section].get(name):
+                    continue
+                line = f"{section}.{name}: {a[section][name]!r} -> {b[section].get(name)!r}"
+                entry = stages.get(stage, {}) if stage is not None else {}
+                ran = bool(entry.get("started") or entry.get("finished"))
+                (blocking if ran else free).append((stage or section, line))
+        return blocking, free
 
     @classmethod
     def open(cls, root: str | Path) -> "RunStore":
@@ -177,10 +306,42 @@ class RunStore:
 
     # ---- stage markers -----------------------------------------------------------------------------
     def stage_started(self, stage: str) -> None:
+        """Record that ``stage`` is (re)computing; every later stage depends on it, so its markers are cleared."""
+        later = STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()
+        cleared: list[str] = []
         with self._locked_meta() as meta:
-            entry = meta.setdefault("stages", {}).setdefault(stage, {})
+            stages = meta.setdefault("stages", {})
+            entry = stages.setdefault(stage, {})
             entry["started"] = _now()
             entry.pop("finished", None)
+            for s in later:
+                if s in stages:
+                    cleared.append(s)
+                    stages.pop(s)
+            if cleared:
+                meta.setdefault("history", []).append(
+                    {"time": _now(), "event": "invalidated", "stages": cleared, "reason": f"{stage} recomputed"})
+        if cleared:
+            append_event(self.root, {"kind": "stages_invalidated", "stages": cleared,
+                                     "reason": f"{stage} is being recomputed"})
+
+    def invalidate_from(self, stage: str, reason: str) -> list[str]:
+        """Clear the markers of ``stage`` and every later stage (recorded); returns the stages cleared."""
+        todo = STAGES[STAGES.index(stage):]
+        cleared: list[str] = []
+        with self._locked_meta() as meta:
+            stages = meta.setdefault("stages", {})
+            for s in todo:
+                if s in stages:
+                    cleared.append(s)
+                    stages.pop(s)
+            if cleared:
+                meta.setdefault("history", []).append(
+                    {"time": _now(), "event": "invalidated", "stages": cleared, "reason": reason})
+        if cleared:
+            append_event(self.root, {"kind": "stages_invalidated", "stages": cleared, "reason": reason})
+            log.warning("invalidated stage(s) %s of %s: %s", ", ".join(cleared), self.root, reason)
+        return cleared
 
     def stage_finished(self, stage: str, manifest: dict[str, Any] | None = None) -> None:
         """Mark a stage complete. Call only after every byte of its output is written."""
@@ -194,6 +355,49 @@ class RunStore:
         with self._locked_meta() as meta:
             meta.setdefault("stages", {}).pop(stage, None)
 
+    def stage_intact(self, stage: str, strict: bool = True) -> bool:
+        """Stage marker set *and* its outputs verify (the unit of graph/merge checksummed, its table present).
+        A finished stage whose outputs fail is invalidated with every later stage (recorded) and reported False.
+        ``strict=False`` accepts a stage unit that exists without a marker of its own (run directories written by
+        other tools, e.g. synthetic runs); damaged marked data and missing outputs still fail."""
+        if not self.is_stage_complete(stage):
+            return False
+        problem = ""
+        unit = _STAGE_UNIT.get(stage)
+        if unit is not None:
+            check = self.verify_unit(unit, full=True)
+            if not check and not strict and not check.marked and check.reason == "no completion marker":
+                check = UnitCheck(True)
+            if not check:
+                problem = f"store.zarr/{unit}: {check.reason or 'missing'}"
+                if check.marked:
+                    self.redo_unit(unit, check.reason)
+        array = _STAGE_ARRAY.get(stage)
+        recorded = self.stage_manifest(stage).get("integrity") if array else None
+        if recorded:
+            actual = self.array_integrity(array)
+            if actual != recorded:
+                problem = f"store.zarr/{array} differs from its manifest (truncated, deleted or altered chunk)"
+                append_event(self.root, {"kind": "unit_redone", "unit": array, "reason": problem})
+                for unit in _STAGE_ARRAY_UNITS.get(stage, ()):
+                    self.remove_group(unit)  # its per-chunk markers covered the damaged bytes too
+        table = _STAGE_TABLE.get(stage)
+        if not problem and table is not None and not self.has_table(table):
+            problem = f"tables/{table}.parquet is missing"
+        if problem:
+            self.invalidate_from(stage, f"{stage} output failed verification: {problem}")
+            return False
+        return True
+
+    def array_integrity(self, name: str) -> dict[str, Any]:
+        """Files, bytes and CRC-32 of one stored array (e.g. ``descriptors``), for a stage manifest."""
+        adir = self.zarr_path / name
+        stored = sorted(p for p in adir.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        crc = 0
+        for p in stored:
+            crc = zlib.crc32(p.read_bytes(), crc)
+        return {"files": len(stored), "nbytes": sum(p.stat().st_size for p in stored), "crc32": crc}
+
     def is_stage_complete(self, stage: str) -> bool:
         return bool(self.meta().get("stages", {}).get(stage, {}).get("finished"))
 
@@ -201,7 +405,15 @@ class RunStore:
         return self.meta().get("stages", {}).get(stage, {}).get("manifest", {})
 
     def require_stage(self, stage: str, needed_by: str) -> None:
-        if not self.is_stage_complete(stage):
+        """The stage must be finished and its outputs intact (a damaged output is recorded and reopens it)."""
+        was_complete = self.is_stage_complete(stage)
+        if was_complete and not self.stage_intact(stage, strict=False):
+            raise RunStoreError(
+                f"`{needed_by}` needs the `{stage}` stage, whose output in {self.root} failed verification (recorded "
+                f"in orchestration/events.jsonl; the stage was reopened). Run `sparse-vggt {stage} {self.root}` "
+                "(or `sparse-vggt run`) to recompute it."
+            )
+        if not was_complete:
             raise RunStoreError(
                 f"`{needed_by}` needs the `{stage}` stage, which has not finished in {self.root}. "
                 f"Run `sparse-vggt {stage} {self.root}` first (or `sparse-vggt run`)."
@@ -217,15 +429,19 @@ class RunStore:
     def write_table(self, name: str, table: pa.Table) -> Path:
         path = self.table_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        fd, tmp = _temp_file(path)
         try:
-            pq.write_table(table, tmp)
+            try:
+                pq.write_table(table, tmp)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        fsync_dir(path.parent)
         return path
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -275,29 +491,96 @@ class RunStore:
         self._zarr = None
 
     # ---- unit markers ------------------------------------------------------------------------------
-    def is_unit_complete(self, path: str) -> bool:
-        root = self.zarr
-        if path not in root:
-            return False
-        return bool(root[path].attrs.get("complete", False))
+    def _group_meta_path(self, path: str) -> Path:
+        return self.zarr_path / path / "zarr.json"
+
+    def unit_attrs(self, path: str) -> dict[str, Any]:
+        """A unit's attributes read straight from its zarr.json ({} if missing or unreadable)."""
+        try:
+            meta = json.loads(self._group_meta_path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        return attrs if isinstance(attrs, dict) else {}
+
+    def verify_unit(self, path: str, full: bool = False) -> UnitCheck:
+        """Is the unit complete and intact? Quick: marker + every array's shape, dtype, file count and byte count
+        (a listing and stats); ``full`` also checks the CRC-32 of every stored byte (memoised per marker)."""
+        meta_path = self._group_meta_path(path)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            return UnitCheck(False, "missing")
+        except (OSError, ValueError) as exc:
+            return UnitCheck(False, f"group metadata unreadable ({exc})", marked=True)
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+        if not attrs.get("complete", False):
+            return UnitCheck(False, "no completion marker")
+        recorded = attrs.get("arrays")
+        if recorded is None:  # written before markers carried a manifest: nothing more to check
+            return UnitCheck(True)
+        gdir = self.zarr_path / path
+        key = (str(gdir.resolve()), attrs.get("completed_at"), meta_path.stat().st_mtime_ns)
+        if full and _FULLY_VERIFIED.get(key[0]) == key:
+            full = False
+        try:
+            actual = _array_manifest(gdir, checksum=full)
+        except OSError as exc:
+            return UnitCheck(False, f"unreadable ({exc})", marked=True)
+        for name, want in recorded.items():
+            got = actual.get(name)
+            if got is None:
+                return UnitCheck(False, f"array {name} missing", marked=True)
+            for field in ("shape", "dtype", "files", "nbytes") + (("crc32",) if full else ()):
+                if got.get(field) != want.get(field):
+                    return UnitCheck(False, f"array {name}: {field} is {got.get(field)} on disk, marker says "
+                                            f"{want.get(field)} (truncated, deleted or altered chunk)", marked=True)
+        if full:
+            _FULLY_VERIFIED[key[0]] = key
+        return UnitCheck(True)
+
+    def is_unit_complete(self, path: str, full: bool = False) -> bool:
+        """Marker present and the unit verifies (see verify_unit); a failing unit is logged and counts as not done."""
+        check = self.verify_unit(path, full=full)
+        if not check and check.marked:
+            log.warning("%s in %s fails verification and will be redone: %s", path, self.zarr_path, check.reason)
+        return bool(check)
 
     def mark_unit_complete(self, path: str, **attrs: Any) -> None:
-        """Write ``complete: true`` (plus ``attrs``) on a group. Call only after its arrays are written."""
-        grp = self.group(path)
-        if attrs:
-            grp.attrs.update(_jsonable(attrs))
-        grp.attrs.update({"complete": True, "completed_at": _now()})
+        """Write ``complete: true`` (plus ``attrs`` and the integrity manifest of every array) on a group.
 
-    def complete_units(self, parent: str) -> list[str]:
-        """Names of the complete child groups under ``parent`` (e.g. finished clusters)."""
-        if parent not in self.zarr:
+        Call only after its arrays are written: the data is fsynced first, then the marker is written atomically
+        (temp + fsync + rename + directory fsync), so a marker never covers data that is not on disk.
+        """
+        self.group(path)
+        gdir = self.zarr_path / path
+        fsync_tree(gdir)
+        manifest = _array_manifest(gdir, checksum=True)
+        meta_path = gdir / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        out = meta.setdefault("attributes", {})
+        if attrs:
+            out.update(_jsonable(attrs))
+        out.update({"complete": True, "completed_at": _now(), "arrays": manifest})
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+        self._zarr = None  # cached group objects would hold the old attributes
+
+    def redo_unit(self, path: str, reason: str) -> None:
+        """Record that a unit is recomputed (it failed verification or decoding) and delete what is left of it."""
+        append_event(self.root, {"kind": "unit_redone", "unit": path, "reason": reason})
+        log.warning("redoing %s: %s", path, reason)
+        self.remove_group(path)
+
+    def record_event(self, kind: str, **info: Any) -> dict[str, Any]:
+        return append_event(self.root, {"kind": kind, **info})
+
+    def complete_units(self, parent: str, full: bool = False) -> list[str]:
+        """Names of the complete, intact child groups under ``parent`` (e.g. finished clusters)."""
+        pdir = self.zarr_path / parent
+        if not pdir.is_dir():
             return []
-        grp = self.zarr[parent]
-        return sorted(
-            name
-            for name, child in grp.groups()
-            if child.attrs.get("complete", False)
-        )
+        return sorted(p.name for p in pdir.iterdir() if p.is_dir() and (p / "zarr.json").exists()
+                      and self.is_unit_complete(f"{parent}/{p.name}", full))
 
     # ---- status ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -322,7 +605,42 @@ class RunStore:
             units["describe_chunks_complete"] = len(self.complete_units("describe_chunks"))
         if "clusters" in self.zarr:
             units["clusters_complete"] = len(self.complete_units("clusters"))
-        return {"root": str(self.root), "created": meta.get("created"), "stages": rows, "units": units}
+        try:  # who holds the writer lock now (sparse_vggt.lock), if anyone
+            writer = json.loads((self.root / "writer.json").read_text())
+        except (OSError, ValueError):
+            writer = None
+        return {"root": str(self.root), "created": meta.get("created"), "stages": rows, "units": units,
+                "writer": writer}
+
+
+_FULLY_VERIFIED: dict[str, tuple[Any, ...]] = {}  # unit dir -> (dir, completed_at, marker mtime) checksummed OK
+
+
+def _array_manifest(gdir: Path, checksum: bool) -> dict[str, dict[str, Any]]:
+    """Per array below ``gdir`` (key: path relative to it): shape, dtype, stored file count and bytes, CRC-32."""
+    out: dict[str, dict[str, Any]] = {}
+    for dirpath, dirs, files in os.walk(gdir):
+        dirs.sort()
+        here = Path(dirpath)
+        if here == gdir or "zarr.json" not in files:
+            continue
+        try:
+            meta = json.loads((here / "zarr.json").read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("node_type") != "array":
+            continue
+        dirs[:] = []  # an array's chunks are below it; no nested nodes
+        stored = sorted(p for p in here.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        entry: dict[str, Any] = {"shape": list(meta.get("shape", [])), "dtype": str(meta.get("data_type")),
+                                 "files": len(stored), "nbytes": sum(p.stat().st_size for p in stored)}
+        if checksum:
+            crc = 0
+            for p in stored:
+                crc = zlib.crc32(p.read_bytes(), crc)
+            entry["crc32"] = crc
+        out[str(here.relative_to(gdir))] = entry
+    return out
 
 
 def _jsonable(obj: Any) -> Any:

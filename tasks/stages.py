@@ -4,32 +4,27 @@ Each task calls the library entry function with a run-directory path and a confi
 artifact describing what the stage produced, and returns the stage's small manifest. Tensors and arrays never
 cross a task boundary: the run directory is the data plane, Prefect only sees paths and counts.
 
-Caching: :class:`StageCache` keys a task on its inputs (the result-affecting part of the config only, so moving a
-run from a laptop to the farm keeps the cache), the task's source and the library's source. Cache records and
-results live inside the run directory (``<run>/.prefect/``), so they travel with it on shared storage and vanish
-with it. Underneath, the library's own completion markers make every stage and unit a no-op once complete, so
-even a cache miss on a finished run does no work.
+No Prefect caching and no result persistence (issue 15): the run directory is the only truth. A Prefect cache
+record would let a task be skipped while the run directory says its unit is missing or corrupt, and a persisted
+result is deserialised with the serializer named *in the stored file* (pickle included), so anyone who can write
+the shared storage could run code in every worker. Instead every task runs, and the library's verified completion
+markers (``sparse_vggt.store``) make a complete, intact stage or unit a no-op, while a missing or damaged one is
+recomputed. Task return values are small JSON-able manifests kept in memory only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import CachePolicy, TaskSource
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
-from prefect.utilities.hashing import hash_objects
 
-import sparse_vggt
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.store import RunStore
 
@@ -39,59 +34,18 @@ ARTIFACT_ROWS = 500  # rows shown per table artifact (the full tables are in the
 
 
 # ---------------------------------------------------------------------------------------------------------
-# cache policy
+# no Prefect cache, no persisted results (see the module docstring)
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-@lru_cache(maxsize=1)
-def library_source_hash() -> str:
-    """Hash of every library source file: a code change anywhere in ``sparse_vggt`` invalidates the cache."""
-    root = Path(sparse_vggt.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+def stage_task(run_dir: str | Path, t: Any, **options: Any) -> Any:
+    """``t`` configured for a stage: never cached by Prefect, result never persisted (the run directory decides
+    what is done). ``run_dir`` is accepted for call-site symmetry with the old cached variant."""
+    return t.with_options(**TASK_OPTIONS, **options)
 
 
-def _config_key(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = PipelineConfig.from_dict(config)
-    key: dict[str, Any] = cfg.result_affecting()
-    f = cfg.describe.descriptors_file
-    if f:  # bring-your-own descriptors: the file's identity is an input too
-        p = Path(f)
-        key["descriptors_file_stat"] = [p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else None
-    return key
-
-
-@dataclass
-class StageCache(CachePolicy):
-    """Inputs (result-affecting config) + task source + library source; see the module docstring."""
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        keyed = {}
-        for name, value in (inputs or {}).items():
-            if name == "config":
-                value = _config_key(value)
-            elif name == "run_dir":
-                value = str(Path(value).resolve())
-            keyed[name] = value
-        source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        return hash_objects(keyed, source, library_source_hash(), raise_on_failure=True)
-
-
-def cache_dirs(run_dir: str | Path) -> tuple[Path, Path]:
-    """(result storage, cache-key storage) inside the run directory."""
-    base = Path(run_dir).resolve() / ".prefect"
-    return base / "results", base / "cache"
-
-
-def cached(run_dir: str | Path, t: Any, **options: Any) -> Any:
-    """``t`` with its results and cache records stored in the run directory."""
-    results, keys = cache_dirs(run_dir)
-    return t.with_options(result_storage=results, cache_policy=StageCache().configure(key_storage=keys),
-                          persist_result=True, **options)
-
+cached = stage_task  # old name, kept for callers; nothing is cached any more
 
 # ---------------------------------------------------------------------------------------------------------
 # retries: only transient errors are retried
@@ -198,7 +152,8 @@ def cluster_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 # stage tasks
 
 
-@task(name="scan", task_run_name="scan")
+@task(name="scan", task_run_name="scan",
+      **TASK_OPTIONS)
 def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Not Prefect-cached on purpose: its input is a folder outside the run directory; the library compares the
     folder listing with the finished scan itself (and refuses a changed folder)."""
@@ -211,7 +166,8 @@ def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = F
     return manifest
 
 
-@task(name="describe-plan", task_run_name="describe-plan")
+@task(name="describe-plan", task_run_name="describe-plan",
+      **TASK_OPTIONS)
 def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
     from sparse_vggt.describe import describe
@@ -228,7 +184,8 @@ def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
             "finished": finished, "manifest": manifest}
 
 
-@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}")
+@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}",
+      **TASK_OPTIONS)
 def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
     from sparse_vggt.describe import describe
 
@@ -237,7 +194,8 @@ def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> 
             "images_per_s": manifest.get("images_per_s")}
 
 
-@task(name="describe-finish", task_run_name="describe-finish")
+@task(name="describe-finish", task_run_name="describe-finish",
+      **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.describe import describe
 
@@ -247,7 +205,8 @@ def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]
     return manifest
 
 
-@task(name="graph", task_run_name="covisibility-graph")
+@task(name="graph", task_run_name="covisibility-graph",
+      **TASK_OPTIONS)
 def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.covisibility import build_graph
 
@@ -257,7 +216,8 @@ def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-@task(name="partition", task_run_name="partition")
+@task(name="partition", task_run_name="partition",
+      **TASK_OPTIONS)
 def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.partition import partition
 
@@ -270,22 +230,33 @@ def publish_clusters(run_dir: str, description: str) -> None:
     _publish_table(artifact_key(run_dir, "clusters"), cluster_rows(run_dir), description)
 
 
-@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}")
-def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> dict[str, Any]:
-    """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the flow splits."""
+@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}",
+      **TASK_OPTIONS)
+def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int,
+                             isolate: bool = False) -> dict[str, Any]:
+    """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the flow splits.
+
+    ``isolate``: run the model in this process's persistent cluster child process
+    (`sparse_vggt.cluster_worker`), so an OOM kill costs this cluster only."""
     from sparse_vggt import reconstruct as lib
 
+    if isolate:
+        from sparse_vggt.cluster_worker import worker
+
+        return worker().run(Path(run_dir), int(cluster_id), _cfg(config))
     return lib.reconstruct_cluster(Path(run_dir), int(cluster_id), _cfg(config))
 
 
-@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}")
+@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}",
+      **TASK_OPTIONS)
 def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> list[int]:
     from sparse_vggt.partition import split_cluster
 
     return split_cluster(Path(run_dir), int(cluster_id), _cfg(config))
 
 
-@task(name="reconstruct-finish", task_run_name="reconstruct-finish")
+@task(name="reconstruct-finish", task_run_name="reconstruct-finish",
+      **TASK_OPTIONS)
 def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
     from sparse_vggt.reconstruct import reconstruct
@@ -297,7 +268,8 @@ def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, A
     return manifest
 
 
-@task(name="merge", task_run_name="merge")
+@task(name="merge", task_run_name="merge",
+      **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.merge import merge
 
@@ -323,7 +295,8 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@task(name="export", task_run_name="export")
+@task(name="export", task_run_name="export",
+      **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.export import export
 

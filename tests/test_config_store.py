@@ -70,12 +70,23 @@ def test_run_directory_guards_its_config(tmp_path: Path) -> None:
     assert json.loads(store.run_json.read_text())["config"] == cfg.to_dict()
     other = PipelineConfig()
     other.set("partition.max_cluster_frames", 32)
-    with pytest.raises(ConfigMismatchError, match="partition.max_cluster_frames: 128 -> 32"):
+    # issue 15: a field of a stage that has not run yet is accepted (and recorded) without --force
+    RunStore.create_or_open(tmp_path / "run", other)
+    assert store.meta()["config"]["partition"]["max_cluster_frames"] == 32
+    assert store.meta()["history"][-1]["event"] == "config changed"
+    for stage in ("scan", "describe", "graph", "partition", "reconstruct"):
+        store.stage_finished(stage, {})
+    other = PipelineConfig()
+    other.set("partition.max_cluster_frames", 16)
+    with pytest.raises(ConfigMismatchError, match="partition.max_cluster_frames: 32 -> 16"):
         RunStore.create_or_open(tmp_path / "run", other)
     RunStore.create_or_open(tmp_path / "run", other, force=True)
     meta = store.meta()
-    assert meta["config"]["partition"]["max_cluster_frames"] == 32
-    assert meta["history"][-1]["event"] == "config forced"
+    assert meta["config"]["partition"]["max_cluster_frames"] == 16
+    assert meta["history"][-2]["event"] == "config forced"
+    # --force invalidates the changed stage and every later one, and says so
+    assert meta["history"][-1] == {**meta["history"][-1], "event": "invalidated", "stages": ["partition", "reconstruct"]}
+    assert [s for s in STAGES if store.is_stage_complete(s)] == ["scan", "describe", "graph"]
     (tmp_path / "notarun").mkdir()
     (tmp_path / "notarun" / "x.txt").write_text("x")
     with pytest.raises(RunStoreError, match="not empty"):
@@ -122,3 +133,11 @@ def test_tables_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.undo()
     assert store.read_table("t").column("a").to_pylist() == [1, 2]  # the old table survives intact
     assert [p.name for p in store.tables_dir.iterdir()] == ["t.parquet"]  # no temp file left behind
+
+
+def test_dtype_and_attention_backend_change_results() -> None:
+    """issue 15: bf16 vs fp32 and flex vs sdpa give different numbers, so they are not runtime-only."""
+    a, b = PipelineConfig(), PipelineConfig()
+    b.set("reconstruct.dtype", "bfloat16")
+    b.set("reconstruct.attention_backend", "sdpa")
+    assert a.diff(b) == ["reconstruct.dtype: 'auto' -> 'bfloat16'", "reconstruct.attention_backend: 'auto' -> 'sdpa'"]

@@ -38,6 +38,9 @@ def _cfg(**overrides):
     from flows.reconstruct import demo_config
 
     cfg = demo_config()
+    # these tests patch sparse_vggt.reconstruct in this process: run clusters here, not in the child worker
+    # (the child-process path is covered with real processes in tests/test_faults.py)
+    cfg.orchestration.cluster_process = False
     for k, v in overrides.items():
         cfg.set(k.replace("__", "."), v)
     return cfg
@@ -123,12 +126,14 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     assert again["stages_executed"] == {"scan": 1}, again["stages_executed"]
     assert again["stages_already_complete"] == sorted(["describe", "graph", "partition", "reconstruct", "merge",
                                                        "export"])
-    # with force the stage tasks run and are Prefect cache hits (inputs + code unchanged); describe-finish was
-    # never run in the first run (the last chunk task finished the stage), so it runs now and the library no-ops
-    # (the heavy entry points above still raise if called)
+    # --force with an unchanged config invalidates nothing (issue 15: --force invalidates the stages whose
+    # result-affecting fields changed, and every later one), so every stage is skipped on its verified marker;
+    # there is no Prefect cache any more (the heavy entry points above still raise if called)
     forced = run_pipeline(PHOTOS, run, _cfg(), force=True)
-    assert set(forced["stages_executed"]) <= {"scan", "describe-finish"}, forced["stages_executed"]
-    assert set(forced["stages_cached"]) == {"graph", "partition", "reconstruct-finish", "merge", "export"}
+    assert forced["stages_executed"] == {"scan": 1}, forced["stages_executed"]
+    assert forced["stages_cached"] == {}
+    assert forced["stages_already_complete"] == sorted(["describe", "graph", "partition", "reconstruct", "merge",
+                                                        "export"])
     assert _markers(run) == (stages, clusters)
     assert {f: f.stat().st_mtime_ns for f in _export_files(run)} == mtimes
 
@@ -150,7 +155,9 @@ KILL_SCRIPT = textwrap.dedent("""
         return real(run_dir, cid, cfg)
 
     recon.reconstruct_cluster = hang_on_third
-    run_pipeline(Path(sys.argv[3]), Path(sys.argv[1]), demo_config())
+    cfg = demo_config()
+    cfg.orchestration.cluster_process = False  # the patch above lives in this process
+    run_pipeline(Path(sys.argv[3]), Path(sys.argv[1]), cfg)
 """)
 
 
