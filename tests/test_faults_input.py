@@ -276,7 +276,10 @@ def test_full_flow_on_sample_photos_mixed_with_every_bad_and_edge_file(
     for key, value in DEMO_SETTINGS.items():
         sets += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     exe = shutil.which("sparse-vggt") or str(Path(sys.executable).parent / "sparse-vggt")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # a private PREFECT_HOME: its own ephemeral database and local-run lock, so a slot leaked by another (killed)
+    # run on this machine cannot make this flow wait for it
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PREFECT_HOME": str(tmp_path / "prefect_home")}
     proc = subprocess.run([exe, "--no-progress", "run", str(photos), str(run), *sets], capture_output=True,
                           text=True, timeout=500, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
