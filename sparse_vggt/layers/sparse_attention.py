@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import compute_dtype
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flex")
@@ -119,10 +121,12 @@ class _Chunk:
     queries: Tensor  # (c,) query frame indices
     keys: Tensor  # (c, K) key frame indices: N(i) for each query frame i (all of size K)
     complement: Tensor | None = None  # (c, S-K) frames outside N(i), for global special tokens
+    local: Tensor | None = None  # (c,) query positions inside the caller's query chunk (None: = queries)
 
 
 def plan_chunks(
-    sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device, special_frame_bytes: int = 0
+    sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device, special_frame_bytes: int = 0,
+    frames: Sequence[int] | None = None, query_bytes: int = 0,
 ) -> list[_Chunk]:
     """Group query frames into chunks of equal set size whose gathered keys/values fit ``budget_bytes``.
 
@@ -130,15 +134,17 @@ def plan_chunks(
     number of extra chunks is at most the number of distinct set sizes (a handful for kNN sets).
     ``frame_bytes_per_key`` is the memory one (query frame, key frame) pair costs; with
     ``special_frame_bytes`` > 0 every frame outside N(i) costs that much too (its special tokens are added)
-    and each chunk carries its complement frames.
+    and each chunk carries its complement frames. ``frames``: plan only these query frames (default all);
+    ``query_bytes``: what one query frame costs besides its keys (its gathered queries and output).
+    Index tensors are built here, once per plan, directly on ``device``.
     """
     by_size: dict[int, list[int]] = {}
-    for i, s in enumerate(sets.sets):
-        by_size.setdefault(len(s), []).append(i)
+    for i in range(sets.num_frames) if frames is None else frames:
+        by_size.setdefault(len(sets.sets[i]), []).append(i)
     chunks: list[_Chunk] = []
     for K in sorted(by_size):
         frames = by_size[K]
-        per_frame = K * frame_bytes_per_key + (sets.num_frames - K) * special_frame_bytes
+        per_frame = K * frame_bytes_per_key + (sets.num_frames - K) * special_frame_bytes + query_bytes
         per_chunk = max(1, budget_bytes // max(1, per_frame))
         for start in range(0, len(frames), per_chunk):
             members = frames[start : start + per_chunk]
@@ -261,6 +267,8 @@ class SparseGlobalAttention(nn.Module):
                 raise ValueError("this attention uses RoPE: pass token positions (B, N, 2)")
             q = rope(q, pos)
             k = rope(k, pos)
+        dt = compute_dtype(x)  # one dtype for q, k, v (flex's fast paths reject mixed ones)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         num_special = self.num_special if self.num_special is not None else ctx.num_special
         num_special = min(num_special, P) if ctx.special_tokens_global else 0
         out = self._attend(q, k, v, sets, P, num_special)
@@ -268,6 +276,36 @@ class SparseGlobalAttention(nn.Module):
         out = self.proj(out)
         proj_drop = self._sub("proj_drop")
         return proj_drop(out) if proj_drop is not None else out
+
+    @property
+    def attend_all_queries(self) -> bool:
+        """True when the kernel needs every query at once (flex: one call with one block mask)."""
+        return self.context.neighbors is not None and self.context.resolve_backend(self.qkv.weight.device) == "flex"
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, query_start: int) -> Tensor:
+        """Split interface of `Block.forward_global`: q (B, H, n, D) of tokens ``query_start:+n`` (whole
+        frames), k, v (B, H, S·P, D) of all frames -> (B, H, n, D), each query frame attending to N(i)."""
+        sets = self.context.neighbors
+        if sets is None:
+            raise RuntimeError(
+                "sparse global attention called without neighbour sets: call the sparse model as "
+                "model(images, neighbors=...) (or neighbors=None to compute them), not its blocks directly"
+            )
+        S, N = sets.num_frames, k.shape[2]
+        if N % S:
+            raise ValueError(f"{N} tokens cannot be split into {S} frames")
+        P = N // S
+        if query_start % P or q.shape[2] % P:
+            raise ValueError(f"query chunk {query_start}:+{q.shape[2]} does not hold whole frames of {P} tokens")
+        num_special = self.num_special if self.num_special is not None else self.context.num_special
+        num_special = min(num_special, P) if self.context.special_tokens_global else 0
+        if self.context.resolve_backend(q.device) == "flex":
+            if q.shape[2] != N:
+                raise ValueError("the flex kernel attends all queries at once (Block.forward_global asks it)")
+            return _flex_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
+        first = query_start // P
+        return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context,
+                               query_frames=(first, first + q.shape[2] // P))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int) -> Tensor:
         """(B, H, S·P, D) queries/keys/values -> attention output restricted to N(i) per query frame."""
@@ -279,24 +317,48 @@ class SparseGlobalAttention(nn.Module):
 # ---- portable kernel: chunked gather + SDPA ---------------------------------------------------------
 
 
+def sdpa_materialises_scores(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` on ``device`` builds the full score matrix.
+
+    CPU (flash kernel for fp32/bf16/fp16) and CUDA (flash / memory-efficient kernels, fp32 included via the
+    memory-efficient one) work on tiles; other devices (MPS) may take the math path, so scores are charged."""
+    return device.type not in ("cpu", "cuda")
+
+
+def pair_bytes(B: int, H: int, P: int, D: int, elt: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes one (query frame, key frame) pair costs the chunked kernel: gathered K and V in the compute
+    dtype, plus fp32 scores and probabilities only where SDPA materialises them."""
+    scores = 2 * P * 4 if sdpa_materialises_scores(device, dtype) else 0
+    return B * H * P * (2 * D * elt + scores)
+
+
 def _chunked_sparse(
-    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext
+    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext,
+    query_frames: tuple[int, int] | None = None,
 ) -> Tensor:
-    """q, k, v: (B, H, S·P, D) -> (B, H, S·P, D), attending per query frame to its neighbour frames."""
-    B, H, N, D = q.shape
+    """q (B, H, n·P, D) of query frames ``query_frames`` (default all), k, v (B, H, S·P, D) -> (B, H, n·P, D),
+    each query frame attending to its neighbour frames."""
+    B, H, _, D = q.shape
     S = sets.num_frames
+    N = S * P
+    first, stop = query_frames if query_frames is not None else (0, S)
+    if k.dtype != q.dtype or v.dtype != q.dtype:  # gather in the compute dtype, once per layer
+        k, v = k.to(q.dtype), v.to(q.dtype)
     elt = q.element_size()
-    # One (query frame, key frame) pair: gathered K and V (2·H·P·D) + scores/probabilities if the kernel
-    # materialises them (2·H·P·P fp32; fused kernels need less).
-    pair_bytes = B * H * P * (2 * D * elt + 2 * P * 4)
-    key = ("plan", P, pair_bytes, num_special, str(q.device))
+    pair = pair_bytes(B, H, P, D, elt, q.device, q.dtype)
+    key = ("plan", P, pair, num_special, str(q.device), first, stop)
     chunks = ctx._cache.get(key)
-    if chunks is None:
+    if chunks is None:  # built once per forward (every layer has the same plan)
         budget = int(ctx.memory_budget_mb * 2**20)
-        special_bytes = B * H * num_special * (2 * D * elt + 2 * P * 4) if num_special else 0
-        chunks = plan_chunks(sets, pair_bytes, budget, q.device, special_bytes)
+        scores = 2 * P * 4 if sdpa_materialises_scores(q.device, q.dtype) else 0
+        special_bytes = B * H * num_special * (2 * D * elt + scores) if num_special else 0
+        chunks = plan_chunks(sets, pair, budget, q.device, special_bytes, frames=range(first, stop),
+                             query_bytes=2 * B * H * P * D * elt)
+        if first:
+            chunks = [_Chunk(c.queries, c.keys, c.complement, c.queries - first) for c in chunks]
         ctx._cache[key] = chunks
-    q5, k5, v5 = (t.reshape(B, H, S, P, D) for t in (q, k, v))
+    q5 = q.reshape(B, H, stop - first, P, D)
+    k5, v5 = (t.reshape(B, H, S, P, D) for t in (k, v))
     out = torch.empty_like(q5)
     # Gathers write into buffers reused across chunks and layers: on CPU, fresh multi-MB allocations are
     # fresh pages, and page faults cost several times the copy itself. (Autograd needs fresh tensors.)
@@ -314,7 +376,8 @@ def _chunked_sparse(
         v_sp = v5[:, :, :, :num_special]
     for ch in chunks:
         c, K = ch.keys.shape
-        qc = gather("q", q5, ch.queries, (B, H * c, P, D))
+        local = ch.local if ch.local is not None else ch.queries
+        qc = gather("q", q5, local, (B, H * c, P, D))
         flat = ch.keys.reshape(-1)
         kc = gather("k", k5, flat, (B, H, c, K * P, D))
         vc = gather("v", v5, flat, (B, H, c, K * P, D))
@@ -329,8 +392,8 @@ def _chunked_sparse(
         # 4-D (B, H·c, L, D): the fused CPU/CUDA kernels take 4-D inputs only (5-D falls back to math).
         L = kc.shape[3]
         oc = F.scaled_dot_product_attention(qc, kc.reshape(B, H * c, L, D), vc.reshape(B, H * c, L, D), scale=scale)
-        out.index_copy_(2, ch.queries, oc.reshape(B, H, c, P, D))
-    return out.reshape(B, H, N, D)
+        out.index_copy_(2, local, oc.reshape(B, H, c, P, D))
+    return out.reshape(B, H, (stop - first) * P, D)
 
 
 def _workspace(ctx: SparseContext, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
