@@ -88,7 +88,8 @@ class PartitionConfig:
     and frame-chunked heads, so ~128 frames leaves headroom for the OS and unified-memory pressure.
     """
 
-    max_cluster_frames: int = 128  # core + overlap frames per cluster; never exceeded
+    max_cluster_frames: int | str = 128  # core + overlap frames per cluster; never exceeded. "auto": the largest
+    # cluster whose predicted forward peak (sparse_vggt.memory) fits reconstruct.memory_gb
     min_overlap_frames: int = 8  # shared frames between touching clusters
     k: int = 10  # sparse-attention neighbours per frame inside a cluster
     balance_tolerance: float = 0.15  # allowed core size imbalance (METIS ufactor-style)
@@ -115,6 +116,9 @@ class ReconstructConfig:
     attention_backend: str = _runtime("auto", "auto (= sdpa until flex is benchmarked on a GPU) | sdpa | flex")
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
+    # added by issue 17: memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
+    # when partition.max_cluster_frames = "auto". 0: the memory of the machine running the partition stage.
+    memory_gb: float = 0.0
     seed: int = 0  # seed for random-initialised weights
 
 
@@ -287,6 +291,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # e.g. int | str: first fit
+        errors = []
+        for member in typing.get_args(typ):
+            try:
+                return _coerce(value, member, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
     try:
         if origin is list:
             (item_type,) = typing.get_args(typ) or (str,)
