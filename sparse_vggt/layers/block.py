@@ -65,7 +65,8 @@ class Block(nn.Module):
             v[:, :, a:a + vc.shape[2]] = vc
             del kc, vc
         every = None
-        if getattr(self.attn, "attend_all_queries", False):  # kernel wants one call: queries of all tokens
+        wants_all = getattr(self.attn, "wants_all_queries", None)
+        if wants_all is not None and wants_all(k, v):  # kernel wants one call: queries of all tokens
             q = torch.cat([project(self.attn, self.norm1(x[:, a:a + chunk]),
                                    None if pos is None else pos[:, a:a + chunk], "q")[0]
                            for a in range(0, n, chunk)], dim=2)

@@ -21,7 +21,8 @@ Two kernels:
 - ``flex`` (CUDA, opt-in): one ``flex_attention`` call with a block mask built directly from the neighbour
   sets (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
   built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so there it
-  serves the tests of the block mask. ``auto`` means ``sdpa`` until a GPU benchmark shows flex faster.
+  serves the tests of the block mask. ``auto`` times both kernels once per device and shape bucket on CUDA
+  (`SparseContext.choose_backend`, result in ``backend_choices``) and means ``sdpa`` elsewhere.
 
 Neither path allocates an S×S×P×P or (S·P)² tensor (flex only when compiled, i.e. on CUDA).
 """
@@ -169,6 +170,8 @@ class SparseContext:
     neighbors: NeighborSets | None = None
     num_special: int = 0  # camera + register tokens at the start of each frame (patch_start_idx)
     special_tokens_global: bool = False  # every frame's special tokens join every key set
+    probe_devices: tuple[str, ...] = ("cuda",)  # where ``auto`` times both kernels (CPU flex is unfused)
+    backend_choices: dict[str, Any] = field(default_factory=dict)  # auto's probe results (for manifests)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +200,61 @@ class SparseContext:
                 raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
             return self.backend
         return "sdpa"
+
+    def choose_backend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int,
+                       scale: float) -> str:
+        """The kernel for these inputs. ``auto`` on a device in ``probe_devices`` times both kernels once per
+        device and shape bucket (frame count rounded up to a power of two) and keeps the faster one for the
+        process; the result is recorded in ``backend_choices``. Elsewhere as `resolve_backend`."""
+        if self.backend != "auto" or q.device.type not in self.probe_devices or not _flex_available():
+            return self.resolve_backend(q.device)
+        key = _probe_key(q, sets, P, num_special)
+        if key not in _PROBED:
+            _PROBED[key] = _probe(q, k, v, sets, P, num_special, scale, self)
+        choice, seconds = _PROBED[key]
+        self.backend_choices[key] = {"backend": choice, "seconds": seconds}
+        return choice
+
+
+_PROBED: dict[str, tuple[str, dict[str, float]]] = {}  # process-wide: one probe per device and shape bucket
+
+
+def _probe_key(q: Tensor, sets: NeighborSets, P: int, num_special: int) -> str:
+    dev = q.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    bucket = 1 << max(0, (sets.num_frames - 1).bit_length())
+    B, H, _, D = q.shape
+    return f"{name}|{str(q.dtype).replace('torch.', '')}|B{B}H{H}D{D}|P{P}|S<={bucket}|special{int(num_special > 0)}"
+
+
+def _probe(q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float,
+           ctx: "SparseContext") -> tuple[str, dict[str, float]]:
+    """Time one call of each kernel (after one untimed call that compiles/warms it); the faster one wins."""
+    import time
+
+    def sync() -> None:
+        if q.device.type == "cuda":
+            torch.cuda.synchronize(q.device)
+
+    kernels = {"sdpa": lambda: _chunked_sparse(q, k, v, sets, P, num_special, scale, ctx),
+               "flex": lambda: _flex_sparse(q, k, v, sets, P, num_special, scale, ctx)}
+    seconds: dict[str, float] = {}
+    for name, fn in kernels.items():
+        try:
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            seconds[name] = time.perf_counter() - t0
+        except Exception as exc:  # a kernel that cannot run here simply loses (reported)
+            log.warning("attention_backend=auto: %s kernel failed in the probe (%s); not used", name, exc)
+    if not seconds:
+        raise RuntimeError("attention_backend=auto: no sparse attention kernel ran on this device")
+    choice = min(seconds, key=seconds.get)
+    log.info("attention_backend=auto: %s (%s)", choice,
+             ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in seconds.items()))
+    return choice, seconds
 
 
 def _flex_available() -> bool:
@@ -277,10 +335,24 @@ class SparseGlobalAttention(nn.Module):
         proj_drop = self._sub("proj_drop")
         return proj_drop(out) if proj_drop is not None else out
 
-    @property
-    def attend_all_queries(self) -> bool:
-        """True when the kernel needs every query at once (flex: one call with one block mask)."""
-        return self.context.neighbors is not None and self.context.resolve_backend(self.qkv.weight.device) == "flex"
+    def wants_all_queries(self, k: Tensor, v: Tensor) -> bool:
+        """True when the kernel for these keys/values needs every query at once (flex: one call, one block
+        mask). Called by `Block.forward_global` once keys and values exist (``auto`` may probe with them)."""
+        sets = self.context.neighbors
+        if sets is None or k.shape[2] % sets.num_frames:
+            return False
+        if type(self)._attend is not SparseGlobalAttention._attend:
+            return True  # a subclass (e.g. a test oracle) replaced the all-queries kernel: route through it
+        return self._backend(k, k, v) == "flex"
+
+    def _num_special(self, P: int) -> int:
+        num_special = self.num_special if self.num_special is not None else self.context.num_special
+        return min(num_special, P) if self.context.special_tokens_global else 0
+
+    def _backend(self, q: Tensor, k: Tensor, v: Tensor) -> str:
+        sets = self.context.neighbors
+        P = k.shape[2] // sets.num_frames
+        return self.context.choose_backend(q, k, v, sets, P, self._num_special(P), self.scale)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, query_start: int) -> Tensor:
         """Split interface of `Block.forward_global`: q (B, H, n, D) of tokens ``query_start:+n`` (whole
@@ -297,19 +369,18 @@ class SparseGlobalAttention(nn.Module):
         P = N // S
         if query_start % P or q.shape[2] % P:
             raise ValueError(f"query chunk {query_start}:+{q.shape[2]} does not hold whole frames of {P} tokens")
-        num_special = self.num_special if self.num_special is not None else self.context.num_special
-        num_special = min(num_special, P) if self.context.special_tokens_global else 0
-        if self.context.resolve_backend(q.device) == "flex":
-            if q.shape[2] != N:
-                raise ValueError("the flex kernel attends all queries at once (Block.forward_global asks it)")
-            return _flex_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
+        num_special = self._num_special(P)
+        if q.shape[2] == N:
+            return self._attend(q, k, v, sets, P, num_special)
+        if self._backend(k, k, v) == "flex":
+            raise ValueError("the flex kernel attends all queries at once (Block.forward_global asks it)")
         first = query_start // P
         return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context,
                                query_frames=(first, first + q.shape[2] // P))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int) -> Tensor:
         """(B, H, S·P, D) queries/keys/values -> attention output restricted to N(i) per query frame."""
-        if self.context.resolve_backend(q.device) == "flex":
+        if self.context.choose_backend(q, k, v, sets, P, num_special, self.scale) == "flex":
             return _flex_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
         return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
 
