@@ -119,6 +119,7 @@ class ReconstructConfig:
     # added by issue 17: memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
     # when partition.max_cluster_frames = "auto". 0: the memory of the machine running the partition stage.
     memory_gb: float = 0.0
+    weights_dtype: str = _runtime("auto", "aggregator weights: auto (compute dtype on CUDA/MPS, fp32 on CPU) | float32")
     seed: int = 0  # seed for random-initialised weights
 
 

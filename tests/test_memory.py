@@ -91,3 +91,17 @@ def test_half_precision_weights_stay_close_to_fp32():
     assert model.depth_head.norm.weight.dtype == torch.float32  # heads keep fp32 weights
     assert not torch.equal(half["depth"], full["depth"])
     torch.testing.assert_close(half["depth"], full["depth"], rtol=0.1, atol=0.1)
+
+
+@pytest.mark.skipif(not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                    reason="needs an Apple-Silicon GPU (MPS)")
+def test_mps_half_precision_forward_matches_cpu():
+    from sparse_vggt.models.vggt import VGGT
+
+    torch.manual_seed(0)
+    model = VGGT.from_preset("tiny").eval()
+    images = torch.rand(3, 3, 112, 154, generator=torch.Generator().manual_seed(1))
+    cpu = {k: v.clone() for k, v in model.predict(images, device="cpu").items() if torch.is_tensor(v)}
+    mps = model.predict(images, device="mps")  # fp16 compute and fp16 aggregator weights (sparse_vggt.device)
+    assert model.aggregator.frame_blocks[0].mlp.fc1.weight.dtype == torch.float16
+    torch.testing.assert_close(mps["depth"].cpu(), cpu["depth"], rtol=0.1, atol=0.1)
