@@ -143,7 +143,7 @@ def estimate(frames: int, height: int = 336, width: int = 518, neighbors: int | 
     agg_peak = S * agg_frame + block_tmp + gather
     # Head phase: kept layers + both heads' outputs + the last chunk's full-resolution tail.
     head_frame = images + kept_layers * kept + depth_out + point_out
-    head_peak = S * head_frame + head_tail + gather
+    head_peak = S * head_frame + head_tail + (gather if dev.type == "cpu" else 0)  # CPU keeps its workspace
     if agg_peak >= head_peak:
         per_frame, fixed, phase = agg_frame, block_tmp + gather, "aggregator"
     else:

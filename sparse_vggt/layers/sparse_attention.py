@@ -431,9 +431,11 @@ def _chunked_sparse(
     q5 = q.reshape(B, H, stop - first, P, D)
     k5, v5 = (t.reshape(B, H, S, P, D) for t in (k, v))
     out = torch.empty_like(q5)
-    # Gathers write into buffers reused across chunks and layers: on CPU, fresh multi-MB allocations are
-    # fresh pages, and page faults cost several times the copy itself. (Autograd needs fresh tensors.)
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    # On CPU, gathers write into buffers reused across chunks and layers: fresh multi-MB allocations are
+    # fresh pages, and page faults cost several times the copy itself. On GPUs the caching allocator reuses
+    # blocks anyway, and a kept workspace would stay allocated through the heads. (Autograd needs fresh tensors.)
+    reuse = q.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
     def gather(name: str, src: Tensor, index: Tensor, shape: tuple[int, ...]) -> Tensor:
         if not reuse:
