@@ -105,3 +105,29 @@ def test_mps_half_precision_forward_matches_cpu():
     mps = model.predict(images, device="mps")  # fp16 compute and fp16 aggregator weights (sparse_vggt.device)
     assert model.aggregator.frame_blocks[0].mlp.fc1.weight.dtype == torch.float16
     torch.testing.assert_close(mps["depth"].cpu(), cpu["depth"], rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunked_lean_forward_equals_one_chunk_exactly(sparse):
+    """Frame blocks, patch embed, global queries and MLP over chunks of 1 or 3 frames give the same fp32
+    numbers as one chunk (every operation is per token or per frame), dense and sparse."""
+    from sparse_vggt.models.vggt import VGGT
+    from sparse_vggt.sparse import make_sparse
+
+    torch.manual_seed(0)
+    model = VGGT.from_preset("tiny").eval()
+    S = 5
+    images = torch.rand(S, 3, 112, 154, generator=torch.Generator().manual_seed(2))
+    kwargs = {}
+    if sparse:
+        make_sparse(model, k=2, memory_budget_mb=0.05)
+        kwargs["neighbors"] = [[(i + 1) % S, (i + 2) % S] for i in range(S)]
+    P = 5 + 8 * 11
+    outs = []
+    for chunk_tokens in (None, P, 3 * P):
+        model.aggregator.chunk_tokens = chunk_tokens
+        with torch.inference_mode():
+            outs.append(model(images, **kwargs))
+    for out in outs[1:]:
+        for key in ("pose_enc", "depth", "depth_conf", "world_points"):
+            assert torch.equal(out[key], outs[0][key]), key
