@@ -83,9 +83,9 @@ class GraphConfig:
 class PartitionConfig:
     """Connected, overlapping, bounded clusters (`sparse-vggt partition`).
 
-    max_cluster_frames=128: a 16 GB Apple-Silicon worker holds the VGGT-1B weights in fp16 (~2.5 GB) plus,
-    at 518x392 px and sparse attention with k=10, roughly 40-60 MB of activations per frame in the aggregator
-    and frame-chunked heads, so ~128 frames leaves headroom for the OS and unified-memory pressure.
+    max_cluster_frames=128: a conservative fixed default for a 16 GB Apple-Silicon worker. "auto" derives the
+    largest cluster from ``reconstruct.memory_gb`` with the memory model (sparse_vggt.memory: aggregator
+    weights in fp16 on MPS/CUDA, ~21-27 MB of activations per frame at 336-518 px); an explicit number wins.
     """
 
     max_cluster_frames: int | str = 128  # core + overlap frames per cluster; never exceeded. "auto": the largest
