@@ -85,7 +85,8 @@ class PartitionConfig:
 
     max_cluster_frames=128: a conservative fixed default for a 16 GB Apple-Silicon worker. "auto" derives the
     largest cluster from ``reconstruct.memory_gb`` with the memory model (sparse_vggt.memory: aggregator
-    weights in fp16 on MPS/CUDA, ~21-27 MB of activations per frame at 336-518 px); an explicit number wins.
+    weights in fp16 on MPS/CUDA, 21-32 MB per frame from 336x518 to 518x518 px; 16 GB MPS at 518x518: 281
+    frames with 15 % headroom); an explicit number wins.
     """
 
     max_cluster_frames: int | str = 128  # core + overlap frames per cluster; never exceeded. "auto": the largest
