@@ -597,3 +597,31 @@ def test_auto_backend_probes_once_per_shape_bucket_and_records_the_choice() -> N
     assert len(sa._PROBED) == 1
     assert sa.SparseContext().resolve_backend(torch.device("cpu")) == "sdpa"
     sa._PROBED.clear()
+
+
+def test_compiled_flex_serves_several_frame_counts_without_recompiling() -> None:
+    """Dynamic-shape compile (here on CPU, with the full-width key-block index CPU flex needs): exact w.r.t.
+    the chunked kernel for 4, 6 and 9 frames, one compiled graph for all of them."""
+    import torch._dynamo as dynamo
+
+    from sparse_vggt.layers import sparse_attention as sa
+
+    saved = sa._COMPILED_FLEX
+    sa._COMPILED_FLEX = None
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    try:
+        ctx = sa.SparseContext(compile_cpu_flex=True)
+        H, D, P = 2, 16, 100
+        for S in (4, 6, 9):
+            sets = NeighborSets.build([[(i + 1) % S] for i in range(S)], S)
+            q, k, v = torch.randn(3, 1, H, S * P, D, generator=torch.Generator().manual_seed(S)).unbind(0)
+            with torch.no_grad():
+                flex = sa._flex_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+                chunked = sa._chunked_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+            torch.testing.assert_close(flex, chunked, rtol=1e-5, atol=1e-5)
+            ctx._cache.clear()
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        sa._COMPILED_FLEX = saved
+        dynamo.reset()

@@ -18,10 +18,11 @@ Two kernels:
   ``F.scaled_dot_product_attention`` (so its fused kernels apply). The chunk size comes from a memory
   budget. With global special tokens, each chunk also gathers the special tokens of the frames outside
   its sets (|outside| is the same for every frame of a chunk, so still no mask).
-- ``flex`` (CUDA, opt-in): one ``flex_attention`` call with a block mask built directly from the neighbour
-  sets (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
-  built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so there it
-  serves the tests of the block mask. ``auto`` times both kernels once per device and shape bucket on CUDA
+- ``flex`` (CUDA): one ``flex_attention`` call with a block mask built directly from the neighbour sets
+  (frames padded to the block size, so each block belongs to exactly one frame), q, k, v in one dtype,
+  compiled once with dynamic shapes. No dense mask is ever built. On CPU eager FlexAttention materialises
+  the full score matrix, so there it serves the tests of the block mask unless ``compile_cpu_flex`` is set
+  (compiled CPU flex needs the key-block index as wide as the sequence; `build_block_mask` does that). ``auto`` times both kernels once per device and shape bucket on CUDA
   (`SparseContext.choose_backend`, result in ``backend_choices``) and means ``sdpa`` elsewhere.
 
 Neither path allocates an S×S×P×P or (S·P)² tensor (flex only when compiled, i.e. on CUDA).
@@ -171,6 +172,7 @@ class SparseContext:
     num_special: int = 0  # camera + register tokens at the start of each frame (patch_start_idx)
     special_tokens_global: bool = False  # every frame's special tokens join every key set
     probe_devices: tuple[str, ...] = ("cuda",)  # where ``auto`` times both kernels (CPU flex is unfused)
+    compile_cpu_flex: bool = False  # compile flex on CPU too (slow first call; eager CPU flex is unfused)
     backend_choices: dict[str, Any] = field(default_factory=dict)  # auto's probe results (for manifests)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -485,14 +487,20 @@ def _workspace(ctx: SparseContext, name: str, shape: tuple[int, ...], like: Tens
 _COMPILED_FLEX: Any = None
 
 
-def _flex_fn(device: torch.device) -> Any:
+def _flex_fn(device: torch.device, compile_cpu: bool = False) -> Any:
+    """Compiled flex on CUDA (and on CPU when asked), else the eager reference path (small inputs, tests).
+
+    Compiled with dynamic shapes: clusters differ in frame count, and a static compile would recompile for
+    each one and, past torch.compile's recompile limit, fall back to the eager path that materialises all
+    scores. (On CPU, one dynamic compile served 4, 6 and 9 frames without recompiling: tests/test_sparse.py.)
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     global _COMPILED_FLEX
-    if device.type != "cuda":
-        return flex_attention  # unfused reference path (small inputs, tests)
+    if device.type != "cuda" and not compile_cpu:
+        return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
     return _COMPILED_FLEX
 
 
@@ -527,8 +535,12 @@ def build_block_mask(
             full_rows.append(full_blocks)
             part_rows.append(part_blocks)
 
+    # Compiled CPU flex checks that the key-block index spans every key block of the sequence; GPU kernels
+    # read only the first ``count`` entries per row, so there the index stays as narrow as the widest set.
+    full_width = S * nb if device.type == "cpu" else 0
+
     def pack(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(1, max(len(r) for r in rows))
+        width = max(1, full_width, max(len(r) for r in rows))
         idx = torch.zeros(len(rows), width, dtype=torch.int32)
         for r, row in enumerate(rows):
             if row:
@@ -573,5 +585,5 @@ def _flex_sparse(
             t = F.pad(t, (0, 0, 0, Pp - P))
         return t.reshape(B, H, S * Pp, D)
 
-    out = _flex_fn(q.device)(pad(q), pad(k), pad(v), block_mask=block_mask, scale=scale)
+    out = _flex_fn(q.device, ctx.compile_cpu_flex)(pad(q), pad(k), pad(v), block_mask=block_mask, scale=scale)
     return out.reshape(B, H, S, Pp, D)[:, :, :, :P].reshape(B, H, N, D)
