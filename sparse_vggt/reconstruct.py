@@ -108,8 +108,8 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         model = _build(VGGT, cfg.preset)
     else:
         model = VGGT.from_pretrained(cfg.model, preset=cfg.preset)
+    _lean_weights(model, cfg, device)  # before the move: no full-precision copy of the aggregator on the GPU
     model = model.to(device).eval()
-    _lean_weights(model, cfg, device)
     if cfg.attention == "sparse":
         from .sparse import make_sparse
 
