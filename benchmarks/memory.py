@@ -14,6 +14,7 @@ layers are kept either way); ``--full`` runs the exact VGGT-1B configuration.
 
     python benchmarks/memory.py --json --frames 2 4 8 16
     python benchmarks/memory.py --json --full --frames 2
+    python benchmarks/memory.py --json --dtype bfloat16 --weights bfloat16 --frames 2 4   # half precision
 """
 
 from __future__ import annotations
@@ -54,9 +55,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from sparse_vggt.models.vggt import VGGT
     from sparse_vggt.sparse import make_sparse
 
+    from sparse_vggt.device import autocast
+
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = VGGT(**spec["config"]).eval()
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model.set_weights_dtype(getattr(torch, spec.get("weights", "float32")))
     if spec["neighbors"] is not None:
         make_sparse(model, k=spec["neighbors"])
     S, H, W = spec["frames"], spec["height"], spec["width"]
@@ -68,7 +73,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
         out = model(images, **kwargs)
     seconds = time.perf_counter() - t0
     del out
@@ -94,6 +99,8 @@ def main() -> None:
     ap.add_argument("--dino-depth", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="the exact VGGT-1B configuration (slow on CPU)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute (CPU autocast)")
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"], help="aggregator weights")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,9 +114,10 @@ def main() -> None:
     rows = []
     for S in args.frames:
         spec = dict(config=config, frames=S, height=args.height, width=args.width, neighbors=args.neighbors,
-                    threads=args.threads)
+                    threads=args.threads, dtype=args.dtype, weights=args.weights)
         got = run_child(spec)
-        est = memory.estimate(S, args.height, args.width, args.neighbors, "float32", "cpu", config)
+        est = memory.estimate(S, args.height, args.width, args.neighbors, args.dtype, "cpu", config,
+                              weights_dtype=args.weights)
         images = S * 3 * args.height * args.width * 4  # resident before the reset
         measured = got["hwm"] - got["rss_before"]
         predicted = est.activations - images
@@ -130,6 +138,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": config, "height": args.height, "width": args.width, "neighbors": args.neighbors,
+        "dtype": args.dtype, "weights": args.weights,
         "measured_vs_predicted": rows,
         "predicted_vggt_1b": big,
         "vggt_1b_bf16_cuda_bytes_per_frame_beyond_weights": e1000.per_frame,
