@@ -61,15 +61,21 @@ def _dtype(value: Any) -> torch.dtype:
     return names[str(value).lower()]
 
 
+_COUNTS: dict[str, tuple[int, int]] = {}
+
+
 def _param_counts(config: dict[str, Any]) -> tuple[int, int]:
-    """(aggregator parameters, other parameters) of ``VGGT(**config)``, counted on the meta device."""
+    """(aggregator parameters, other parameters) of ``VGGT(**config)``, counted on the meta device (cached:
+    `max_frames` asks many times)."""
     from .models.vggt import VGGT
 
-    with torch.device("meta"):
-        model = VGGT(**config)
-    agg = sum(p.numel() for p in model.aggregator.parameters())
-    rest = sum(p.numel() for p in model.parameters()) - agg
-    return agg, rest
+    key = repr(sorted(config.items()))
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = VGGT(**config)
+        agg = sum(p.numel() for p in model.aggregator.parameters())
+        _COUNTS[key] = (agg, sum(p.numel() for p in model.parameters()) - agg)
+    return _COUNTS[key]
 
 
 def estimate(frames: int, height: int = 336, width: int = 518, neighbors: int | None = None,
