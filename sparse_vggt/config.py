@@ -114,7 +114,7 @@ class ReconstructConfig:
     head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT heads (0: all at once)")
     attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
     # added by the reconstruct stage (issue 6): kernel of sparse global attention
-    attention_backend: str = _runtime("auto", "auto (= sdpa until flex is benchmarked on a GPU) | sdpa | flex")
+    attention_backend: str = _runtime("auto", "auto (CUDA: timed probe sdpa vs flex; else sdpa) | sdpa | flex")
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
     # added by issue 17: memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters

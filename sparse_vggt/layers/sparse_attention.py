@@ -193,10 +193,8 @@ class SparseContext:
             self._cache.clear()
 
     def resolve_backend(self, device: torch.device) -> str:
-        """``auto`` is the chunked-SDPA kernel on every device for now: FlexAttention has not yet been timed
-        against it on a GPU (BENCHMARKS.md), and a compiled flex kernel recompiles for every new frame count
-        (a run's clusters differ in size) and, past torch.compile's recompile limit, falls back to the unfused
-        path that materialises all (S·P)² scores. Ask for ``flex`` explicitly to use it."""
+        """The kernel without looking at inputs: ``auto`` is the chunked-SDPA kernel here; with inputs,
+        `choose_backend` may probe flex against it on the devices in ``probe_devices``."""
         if self.backend != "auto":
             if self.backend == "flex" and not _flex_available():
                 raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
