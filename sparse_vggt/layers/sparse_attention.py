@@ -22,10 +22,12 @@ Two kernels:
   (frames padded to the block size, so each block belongs to exactly one frame), q, k, v in one dtype,
   compiled once with dynamic shapes. No dense mask is ever built. On CPU eager FlexAttention materialises
   the full score matrix, so there it serves the tests of the block mask unless ``compile_cpu_flex`` is set
-  (compiled CPU flex needs the key-block index as wide as the sequence; `build_block_mask` does that). ``auto`` times both kernels once per device and shape bucket on CUDA
-  (`SparseContext.choose_backend`, result in ``backend_choices``) and means ``sdpa`` elsewhere.
+  (compiled CPU flex needs the key-block index as wide as the sequence; `build_block_mask` does that).
 
-Neither path allocates an S×S×P×P or (S·P)² tensor (flex only when compiled, i.e. on CUDA).
+``auto`` times both kernels once per device and shape bucket on CUDA (`SparseContext.choose_backend`, result
+in ``backend_choices``) and means ``sdpa`` elsewhere. Neither path allocates an S×S×P×P or (S·P)² tensor
+(flex only when compiled). The chunk planner charges what the kernel allocates: gathered K/V in the compute
+dtype, plus fp32 scores only where SDPA has no fused kernel (not on CPU or CUDA).
 """
 
 from __future__ import annotations
