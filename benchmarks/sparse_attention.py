@@ -201,6 +201,76 @@ def _spawn(args: argparse.Namespace, bench: str, variant: str, frames: int) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """``--scaling``: thread CPU time (``time.thread_time``) with 1 thread, dense and sparse interleaved in one
+    process (each timed call alternates dense/sparse, so load from other jobs hits both alike), the minimum of
+    ``--repeats`` runs per S, growth exponents between consecutive S, for one global attention module and the
+    whole small aggregator (conv patch embed + frame/global blocks + kept layers)."""
+    import math
+    import time as _time
+
+    import torch
+
+    from sparse_vggt.layers.attention import Attention
+    from sparse_vggt.layers.rope import RotaryPositionEmbedding2D
+    from sparse_vggt.layers.sparse_attention import NeighborSets, SparseContext, SparseGlobalAttention
+    from sparse_vggt.sparse import make_sparse
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    Hh, Ww = _image_hw(args)
+    special, C = 5, PRESETS[args.preset]["embed_dim"]
+    P = special + (Hh // 14) * (Ww // 14)
+    torch.manual_seed(0)
+    attn = Attention(C, PRESETS[args.preset]["num_heads"], qk_norm=True, rope=RotaryPositionEmbedding2D(100.0)).eval()
+    ctx = SparseContext(memory_budget_mb=args.memory_mb, num_special=special)
+    sparse_attn = SparseGlobalAttention(attn, ctx, num_special=special)
+    dense_agg = _build_aggregator(args).eval()
+    sparse_agg = make_sparse(_build_aggregator(args).eval(), k=args.neighbors, memory_budget_mb=args.memory_mb)
+
+    def cpu(fn: Any) -> float:
+        t0 = _time.thread_time()
+        fn()
+        return _time.thread_time() - t0
+
+    rows = []
+    for S in args.frames:
+        nbrs = _neighbors(S, args.neighbors)
+        sets = NeighborSets.build(nbrs, S)
+        gen = torch.Generator().manual_seed(S)
+        x = torch.randn(1, S * P, C, generator=gen)
+        gy, gx = torch.meshgrid(torch.arange(Hh // 14), torch.arange(Ww // 14), indexing="ij")
+        grid = torch.stack([gy.flatten(), gx.flatten()], -1) + 1
+        pos = torch.cat([torch.zeros(special, 2, dtype=torch.long), grid]).repeat(S, 1)[None]
+        images = torch.rand(1, S, 3, Hh, Ww, generator=gen)
+        calls = {
+            ("global_attention", "dense"): lambda: attn(x, pos=pos),
+            ("global_attention", "sparse"): lambda: _with(ctx.use(sets), lambda: sparse_attn(x, pos=pos)),
+            ("aggregator", "dense"): lambda: dense_agg(images),
+            ("aggregator", "sparse"): lambda: sparse_agg(images, neighbors=nbrs),
+        }
+        best = {key: math.inf for key in calls}
+        for key, fn in calls.items():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            for key, fn in calls.items():  # interleaved: dense, sparse, dense, sparse
+                best[key] = min(best[key], cpu(fn))
+        for bench in ("global_attention", "aggregator"):
+            d, sp = best[(bench, "dense")], best[(bench, "sparse")]
+            rows.append({"bench": bench, "frames": S, "dense_s": d, "sparse_s": sp, "ratio": d / sp})
+            print(f"{bench:16s} S={S:4d} dense {d:8.3f} s  sparse {sp:7.3f} s  {d / sp:5.1f}x", file=sys.stderr,
+                  flush=True)
+    for bench in ("global_attention", "aggregator"):
+        mine = [r for r in rows if r["bench"] == bench]
+        for a, b in zip(mine, mine[1:]):
+            f = math.log(b["frames"] / a["frames"])
+            b["dense_exponent"] = math.log(b["dense_s"] / a["dense_s"]) / f
+            b["sparse_exponent"] = math.log(b["sparse_s"] / a["sparse_s"]) / f
+    return {"mode": "scaling", "preset": args.preset, "tokens_per_frame": P, "neighbors": args.neighbors,
+            "threads": 1, "repeats": args.repeats, "timer": "time.thread_time (min of repeats)",
+            "machine": f"{platform.machine()} {platform.processor()}", "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -218,10 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", default=["dense", "dense-math", "sparse"])
     ap.add_argument("--reference", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--scaling", action="store_true",
+                    help="1-thread thread-CPU-time scaling, dense and sparse interleaved, min of --repeats")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bench", default="global_attention", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.scaling:
+        print(json.dumps(_scaling(args), indent=1))
+        return
     if args._child:
         print(json.dumps(_child(args)))
         return

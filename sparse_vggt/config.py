@@ -87,12 +87,14 @@ class GraphConfig:
 class PartitionConfig:
     """Connected, overlapping, bounded clusters (`sparse-vggt partition`).
 
-    max_cluster_frames=128: a 16 GB Apple-Silicon worker holds the VGGT-1B weights in fp16 (~2.5 GB) plus,
-    at 518x392 px and sparse attention with k=10, roughly 40-60 MB of activations per frame in the aggregator
-    and frame-chunked heads, so ~128 frames leaves headroom for the OS and unified-memory pressure.
+    max_cluster_frames=128: a conservative fixed default for a 16 GB Apple-Silicon worker. "auto" derives the
+    largest cluster from ``reconstruct.memory_gb`` with the memory model (sparse_vggt.memory: aggregator
+    weights in fp16 on MPS/CUDA, 21-32 MB per frame from 336x518 to 518x518 px; 16 GB MPS at 518x518: 281
+    frames with 15 % headroom); an explicit number wins.
     """
 
-    max_cluster_frames: int = 128  # core + overlap frames per cluster; never exceeded
+    max_cluster_frames: int | str = 128  # core + overlap frames per cluster; never exceeded. "auto": the largest
+    # cluster whose predicted forward peak (sparse_vggt.memory) fits reconstruct.memory_gb
     min_overlap_frames: int = 8  # shared frames between touching clusters
     k: int = 10  # sparse-attention neighbours per frame inside a cluster
     balance_tolerance: float = 0.15  # allowed core size imbalance (METIS ufactor-style)
@@ -118,9 +120,16 @@ class ReconstructConfig:
     head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT heads (0: all at once)")
     attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
     # added by the reconstruct stage (issue 6): kernel of sparse global attention
-    attention_backend: str = "auto"  # auto (= sdpa until flex is benchmarked on a GPU) | sdpa | flex
+    # auto (CUDA: a one-time timed probe of sdpa vs flex; else sdpa) | sdpa | flex. Result-affecting: kernels
+    # differ in rounding.
+    attention_backend: str = "auto"
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
+    # added by issue 17: memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
+    # when partition.max_cluster_frames = "auto". 0: the memory of the machine running the partition stage.
+    memory_gb: float = 0.0
+    # aggregator weights: auto (compute dtype on CUDA/MPS, fp32 on CPU) | float32. Result-affecting, like dtype.
+    weights_dtype: str = "auto"
     seed: int = 0  # seed for random-initialised weights
 
 
@@ -308,6 +317,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # e.g. int | str: first fit
+        errors = []
+        for member in typing.get_args(typ):
+            try:
+                return _coerce(value, member, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
     try:
         if origin is list:
             (item_type,) = typing.get_args(typ) or (str,)

@@ -52,6 +52,18 @@ def select_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def select_weights_dtype(device: torch.device, compute: torch.dtype, name: str = "auto") -> torch.dtype:
+    """dtype of the aggregator's weights: ``auto`` = the compute dtype on CUDA/MPS (no fp32 copy of ~0.9 B
+    parameters), fp32 on CPU (CPU half-precision matmuls are slow); ``float32``/``bfloat16``/``float16``
+    ask for one explicitly."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return compute if device.type in ("cuda", "mps") else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown weights dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Autocast to ``dtype`` on ``device``; a no-op for fp32."""

@@ -206,8 +206,71 @@ def _histogram(sizes: np.ndarray, max_frames: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # input validation
 # ---------------------------------------------------------------------------------------------------------------
+def resolve_max_cluster_frames(config: PipelineConfig) -> PartitionConfig:
+    """``partition.max_cluster_frames = "auto"`` -> the largest cluster whose predicted VGGT forward peak
+    (sparse_vggt.memory, worst-case square images of ``reconstruct.image_size``) fits ``reconstruct.memory_gb``
+    on the reconstruct device; an explicit number is returned unchanged (it always wins)."""
+    cfg = config.partition
+    value = cfg.max_cluster_frames
+    if not isinstance(value, str):
+        return cfg
+    if value.strip().lower() != "auto":
+        raise PartitionError(f"partition.max_cluster_frames={value!r}: use a number of frames or 'auto'")
+    from . import memory
+
+    rc = config.reconstruct
+    device, dtype, gb = _reconstruct_device(rc)
+    side = int(rc.image_size)
+    neighbors = cfg.k if rc.attention == "sparse" else None
+    try:
+        frames = memory.max_frames(gb, side, side, neighbors, dtype, device,
+                                   config=_preset_config(rc.preset), head_chunk_frames=rc.head_chunk_frames or 8,
+                                   attention_memory_mb=rc.attention_memory_mb)
+    except ValueError as exc:
+        raise PartitionError(str(exc)) from exc
+    log.info("partition.max_cluster_frames=auto -> %d frames (%.1f GB on %s, %s, %dx%d, %s)", frames, gb, device,
+             dtype, side, side, "dense" if neighbors is None else f"k={neighbors}")
+    return dataclasses.replace(cfg, max_cluster_frames=frames)
+
+
+def _preset_config(preset: str) -> dict[str, Any]:
+    from .models.vggt import PRESETS
+
+    return dict(PRESETS.get(preset, {}))
+
+
+def _reconstruct_device(rc: Any) -> tuple[str, str, float]:
+    """(device type, compute dtype, memory in GB) the reconstruct workers are assumed to have. An explicit
+    ``reconstruct.device`` is taken as given (partition may run on another machine); ``auto`` means this one."""
+    import torch
+
+    device = (rc.device or "auto").lower()
+    if device == "auto":
+        from .device import select_device
+
+        device = select_device("auto").type
+    device = device.split(":")[0]
+    if rc.dtype and rc.dtype != "auto":
+        dtype = rc.dtype
+    else:
+        dtype = {"cuda": "bfloat16", "mps": "float16"}.get(device, "float32")
+    gb = float(rc.memory_gb or 0.0)
+    if gb <= 0:
+        if device == "cuda" and torch.cuda.is_available():
+            gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        else:
+            import psutil
+
+            gb = psutil.virtual_memory().total / 2**30
+        log.info("reconstruct.memory_gb=0: using this machine's %.1f GB", gb)
+    return device, dtype, gb
+
+
 def validate_config(cfg: PartitionConfig) -> None:
     """Reject configs that cannot give bounded, overlapping clusters (before touching any data)."""
+    if isinstance(cfg.max_cluster_frames, str):
+        raise PartitionError("partition.max_cluster_frames='auto' must be resolved first "
+                             "(sparse_vggt.partition.resolve_max_cluster_frames)")
     if cfg.min_overlap_frames < 1:
         raise PartitionError(f"partition.min_overlap_frames={cfg.min_overlap_frames} must be >= 1: clusters that "
                              "share no frame cannot be merged")
@@ -1082,11 +1145,12 @@ def partition(run_dir: Path, config: PipelineConfig | None = None, force: bool =
     """The partition stage: store.zarr/graph -> tables/clusters.parquet (+ manifest with the report)."""
     store = RunStore.open(run_dir)
     config = config or store.config()
-    cfg = config.partition
+    requested = config.partition
+    cfg = resolve_max_cluster_frames(config)
     validate_config(cfg)
     if store.is_stage_complete("partition") and store.has_table("clusters") and not force:
         manifest = store.stage_manifest("partition")
-        if manifest.get("config") == dataclasses.asdict(cfg):
+        if manifest.get("config") == dataclasses.asdict(requested):
             log.info("partition stage already finished in %s; nothing to do", store.root)
             return manifest
         log.warning("partition config changed since the last run; re-partitioning %s", store.root)
@@ -1095,8 +1159,8 @@ def partition(run_dir: Path, config: PipelineConfig | None = None, force: bool =
     store.stage_started("partition")
     clusters, report = partition_graph(indptr, indices, weights, component, cfg)
     path = store.write_table("clusters", clusters.to_table(_table_metadata(cfg)))
-    manifest = {**report, "table": str(path.relative_to(store.root)), "config": dataclasses.asdict(cfg),
-                "splits": []}
+    manifest = {**report, "table": str(path.relative_to(store.root)), "config": dataclasses.asdict(requested),
+                "max_cluster_frames_resolved": cfg.max_cluster_frames, "splits": []}
     store.stage_finished("partition", manifest)
     log.info("partition: %d clusters over %d frames (%d components, %d singletons)", report["clusters"],
              report["frames_clustered"], report["components"], report["singletons"])
@@ -1276,7 +1340,7 @@ def split_cluster(run_dir: Path, cluster_id: int, config: PipelineConfig | None 
         raise PartitionError(f"cluster {cluster_id} is already reconstructed; splitting it would orphan its result")
     indptr, indices, weights, component = _read_graph(store)
     graph = _load_graph(indptr, indices, weights, component)
-    new, ids = split_clusters_in_memory(clusters, int(cluster_id), graph.A, config.partition)
+    new, ids = split_clusters_in_memory(clusters, int(cluster_id), graph.A, resolve_max_cluster_frames(config))
     meta = table.schema.metadata or {}
     depths = split_depths(table)
     out = new.to_table()

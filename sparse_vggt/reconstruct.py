@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -166,6 +167,7 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         model = _build(VGGT, cfg.preset)
     else:
         model = VGGT.from_pretrained(cfg.model, preset=cfg.preset)
+    _lean_weights(model, cfg, device)  # before the move: no full-precision copy of the aggregator on the GPU
     model = model.to(device).eval()
     if cfg.attention == "sparse":
         from .sparse import make_sparse
@@ -177,6 +179,29 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
     _MODELS.clear()  # one model per process: a different config replaces it
     _MODELS[key] = model
     return model
+
+
+def _lean_weights(model: nn.Module, cfg: ReconstructConfig, device: torch.device) -> None:
+    """Half-precision aggregator weights on CUDA/MPS (issue 17); on MPS also cap the allocator at
+    ``reconstruct.memory_gb`` so a cluster sized for that budget fails fast instead of swapping."""
+    from .device import select_weights_dtype
+
+    if hasattr(model, "set_weights_dtype"):
+        model.set_weights_dtype(select_weights_dtype(device, select_dtype(device, cfg.dtype),
+                                                     getattr(cfg, "weights_dtype", "auto")), device)
+    if device.type == "mps" and getattr(cfg, "memory_gb", 0) and hasattr(torch, "mps"):
+        total = torch.mps.recommended_max_memory() if hasattr(torch.mps, "recommended_max_memory") else 0
+        if total:
+            torch.mps.set_per_process_memory_fraction(min(2.0, cfg.memory_gb * 2**30 / total))
+        if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK"):
+            log.warning("PYTORCH_ENABLE_MPS_FALLBACK is set: MPS ops without a kernel run on the CPU (slow)")
+
+
+def attention_record(model: nn.Module) -> dict[str, Any]:
+    """What the sparse attention kernel choice was (``attention_backend=auto`` probes), for manifests."""
+    state = model.__dict__.get("_sparse_state")
+    choices = getattr(getattr(state, "context", None), "backend_choices", None)
+    return {"attention_backend_choices": dict(choices)} if choices else {}
 
 
 def _build(cls: Any, preset: str) -> nn.Module:
@@ -286,6 +311,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
         path, model=cfg.model, preset=cfg.preset, k=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
         attention=cfg.attention, special_tokens_global=cfg.special_tokens_global, image_size=cfg.image_size,
         preprocess_mode=cfg.preprocess_mode, frames=n, inputs=key,
+        **attention_record(model),
     )
     log.info("cluster %d: %d frames reconstructed (%s, %s)", cluster_id, n, device.type, dtype)
     return {"cluster_id": int(cluster_id), "skipped": False, "frames": n, "depth_shape": [n, int(h), int(w)]}

@@ -81,8 +81,9 @@ def make_sparse(
         k: neighbours per frame retrieved when ``model(images)`` is called without ``neighbors``.
         special_tokens_global: every frame also attends to all frames' camera and register tokens.
         memory_budget_mb: bound on gathered keys/values (+ scores) of one query chunk (sdpa backend).
-        backend: "auto" (= "sdpa", the chunked gather + SDPA kernel, on every device until FlexAttention is
-            benchmarked on a GPU), "sdpa" or "flex" (block-sparse FlexAttention; compiled on CUDA).
+        backend: "auto" (on CUDA: the faster of the two kernels by a one-time timed probe per shape bucket;
+            elsewhere "sdpa"), "sdpa" (chunked gather + SDPA) or "flex" (block-sparse FlexAttention; compiled
+            with dynamic shapes on CUDA).
         sparse_camera_head: also restrict the camera head trunk's cross-frame attention.
         retrieval: a MegaLoc-like model (images -> unit descriptors), a checkpoint source for
             ``MegaLoc.from_pretrained``, or None for "gberton/MegaLoc"; loaded lazily on first use.

@@ -572,3 +572,56 @@ def test_neighbors_none_loads_the_default_megaloc_checkpoint_once(monkeypatch) -
 
     explicit, _ = _run(model, images, neighbors=retrieve_neighbors(images, 2, retrieval=tiny))
     assert torch.equal(first[-1], explicit[-1]) and torch.equal(second[-1], explicit[-1])
+
+
+def test_auto_backend_probes_once_per_shape_bucket_and_records_the_choice() -> None:
+    """``auto`` on a probed device times both kernels once per (device, shape bucket); CPU is not probed by
+    default (its flex is unfused), so the test opts CPU in. Either choice must give the sparse result."""
+    from sparse_vggt.layers import sparse_attention as sa
+
+    sa._PROBED.clear()
+    model = make_sparse(_standin(), backend="sdpa", memory_budget_mb=0.01)
+    images = _images(6)
+    nbrs = _random_neighbors(6, seed=3)
+    expected, _ = _run(model, images, neighbors=nbrs)
+    model = make_sparse(model, backend="auto", memory_budget_mb=0.01)
+    ctx = model.__dict__["_sparse_state"].context
+    ctx.probe_devices = ("cpu",)
+    tokens, _ = _run(model, images, neighbors=nbrs)
+    assert len(sa._PROBED) == 1 and len(ctx.backend_choices) == 1
+    (choice,) = ctx.backend_choices.values()
+    assert choice["backend"] in ("sdpa", "flex") and set(choice["seconds"]) <= {"sdpa", "flex"}
+    for a, b in zip(expected, tokens):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    _run(model, _images(7), neighbors=_random_neighbors(7, seed=4))  # 7 frames: same bucket (<= 8), no probe
+    assert len(sa._PROBED) == 1
+    assert sa.SparseContext().resolve_backend(torch.device("cpu")) == "sdpa"
+    sa._PROBED.clear()
+
+
+def test_compiled_flex_serves_several_frame_counts_without_recompiling() -> None:
+    """Dynamic-shape compile (here on CPU, with the full-width key-block index CPU flex needs): exact w.r.t.
+    the chunked kernel for 4, 6 and 9 frames, one compiled graph for all of them."""
+    import torch._dynamo as dynamo
+
+    from sparse_vggt.layers import sparse_attention as sa
+
+    saved = sa._COMPILED_FLEX
+    sa._COMPILED_FLEX = None
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    try:
+        ctx = sa.SparseContext(compile_cpu_flex=True)
+        H, D, P = 2, 16, 100
+        for S in (4, 6, 9):
+            sets = NeighborSets.build([[(i + 1) % S] for i in range(S)], S)
+            q, k, v = torch.randn(3, 1, H, S * P, D, generator=torch.Generator().manual_seed(S)).unbind(0)
+            with torch.no_grad():
+                flex = sa._flex_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+                chunked = sa._chunked_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+            torch.testing.assert_close(flex, chunked, rtol=1e-5, atol=1e-5)
+            ctx._cache.clear()
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        sa._COMPILED_FLEX = saved
+        dynamo.reset()

@@ -4,6 +4,12 @@ DINOv2 backbone use the same module; the backbone has neither).
 Attribute names are the reference's (``qkv``, ``q_norm``, ``k_norm``, ``proj``, ``rope``, ``num_heads``,
 ``head_dim``, ``scale``): checkpoints load unchanged, and ``sparse_vggt.layers.sparse_attention`` can wrap a
 global block's ``attn`` by reusing these submodules.
+
+Besides ``forward`` (all tokens at once) there is a split interface used by `Block.forward_global`, which
+runs global attention over chunks of query tokens: `project` computes q, k or v for some rows only (weight
+slices of ``qkv``: the same numbers as slicing the full product), and `attend` attends one query chunk to
+the keys/values of all tokens. Keys and values are stored in the compute dtype (the autocast dtype when
+autocast is on), which is what SDPA would cast them to anyway.
 """
 
 from __future__ import annotations
@@ -41,3 +47,39 @@ class Attention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale == self.scale
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int) -> torch.Tensor:
+        """q (B, H, n, D) of tokens ``query_start:query_start+n``; k, v (B, H, N, D) of all tokens."""
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in for ``x``: the autocast dtype when autocast is on for its device."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def project(attn: nn.Module, x: torch.Tensor, pos: torch.Tensor | None, parts: str) -> list[torch.Tensor]:
+    """q/k/v (``parts`` from "qkv") of rows ``x`` (B, n, C) -> (B, H, n, D) each, normed and rotated like
+    ``forward`` does, cast to the compute dtype. Works on `Attention` and on modules wrapping its children."""
+    b, n, c = x.shape
+    heads = int(attn.num_heads)
+    dt = compute_dtype(x)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    out = []
+    for name in parts:
+        i = "qkv".index(name)
+        t = F.linear(x, weight[i * c:(i + 1) * c], None if bias is None else bias[i * c:(i + 1) * c])
+        t = t.reshape(b, n, heads, c // heads).transpose(1, 2)
+        if name != "v":
+            norm = attn._modules.get(f"{name}_norm")
+            if norm is not None:
+                t = norm(t)
+            rope = attn._modules.get("rope")
+            if rope is not None:
+                if pos is None:
+                    raise ValueError("this attention uses RoPE: pass token positions (B, N, 2)")
+                t = rope(t, pos)
+        out.append(t.to(dt))
+    return out

@@ -36,6 +36,12 @@ class RotaryPositionEmbedding2D(nn.Module):
         super().__init__()
         self.base_frequency = float(frequency)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_length: int | None = None  # set by `reserve`: no device sync per call
+
+    def reserve(self, length: int) -> None:
+        """Promise that positions stay below ``length`` (the aggregator knows its grid). Without it every call
+        reads ``pos.max()``, which waits for the device."""
+        self.max_length = max(int(length), self.max_length or 0)
 
     def _table(self, dim: int, length: int, device: torch.device, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +60,7 @@ class RotaryPositionEmbedding2D(nn.Module):
         if pos.shape[-1] != 2 or pos.shape[-2] != x.shape[-2]:
             raise ValueError(f"positions {tuple(pos.shape)} do not match tokens {tuple(x.shape)}")
         half = x.shape[-1] // 2
-        length = int(pos.max()) + 1
+        length = self.max_length if self.max_length is not None else int(pos.max()) + 1
         cos, sin = self._table(half, length, x.device, x.dtype)
         pos = pos.long()
         out = []

@@ -18,12 +18,16 @@ Two kernels:
   ``F.scaled_dot_product_attention`` (so its fused kernels apply). The chunk size comes from a memory
   budget. With global special tokens, each chunk also gathers the special tokens of the frames outside
   its sets (|outside| is the same for every frame of a chunk, so still no mask).
-- ``flex`` (CUDA, opt-in): one ``flex_attention`` call with a block mask built directly from the neighbour
-  sets (frames padded to the block size, so each block belongs to exactly one frame). No dense mask is ever
-  built. On CPU FlexAttention only has an unfused path that materialises the full score matrix, so there it
-  serves the tests of the block mask. ``auto`` means ``sdpa`` until a GPU benchmark shows flex faster.
+- ``flex`` (CUDA): one ``flex_attention`` call with a block mask built directly from the neighbour sets
+  (frames padded to the block size, so each block belongs to exactly one frame), q, k, v in one dtype,
+  compiled once with dynamic shapes. No dense mask is ever built. On CPU eager FlexAttention materialises
+  the full score matrix, so there it serves the tests of the block mask unless ``compile_cpu_flex`` is set
+  (compiled CPU flex needs the key-block index as wide as the sequence; `build_block_mask` does that).
 
-Neither path allocates an S×S×P×P or (S·P)² tensor (flex only when compiled, i.e. on CUDA).
+``auto`` times both kernels once per device and shape bucket on CUDA (`SparseContext.choose_backend`, result
+in ``backend_choices``) and means ``sdpa`` elsewhere. Neither path allocates an S×S×P×P or (S·P)² tensor
+(flex only when compiled). The chunk planner charges what the kernel allocates: gathered K/V in the compute
+dtype, plus fp32 scores only where SDPA has no fused kernel (not on CPU or CUDA).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attention import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +125,12 @@ class _Chunk:
     queries: Tensor  # (c,) query frame indices
     keys: Tensor  # (c, K) key frame indices: N(i) for each query frame i (all of size K)
     complement: Tensor | None = None  # (c, S-K) frames outside N(i), for global special tokens
+    local: Tensor | None = None  # (c,) query positions inside the caller's query chunk (None: = queries)
 
 
 def plan_chunks(
-    sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device, special_frame_bytes: int = 0
+    sets: NeighborSets, frame_bytes_per_key: int, budget_bytes: int, device: torch.device, special_frame_bytes: int = 0,
+    frames: Sequence[int] | None = None, query_bytes: int = 0,
 ) -> list[_Chunk]:
     """Group query frames into chunks of equal set size whose gathered keys/values fit ``budget_bytes``.
 
@@ -130,15 +138,17 @@ def plan_chunks(
     number of extra chunks is at most the number of distinct set sizes (a handful for kNN sets).
     ``frame_bytes_per_key`` is the memory one (query frame, key frame) pair costs; with
     ``special_frame_bytes`` > 0 every frame outside N(i) costs that much too (its special tokens are added)
-    and each chunk carries its complement frames.
+    and each chunk carries its complement frames. ``frames``: plan only these query frames (default all);
+    ``query_bytes``: what one query frame costs besides its keys (its gathered queries and output).
+    Index tensors are built here, once per plan, directly on ``device``.
     """
     by_size: dict[int, list[int]] = {}
-    for i, s in enumerate(sets.sets):
-        by_size.setdefault(len(s), []).append(i)
+    for i in range(sets.num_frames) if frames is None else frames:
+        by_size.setdefault(len(sets.sets[i]), []).append(i)
     chunks: list[_Chunk] = []
     for K in sorted(by_size):
         frames = by_size[K]
-        per_frame = K * frame_bytes_per_key + (sets.num_frames - K) * special_frame_bytes
+        per_frame = K * frame_bytes_per_key + (sets.num_frames - K) * special_frame_bytes + query_bytes
         per_chunk = max(1, budget_bytes // max(1, per_frame))
         for start in range(0, len(frames), per_chunk):
             members = frames[start : start + per_chunk]
@@ -163,6 +173,9 @@ class SparseContext:
     neighbors: NeighborSets | None = None
     num_special: int = 0  # camera + register tokens at the start of each frame (patch_start_idx)
     special_tokens_global: bool = False  # every frame's special tokens join every key set
+    probe_devices: tuple[str, ...] = ("cuda",)  # where ``auto`` times both kernels (CPU flex is unfused)
+    compile_cpu_flex: bool = False  # compile flex on CPU too (slow first call; eager CPU flex is unfused)
+    backend_choices: dict[str, Any] = field(default_factory=dict)  # auto's probe results (for manifests)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -182,15 +195,68 @@ class SparseContext:
             self._cache.clear()
 
     def resolve_backend(self, device: torch.device) -> str:
-        """``auto`` is the chunked-SDPA kernel on every device for now: FlexAttention has not yet been timed
-        against it on a GPU (BENCHMARKS.md), and a compiled flex kernel recompiles for every new frame count
-        (a run's clusters differ in size) and, past torch.compile's recompile limit, falls back to the unfused
-        path that materialises all (S·P)² scores. Ask for ``flex`` explicitly to use it."""
+        """The kernel without looking at inputs: ``auto`` is the chunked-SDPA kernel here; with inputs,
+        `choose_backend` may probe flex against it on the devices in ``probe_devices``."""
         if self.backend != "auto":
             if self.backend == "flex" and not _flex_available():
                 raise RuntimeError("backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
             return self.backend
         return "sdpa"
+
+    def choose_backend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int,
+                       scale: float) -> str:
+        """The kernel for these inputs. ``auto`` on a device in ``probe_devices`` times both kernels once per
+        device and shape bucket (frame count rounded up to a power of two) and keeps the faster one for the
+        process; the result is recorded in ``backend_choices``. Elsewhere as `resolve_backend`."""
+        if self.backend != "auto" or q.device.type not in self.probe_devices or not _flex_available():
+            return self.resolve_backend(q.device)
+        key = _probe_key(q, sets, P, num_special)
+        if key not in _PROBED:
+            _PROBED[key] = _probe(q, k, v, sets, P, num_special, scale, self)
+        choice, seconds = _PROBED[key]
+        self.backend_choices[key] = {"backend": choice, "seconds": seconds}
+        return choice
+
+
+_PROBED: dict[str, tuple[str, dict[str, float]]] = {}  # process-wide: one probe per device and shape bucket
+
+
+def _probe_key(q: Tensor, sets: NeighborSets, P: int, num_special: int) -> str:
+    dev = q.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    bucket = 1 << max(0, (sets.num_frames - 1).bit_length())
+    B, H, _, D = q.shape
+    return f"{name}|{str(q.dtype).replace('torch.', '')}|B{B}H{H}D{D}|P{P}|S<={bucket}|special{int(num_special > 0)}"
+
+
+def _probe(q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float,
+           ctx: "SparseContext") -> tuple[str, dict[str, float]]:
+    """Time one call of each kernel (after one untimed call that compiles/warms it); the faster one wins."""
+    import time
+
+    def sync() -> None:
+        if q.device.type == "cuda":
+            torch.cuda.synchronize(q.device)
+
+    kernels = {"sdpa": lambda: _chunked_sparse(q, k, v, sets, P, num_special, scale, ctx),
+               "flex": lambda: _flex_sparse(q, k, v, sets, P, num_special, scale, ctx)}
+    seconds: dict[str, float] = {}
+    for name, fn in kernels.items():
+        try:
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            seconds[name] = time.perf_counter() - t0
+        except Exception as exc:  # a kernel that cannot run here simply loses (reported)
+            log.warning("attention_backend=auto: %s kernel failed in the probe (%s); not used", name, exc)
+    if not seconds:
+        raise RuntimeError("attention_backend=auto: no sparse attention kernel ran on this device")
+    choice = min(seconds, key=seconds.get)
+    log.info("attention_backend=auto: %s (%s)", choice,
+             ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in seconds.items()))
+    return choice, seconds
 
 
 def _flex_available() -> bool:
@@ -261,6 +327,8 @@ class SparseGlobalAttention(nn.Module):
                 raise ValueError("this attention uses RoPE: pass token positions (B, N, 2)")
             q = rope(q, pos)
             k = rope(k, pos)
+        dt = compute_dtype(x)  # one dtype for q, k, v (flex's fast paths reject mixed ones)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         num_special = self.num_special if self.num_special is not None else ctx.num_special
         num_special = min(num_special, P) if ctx.special_tokens_global else 0
         out = self._attend(q, k, v, sets, P, num_special)
@@ -269,9 +337,52 @@ class SparseGlobalAttention(nn.Module):
         proj_drop = self._sub("proj_drop")
         return proj_drop(out) if proj_drop is not None else out
 
+    def wants_all_queries(self, k: Tensor, v: Tensor) -> bool:
+        """True when the kernel for these keys/values needs every query at once (flex: one call, one block
+        mask). Called by `Block.forward_global` once keys and values exist (``auto`` may probe with them)."""
+        sets = self.context.neighbors
+        if sets is None or k.shape[2] % sets.num_frames:
+            return False
+        if type(self)._attend is not SparseGlobalAttention._attend:
+            return True  # a subclass (e.g. a test oracle) replaced the all-queries kernel: route through it
+        return self._backend(k, k, v) == "flex"
+
+    def _num_special(self, P: int) -> int:
+        num_special = self.num_special if self.num_special is not None else self.context.num_special
+        return min(num_special, P) if self.context.special_tokens_global else 0
+
+    def _backend(self, q: Tensor, k: Tensor, v: Tensor) -> str:
+        sets = self.context.neighbors
+        P = k.shape[2] // sets.num_frames
+        return self.context.choose_backend(q, k, v, sets, P, self._num_special(P), self.scale)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, query_start: int) -> Tensor:
+        """Split interface of `Block.forward_global`: q (B, H, n, D) of tokens ``query_start:+n`` (whole
+        frames), k, v (B, H, S·P, D) of all frames -> (B, H, n, D), each query frame attending to N(i)."""
+        sets = self.context.neighbors
+        if sets is None:
+            raise RuntimeError(
+                "sparse global attention called without neighbour sets: call the sparse model as "
+                "model(images, neighbors=...) (or neighbors=None to compute them), not its blocks directly"
+            )
+        S, N = sets.num_frames, k.shape[2]
+        if N % S:
+            raise ValueError(f"{N} tokens cannot be split into {S} frames")
+        P = N // S
+        if query_start % P or q.shape[2] % P:
+            raise ValueError(f"query chunk {query_start}:+{q.shape[2]} does not hold whole frames of {P} tokens")
+        num_special = self._num_special(P)
+        if q.shape[2] == N:
+            return self._attend(q, k, v, sets, P, num_special)
+        if self._backend(k, k, v) == "flex":
+            raise ValueError("the flex kernel attends all queries at once (Block.forward_global asks it)")
+        first = query_start // P
+        return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context,
+                               query_frames=(first, first + q.shape[2] // P))
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int) -> Tensor:
         """(B, H, S·P, D) queries/keys/values -> attention output restricted to N(i) per query frame."""
-        if self.context.resolve_backend(q.device) == "flex":
+        if self.context.choose_backend(q, k, v, sets, P, num_special, self.scale) == "flex":
             return _flex_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
         return _chunked_sparse(q, k, v, sets, P, num_special, self.scale, self.context)
 
@@ -279,28 +390,54 @@ class SparseGlobalAttention(nn.Module):
 # ---- portable kernel: chunked gather + SDPA ---------------------------------------------------------
 
 
+def sdpa_materialises_scores(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` on ``device`` builds the full score matrix.
+
+    CPU (flash kernel for fp32/bf16/fp16) and CUDA (flash / memory-efficient kernels, fp32 included via the
+    memory-efficient one) work on tiles; other devices (MPS) may take the math path, so scores are charged."""
+    return device.type not in ("cpu", "cuda")
+
+
+def pair_bytes(B: int, H: int, P: int, D: int, elt: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes one (query frame, key frame) pair costs the chunked kernel: gathered K and V in the compute
+    dtype, plus fp32 scores and probabilities only where SDPA materialises them."""
+    scores = 2 * P * 4 if sdpa_materialises_scores(device, dtype) else 0
+    return B * H * P * (2 * D * elt + scores)
+
+
 def _chunked_sparse(
-    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext
+    q: Tensor, k: Tensor, v: Tensor, sets: NeighborSets, P: int, num_special: int, scale: float, ctx: SparseContext,
+    query_frames: tuple[int, int] | None = None,
 ) -> Tensor:
-    """q, k, v: (B, H, S·P, D) -> (B, H, S·P, D), attending per query frame to its neighbour frames."""
-    B, H, N, D = q.shape
+    """q (B, H, n·P, D) of query frames ``query_frames`` (default all), k, v (B, H, S·P, D) -> (B, H, n·P, D),
+    each query frame attending to its neighbour frames."""
+    B, H, _, D = q.shape
     S = sets.num_frames
+    N = S * P
+    first, stop = query_frames if query_frames is not None else (0, S)
+    if k.dtype != q.dtype or v.dtype != q.dtype:  # gather in the compute dtype, once per layer
+        k, v = k.to(q.dtype), v.to(q.dtype)
     elt = q.element_size()
-    # One (query frame, key frame) pair: gathered K and V (2·H·P·D) + scores/probabilities if the kernel
-    # materialises them (2·H·P·P fp32; fused kernels need less).
-    pair_bytes = B * H * P * (2 * D * elt + 2 * P * 4)
-    key = ("plan", P, pair_bytes, num_special, str(q.device))
+    pair = pair_bytes(B, H, P, D, elt, q.device, q.dtype)
+    key = ("plan", P, pair, num_special, str(q.device), first, stop)
     chunks = ctx._cache.get(key)
-    if chunks is None:
+    if chunks is None:  # built once per forward (every layer has the same plan)
         budget = int(ctx.memory_budget_mb * 2**20)
-        special_bytes = B * H * num_special * (2 * D * elt + 2 * P * 4) if num_special else 0
-        chunks = plan_chunks(sets, pair_bytes, budget, q.device, special_bytes)
+        scores = 2 * P * 4 if sdpa_materialises_scores(q.device, q.dtype) else 0
+        special_bytes = B * H * num_special * (2 * D * elt + scores) if num_special else 0
+        chunks = plan_chunks(sets, pair, budget, q.device, special_bytes, frames=range(first, stop),
+                             query_bytes=2 * B * H * P * D * elt)
+        if first:
+            chunks = [_Chunk(c.queries, c.keys, c.complement, c.queries - first) for c in chunks]
         ctx._cache[key] = chunks
-    q5, k5, v5 = (t.reshape(B, H, S, P, D) for t in (q, k, v))
+    q5 = q.reshape(B, H, stop - first, P, D)
+    k5, v5 = (t.reshape(B, H, S, P, D) for t in (k, v))
     out = torch.empty_like(q5)
-    # Gathers write into buffers reused across chunks and layers: on CPU, fresh multi-MB allocations are
-    # fresh pages, and page faults cost several times the copy itself. (Autograd needs fresh tensors.)
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    # On CPU, gathers write into buffers reused across chunks and layers: fresh multi-MB allocations are
+    # fresh pages, and page faults cost several times the copy itself. On GPUs the caching allocator reuses
+    # blocks anyway, and a kept workspace would stay allocated through the heads. (Autograd needs fresh tensors.)
+    reuse = q.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
     def gather(name: str, src: Tensor, index: Tensor, shape: tuple[int, ...]) -> Tensor:
         if not reuse:
@@ -314,7 +451,8 @@ def _chunked_sparse(
         v_sp = v5[:, :, :, :num_special]
     for ch in chunks:
         c, K = ch.keys.shape
-        qc = gather("q", q5, ch.queries, (B, H * c, P, D))
+        local = ch.local if ch.local is not None else ch.queries
+        qc = gather("q", q5, local, (B, H * c, P, D))
         flat = ch.keys.reshape(-1)
         kc = gather("k", k5, flat, (B, H, c, K * P, D))
         vc = gather("v", v5, flat, (B, H, c, K * P, D))
@@ -329,8 +467,8 @@ def _chunked_sparse(
         # 4-D (B, H·c, L, D): the fused CPU/CUDA kernels take 4-D inputs only (5-D falls back to math).
         L = kc.shape[3]
         oc = F.scaled_dot_product_attention(qc, kc.reshape(B, H * c, L, D), vc.reshape(B, H * c, L, D), scale=scale)
-        out.index_copy_(2, ch.queries, oc.reshape(B, H, c, P, D))
-    return out.reshape(B, H, N, D)
+        out.index_copy_(2, local, oc.reshape(B, H, c, P, D))
+    return out.reshape(B, H, (stop - first) * P, D)
 
 
 def _workspace(ctx: SparseContext, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -349,14 +487,20 @@ def _workspace(ctx: SparseContext, name: str, shape: tuple[int, ...], like: Tens
 _COMPILED_FLEX: Any = None
 
 
-def _flex_fn(device: torch.device) -> Any:
+def _flex_fn(device: torch.device, compile_cpu: bool = False) -> Any:
+    """Compiled flex on CUDA (and on CPU when asked), else the eager reference path (small inputs, tests).
+
+    Compiled with dynamic shapes: clusters differ in frame count, and a static compile would recompile for
+    each one and, past torch.compile's recompile limit, fall back to the eager path that materialises all
+    scores. (On CPU, one dynamic compile served 4, 6 and 9 frames without recompiling: tests/test_sparse.py.)
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     global _COMPILED_FLEX
-    if device.type != "cuda":
-        return flex_attention  # unfused reference path (small inputs, tests)
+    if device.type != "cuda" and not compile_cpu:
+        return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
     return _COMPILED_FLEX
 
 
@@ -391,8 +535,12 @@ def build_block_mask(
             full_rows.append(full_blocks)
             part_rows.append(part_blocks)
 
+    # Compiled CPU flex checks that the key-block index spans every key block of the sequence; GPU kernels
+    # read only the first ``count`` entries per row, so there the index stays as narrow as the widest set.
+    full_width = S * nb if device.type == "cpu" else 0
+
     def pack(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(1, max(len(r) for r in rows))
+        width = max(1, full_width, max(len(r) for r in rows))
         idx = torch.zeros(len(rows), width, dtype=torch.int32)
         for r, row in enumerate(rows):
             if row:
@@ -437,5 +585,5 @@ def _flex_sparse(
             t = F.pad(t, (0, 0, 0, Pp - P))
         return t.reshape(B, H, S * Pp, D)
 
-    out = _flex_fn(q.device)(pad(q), pad(k), pad(v), block_mask=block_mask, scale=scale)
+    out = _flex_fn(q.device, ctx.compile_cpu_flex)(pad(q), pad(k), pad(v), block_mask=block_mask, scale=scale)
     return out.reshape(B, H, S, Pp, D)[:, :, :, :P].reshape(B, H, N, D)

@@ -7,9 +7,12 @@ knows the reference frame). Then ``depth`` rounds of a frame block (attention in
 on (row+1, col+1) patch positions, special tokens at (0, 0). The output of round i is
 cat([frame-block output, global-block output], channel) -> (B, S, P, 2C).
 
-Memory: only the rounds listed in ``keep_layers`` are stored (None elsewhere); the heads read 4 of 24.
-The global call is the plain ``self.global_blocks[i](tokens.view(B, S*P, C), pos=pos)``, so
-``sparse_vggt.sparse`` can swap ``global_blocks[i].attn`` for a sparse version.
+Memory: only the rounds listed in ``keep_layers`` are stored (None elsewhere; the heads read 4 of 24), in
+the compute dtype. One token tensor is updated in place: frame blocks and the patch embedder run over chunks
+of ``chunk_tokens // P`` frames, global blocks compute keys/values of all frames and then queries, residuals
+and MLP per chunk (`Block.forward_global`), so temporaries are bounded by the chunk and memory grows with S
+only through tokens, keys/values and kept layers (see sparse_vggt.memory). The global block's attention is
+reached through ``global_blocks[i].attn``, so ``sparse_vggt.sparse`` can swap it for a sparse version.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..layers.attention import compute_dtype
 from ..layers.block import Block
 from ..layers.patch_embed import PatchEmbed
 from ..layers.rope import RotaryPositionEmbedding2D, patch_positions
@@ -67,7 +71,7 @@ class Aggregator(nn.Module):
                  proj_bias: bool = True, ffn_bias: bool = True, patch_embed: str | dict = "dinov2_vitl14_reg",
                  aa_order: Sequence[str] = ("frame", "global"), aa_block_size: int = 1, qk_norm: bool = True,
                  rope_freq: float = 100.0, init_values: float = 0.01,
-                 keep_layers: Sequence[int] | None = None):
+                 keep_layers: Sequence[int] | None = None, chunk_tokens: int | None = 8192):
         super().__init__()
         if depth % aa_block_size:
             raise ValueError(f"depth {depth} is not a multiple of aa_block_size {aa_block_size}")
@@ -92,6 +96,7 @@ class Aggregator(nn.Module):
         self.aa_block_size = aa_block_size
         self.patch_start_idx = 1 + num_register_tokens
         self.keep_layers = None if keep_layers is None else sorted({i % depth for i in keep_layers})
+        self.chunk_tokens = chunk_tokens  # tokens per chunk (whole frames); None/0: all at once
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         if isinstance(self.patch_embed, DinoVisionTransformer):
@@ -104,9 +109,18 @@ class Aggregator(nn.Module):
         special = torch.zeros(n, self.patch_start_idx, 2, dtype=pos.dtype, device=device)
         return torch.cat([special, pos], dim=1)
 
+    def frames_per_chunk(self, tokens_per_frame: int) -> int:
+        """Frames per chunk of the frame blocks, the patch embedder and the global blocks' query/MLP chunks."""
+        if not self.chunk_tokens:
+            return 1 << 30
+        return max(1, int(self.chunk_tokens) // max(1, tokens_per_frame))
+
     def forward(self, images: torch.Tensor, keep_layers: Sequence[int] | None = None
                 ) -> tuple[list[torch.Tensor | None], int]:
-        """images (B, S, 3, H, W) in [0, 1] -> (list of ``depth`` entries (B, S, P, 2C) or None, patch_start_idx)."""
+        """images (B, S, 3, H, W) in [0, 1] -> (list of ``depth`` entries (B, S, P, 2C) or None, patch_start_idx).
+
+        Kept entries are in the compute dtype (the autocast dtype under autocast, else the weights' dtype).
+        """
         if images.dim() != 5:
             raise ValueError(f"aggregator input must be (B, S, 3, H, W), got {tuple(images.shape)}")
         b, s, c, h, w = images.shape
@@ -117,37 +131,63 @@ class Aggregator(nn.Module):
                              "use sparse_vggt.preprocess")
         keep = self.keep_layers if keep_layers is None else sorted({i % self.depth for i in keep_layers})
         keep_set = set(range(self.depth)) if keep is None else set(keep)
-        mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 1, 3, 1, 1)
-        x = ((images - mean) / std).reshape(b * s, c, h, w)
-        patches = self._patch_tokens(x)
-        del x
-        tokens = torch.cat([_first_and_rest(self.camera_token, b, s), _first_and_rest(self.register_token, b, s),
-                            patches], dim=1)
-        del patches
-        p, dim = tokens.shape[1], tokens.shape[2]
-        pos = self.positions(b * s, h // self.patch_size, w // self.patch_size, images.device)
+        rows, cols = h // self.patch_size, w // self.patch_size
+        p = self.patch_start_idx + rows * cols
+        chunk = self.frames_per_chunk(p)
+        tokens = self._embed(images, chunk)  # (B*S, P, C)
+        dim = tokens.shape[2]
+        if self.rope is not None:
+            self.rope.reserve(max(rows, cols) + 2)  # positions are at most max(rows, cols) + 1: no device sync
+        pos = self.positions(b * s, rows, cols, images.device)
         global_pos = pos.reshape(b, s * p, 2)
+        kept_dtype = compute_dtype(tokens)
 
         outputs: list[torch.Tensor | None] = []
         frame_idx = global_idx = 0
         for _ in range(self.depth // self.aa_block_size):
-            frame_out: list[torch.Tensor] = []
-            global_out: list[torch.Tensor] = []
+            # kept[j]: output j of this round, (B, S, P, 2C); halves are written as soon as the block has run,
+            # because the next block updates the token tensor in place.
+            base = len(outputs)
+            kept = {j: None for j in range(self.aa_block_size) if base + j in keep_set}
             for kind in self.aa_order:
-                for _ in range(self.aa_block_size):
+                for j in range(self.aa_block_size):
                     if kind == "frame":
-                        tokens = self.frame_blocks[frame_idx](tokens.view(b * s, p, dim), pos=pos)
-                        frame_out.append(tokens)
+                        tokens = self.frame_blocks[frame_idx].forward_frames(tokens.view(b * s, p, dim), pos, chunk)
                         frame_idx += 1
+                        half = slice(0, dim)
                     else:
-                        tokens = self.global_blocks[global_idx](tokens.view(b, s * p, dim), pos=global_pos)
-                        global_out.append(tokens)
+                        tokens = self.global_blocks[global_idx].forward_global(tokens.view(b, s * p, dim),
+                                                                               global_pos, chunk * p)
                         global_idx += 1
-            for f, g in zip(frame_out, global_out):
-                i = len(outputs)
-                if i in keep_set:
-                    outputs.append(torch.cat([f.view(b, s, p, dim), g.view(b, s, p, dim)], dim=-1))
-                else:
-                    outputs.append(None)
+                        half = slice(dim, 2 * dim)
+                    if j in kept:
+                        if kept[j] is None:
+                            kept[j] = tokens.new_empty(b, s, p, 2 * dim, dtype=kept_dtype)
+                        kept[j][..., half] = tokens.view(b, s, p, dim)
+            outputs.extend(kept.get(j) for j in range(self.aa_block_size))
         return outputs, self.patch_start_idx
+
+    def _embed(self, images: torch.Tensor, chunk: int) -> torch.Tensor:
+        """(B, S, 3, H, W) -> (B*S, P, C) tokens [camera, registers, patches]; the patch embedder runs over
+        ``chunk`` frames at a time (its activations are bounded by the chunk)."""
+        b, s, c, h, w = images.shape
+        flat = images.reshape(b * s, c, h, w)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        weight_dtype = self.camera_token.dtype
+        specials = torch.cat([_first_and_rest(self.camera_token, b, s), _first_and_rest(self.register_token, b, s)],
+                             dim=1)
+        tokens = None
+        for a in range(0, b * s, chunk):
+            x = (flat[a:a + chunk] - mean) / std
+            if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(weight_dtype)  # half-precision weights without autocast
+            patches = self._patch_tokens(x)
+            del x
+            if tokens is None:
+                dtype = torch.promote_types(patches.dtype, specials.dtype)
+                tokens = patches.new_empty(b * s, specials.shape[1] + patches.shape[1], patches.shape[2], dtype=dtype)
+                tokens[:, :specials.shape[1]] = specials
+            tokens[a:a + chunk, specials.shape[1]:] = patches
+            del patches
+        return tokens

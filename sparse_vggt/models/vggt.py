@@ -10,7 +10,8 @@ depth_conf (B, S, H, W), world_points (B, S, H, W, 3), world_points_conf, images
 query points (N, 2) / (B, N, 2) in frame-0 pixels, track (B, S, N, 2), vis and conf (B, S, N).
 
 Camera/depth/point heads run in fp32 with autocast disabled (as the reference); the track head under the
-caller's autocast. ``predict`` wraps inference (inference_mode, device autocast dtype, frame-chunked heads).
+caller's autocast. ``predict`` wraps inference (inference_mode, device autocast dtype, half-precision
+aggregator weights on CUDA/MPS, frame-chunked heads). Memory: see sparse_vggt.memory.
 """
 
 from __future__ import annotations
@@ -122,17 +123,19 @@ class VGGT(nn.Module):
         tokens, patch_start_idx = self.aggregator(images)
         out: dict[str, Any] = {}
         with torch.autocast(device_type=images.device.type, enabled=False):
-            head_tokens = [None if t is None else t.float() for t in tokens]
+            # fp32 heads: the camera head reads one token per frame (cast here), the DPT heads cast each chunk
+            # of frames as they read it, so no fp32 copy of the kept layers is ever made.
             if self.camera_head is not None:
-                poses = self.camera_head(head_tokens)
+                cam = [None] * (len(tokens) - 1) + [tokens[-1][:, :, :1].to(self._head_dtype(self.camera_head))]
+                poses = self.camera_head(cam)
+                del cam
                 out["pose_enc"] = poses[-1]
                 out["pose_enc_list"] = poses
             if self.depth_head is not None:
-                out["depth"], out["depth_conf"] = self.depth_head(head_tokens, images, patch_start_idx, chunk)
+                out["depth"], out["depth_conf"] = self.depth_head(tokens, images, patch_start_idx, chunk)
             if self.point_head is not None:
-                out["world_points"], out["world_points_conf"] = self.point_head(head_tokens, images,
-                                                                                patch_start_idx, chunk)
-            del head_tokens
+                out["world_points"], out["world_points_conf"] = self.point_head(tokens, images, patch_start_idx,
+                                                                                chunk)
         if self.track_head is not None and query_points is not None:
             tracks, vis, conf = self.track_head(tokens, images, patch_start_idx, query_points,
                                                 frames_chunk_size=chunk)
@@ -141,16 +144,34 @@ class VGGT(nn.Module):
             out["images"] = images
         return out
 
+    @staticmethod
+    def _head_dtype(head: nn.Module) -> torch.dtype:
+        return next(head.parameters()).dtype
+
+    def set_weights_dtype(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "VGGT":
+        """Store the aggregator's weights (patch embedder, frame and global blocks: ~72% of the 1B parameters)
+        in ``dtype``, converting tensor by tensor on ``device`` (no second full-precision copy there). The
+        camera/depth/point heads keep fp32 weights: they run in fp32, as the reference does; so does the track
+        head (its tracker has ops autocast does not cover)."""
+        self.aggregator.to(device=device, dtype=dtype)
+        if device is not None:
+            self.to(device)
+        return self
+
     def predict(self, images: torch.Tensor, query_points: torch.Tensor | None = None, device: str = "auto",
-                dtype: str = "auto", head_chunk_frames: int | None = -1, **forward_kwargs: Any) -> dict[str, Any]:
+                dtype: str = "auto", head_chunk_frames: int | None = -1, weights: str = "auto",
+                **forward_kwargs: Any) -> dict[str, Any]:
         """Inference on ``device`` (moving the model there) under ``torch.inference_mode`` and the device's
-        autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device). ``forward_kwargs`` go to
-        the forward call, e.g. ``neighbors=`` of a model converted with `sparse_vggt.make_sparse`."""
-        from ..device import autocast, select_device, select_dtype
+        autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device). ``weights``: dtype of the
+        aggregator's weights; ``auto`` = the compute dtype on CUDA/MPS (half the memory), fp32 on CPU;
+        ``float32`` keeps full-precision weights. ``forward_kwargs`` go to the forward call, e.g.
+        ``neighbors=`` of a model converted with `sparse_vggt.make_sparse`."""
+        from ..device import autocast, select_device, select_dtype, select_weights_dtype
 
         dev = select_device(device)
         dt = select_dtype(dev, dtype)
-        self.to(dev).eval()
+        self.set_weights_dtype(select_weights_dtype(dev, dt, weights), dev)
+        self.eval()
         with torch.inference_mode(), autocast(dev, dt):
             return self(images.to(dev), None if query_points is None else query_points.to(dev),
                         head_chunk_frames=head_chunk_frames, **forward_kwargs)

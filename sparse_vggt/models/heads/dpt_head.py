@@ -154,11 +154,18 @@ class DPTHead(nn.Module):
             raise ValueError(f"aggregator layers {missing} were not kept but the DPT head needs them")
         if not frames_chunk_size or frames_chunk_size >= s:
             return self._forward_frames(tokens, images.shape, patch_start_idx, 0, s)
-        parts = [self._forward_frames(tokens, images.shape, patch_start_idx, a, min(a + frames_chunk_size, s))
-                 for a in range(0, s, frames_chunk_size)]
-        if self.feature_only:
-            return torch.cat(parts, dim=1)
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        # Chunks are written into outputs allocated once (no list of parts + concatenated copy at the end).
+        outs: tuple[torch.Tensor, ...] | None = None
+        for a in range(0, s, frames_chunk_size):
+            stop = min(a + frames_chunk_size, s)
+            part = self._forward_frames(tokens, images.shape, patch_start_idx, a, stop)
+            part = (part,) if self.feature_only else part
+            if outs is None:
+                outs = tuple(p.new_empty(p.shape[0], s, *p.shape[2:]) for p in part)
+            for o, p in zip(outs, part):
+                o[:, a:stop] = p
+            del part
+        return outs[0] if self.feature_only else outs
 
     def _forward_frames(self, tokens: list, shape: torch.Size, patch_start_idx: int, start: int, stop: int):
         b, _, _, h, w = shape
@@ -167,6 +174,7 @@ class DPTHead(nn.Module):
         levels = []
         for j, layer in enumerate(self.intermediate_layer_idx):
             x = tokens[layer][:, start:stop, patch_start_idx:]
+            x = x.to(self.norm.weight.dtype)  # kept layers are in the compute dtype; cast one chunk at a time
             x = self.norm(x.reshape(b * s, -1, x.shape[-1]))
             x = x.permute(0, 2, 1).reshape(b * s, x.shape[-1], ph, pw)
             x = self.projects[j](x)
