@@ -62,7 +62,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, connected_components, dijkstra
 
-from .config import PartitionConfig, PipelineConfig
+from .config import ConfigError, PartitionConfig, PipelineConfig
 from .progress import track
 from .store import RunStore
 
@@ -74,6 +74,10 @@ _ROWS_PER_CHUNK = 262_144  # membership rows per vectorised order/neighbour bloc
 
 class PartitionError(ValueError):
     """The graph or the config cannot be partitioned; the message says what to fix."""
+
+
+class PartitionConfigError(PartitionError, ConfigError):
+    """A partition setting that can never give bounded, overlapping clusters: a usage error (CLI exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,23 +273,23 @@ def _reconstruct_device(rc: Any) -> tuple[str, str, float]:
 def validate_config(cfg: PartitionConfig) -> None:
     """Reject configs that cannot give bounded, overlapping clusters (before touching any data)."""
     if isinstance(cfg.max_cluster_frames, str):
-        raise PartitionError("partition.max_cluster_frames='auto' must be resolved first "
+        raise PartitionConfigError("partition.max_cluster_frames='auto' must be resolved first "
                              "(sparse_vggt.partition.resolve_max_cluster_frames)")
     if cfg.min_overlap_frames < 1:
-        raise PartitionError(f"partition.min_overlap_frames={cfg.min_overlap_frames} must be >= 1: clusters that "
+        raise PartitionConfigError(f"partition.min_overlap_frames={cfg.min_overlap_frames} must be >= 1: clusters that "
                              "share no frame cannot be merged")
     if cfg.max_cluster_frames < 2 * cfg.min_overlap_frames:
-        raise PartitionError(
+        raise PartitionConfigError(
             f"partition.max_cluster_frames={cfg.max_cluster_frames} < 2 * min_overlap_frames="
             f"{cfg.min_overlap_frames}: a cluster could be all overlap. Raise max_cluster_frames or lower "
             "min_overlap_frames (e.g. --set partition.min_overlap_frames="
             f"{max(1, cfg.max_cluster_frames // 2)}).")
     if cfg.k < 1:
-        raise PartitionError(f"partition.k={cfg.k} must be >= 1 (neighbours per frame inside a cluster)")
+        raise PartitionConfigError(f"partition.k={cfg.k} must be >= 1 (neighbours per frame inside a cluster)")
     if not (0.0 < cfg.balance_tolerance <= 1.0):
-        raise PartitionError(f"partition.balance_tolerance={cfg.balance_tolerance} must be in (0, 1]")
+        raise PartitionConfigError(f"partition.balance_tolerance={cfg.balance_tolerance} must be in (0, 1]")
     if cfg.min_component_frames < 1:
-        raise PartitionError(f"partition.min_component_frames={cfg.min_component_frames} must be >= 1")
+        raise PartitionConfigError(f"partition.min_component_frames={cfg.min_component_frames} must be >= 1")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Is a run already finished? The CLI asks before it imports Prefect, so re-running a finished run is instant.
 
 A run is finished for a photo folder and a config when every stage's completion marker is set in ``run.json``,
-the scan was of the same folder with the same listing (names, sizes, mtimes), and the recorded config equals the
-requested one in every result-affecting field. Anything else (a stage left, changed photos, changed settings,
+the scan was of the same folder with the same listing (names, sizes, mtimes), the recorded config equals the
+requested one in every result-affecting field, and every unit passes the quick check (markers, chunk listing and
+sizes: ``RunStore.quick_damage``). Anything else (a stage left, changed photos, changed settings,
 ``--force``) goes through the flow, which resumes or refuses with its own message.
 """
 
@@ -50,6 +51,10 @@ def finished_run(run_dir: str | Path, photos: str | Path, config: PipelineConfig
     cfg = config or recorded
     paths = find_photos(root, cfg.ingest.extensions, cfg.ingest.follow_symlinks)
     if _listing_fingerprint(root, paths) != scan.get("listing_sha256"):
+        return None
+    damage = store.quick_damage()
+    if damage:  # the flow verifies in full, records and redoes it
+        log.info("not finished after all: %s", damage)
         return None
     return summary(store, stages, recorded)
 

@@ -398,6 +398,33 @@ class RunStore:
             crc = zlib.crc32(p.read_bytes(), crc)
         return {"files": len(stored), "nbytes": sum(p.stat().st_size for p in stored), "crc32": crc}
 
+    def quick_damage(self) -> str | None:
+        """The first output of a finished run that fails the quick check (listing + stats: a deleted marker, a
+        truncated or deleted chunk, a missing table), or None. Cheap enough to run before deciding that a run
+        needs no work; the flow then does the full (CRC) verification and redoes what failed."""
+        stages = self.meta().get("stages", {})
+        for stage, unit in _STAGE_UNIT.items():
+            check = self.verify_unit(unit)
+            if stage in stages and not check:
+                return f"store.zarr/{unit}: {check.reason}"
+        for stage, table in _STAGE_TABLE.items():
+            if stage in stages and not self.has_table(table):
+                return f"tables/{table}.parquet is missing"
+        for stage, array in _STAGE_ARRAY.items():
+            recorded = stages.get(stage, {}).get("manifest", {}).get("integrity")
+            if recorded:
+                adir = self.zarr_path / array
+                stored = [p for p in adir.rglob("*") if p.is_file() and not p.name.endswith(".partial")]
+                if (len(stored), sum(p.stat().st_size for p in stored)) != (recorded["files"], recorded["nbytes"]):
+                    return f"store.zarr/{array} differs from its manifest"
+        if self.has_table("clusters"):
+            ids = sorted({int(c) for c in self.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
+            for cid in ids:
+                check = self.verify_unit(f"clusters/{cid}")
+                if not check:
+                    return f"store.zarr/clusters/{cid}: {check.reason}"
+        return None
+
     def is_stage_complete(self, stage: str) -> bool:
         return bool(self.meta().get("stages", {}).get(stage, {}).get("finished"))
 

@@ -174,24 +174,31 @@ def test_missing_weights_offline_is_one_message(tmp_path: Path, sample_photos: P
     assert "--set describe.model=random --set describe.allow_random_weights=true" in err.replace("\n", " ")
 
 
+def _demo_cfg():
+    from flows.reconstruct import demo_config
+
+    return demo_config()
+
+
 def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
-    """A run whose every stage marker is set (scan for real; later stages marked as the flow would)."""
-    from sparse_vggt.config import PipelineConfig
+    """A really finished run of 3 photos (every stage run in-process with the demo's tiny random models)."""
+    from sparse_vggt.covisibility import build_graph
+    from sparse_vggt.describe import describe
+    from sparse_vggt.export import export
     from sparse_vggt.ingest import scan
-    from sparse_vggt.store import STAGES, RunStore
+    from sparse_vggt.merge import merge
+    from sparse_vggt.partition import partition
+    from sparse_vggt.reconstruct import reconstruct
 
     photos = tmp_path / "photos"
     photos.mkdir(parents=True)
     for p in sorted(sample_photos.glob("*.jpg"))[:3]:
         shutil.copy(p, photos / p.name)
     run = tmp_path / "run"
-    cfg = PipelineConfig()
+    cfg = _demo_cfg()
     scan(photos, run, cfg)
-    store = RunStore.open(run)
-    for stage in STAGES[1:]:
-        store.stage_finished(stage, {"clusters": 1, "reconstructed": 1, "frames": 3} if stage == "reconstruct" else {})
-    (run / "export").mkdir()
-    (run / "export" / "points.ply").write_bytes(b"ply\n")
+    for stage in (describe, build_graph, partition, reconstruct, merge, export):
+        stage(run, cfg)
     return photos, run
 
 
@@ -201,7 +208,10 @@ def test_rerun_of_a_finished_run_takes_the_fast_path_without_prefect(tmp_path: P
     code = ("import sys; from sparse_vggt.cli import main; rc = main(sys.argv[1:]); "
             "print('PREFECT_IMPORTED', 'prefect' in sys.modules, 'FLOWS_IMPORTED', 'flows.reconstruct' in sys.modules);"
             "sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, "run", str(photos), str(run)], capture_output=True, text=True,
+    from flows.reconstruct import DEMO_SETTINGS
+
+    sets = [a for k, v in DEMO_SETTINGS.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+    out = subprocess.run([sys.executable, "-c", code, "run", str(photos), str(run), *sets], capture_output=True, text=True,
                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     assert "PREFECT_IMPORTED False FLOWS_IMPORTED False" in out.stdout
@@ -209,24 +219,32 @@ def test_rerun_of_a_finished_run_takes_the_fast_path_without_prefect(tmp_path: P
 
 
 def test_fast_path_is_not_taken_when_anything_is_left(tmp_path: Path, sample_photos: Path) -> None:
-    from sparse_vggt.config import PipelineConfig
     from sparse_vggt.runcheck import finished_run
     from sparse_vggt.store import RunStore
 
     photos, run = _finished_run(tmp_path, sample_photos)
-    assert finished_run(run, photos, PipelineConfig())["frames_reconstructed"] == 3
-    changed = PipelineConfig()
+    assert finished_run(run, photos, _demo_cfg())["frames_reconstructed"] == 3
+    changed = _demo_cfg()
     changed.graph.k = 3
     assert finished_run(run, photos, changed) is None  # result-affecting config change: the flow decides
-    runtime = PipelineConfig()
+    runtime = _demo_cfg()
     runtime.reconstruct.device = "cpu"
     assert finished_run(run, photos, runtime) is not None  # runtime-only fields do not matter
-    assert finished_run(run, tmp_path, PipelineConfig()) is None  # another photo folder
+    assert finished_run(run, tmp_path, _demo_cfg()) is None  # another photo folder
+    for damage in ("export", "chunk", "marker"):  # a stage left, a deleted data chunk, a deleted unit marker
+        copy = tmp_path / f"run_{damage}"
+        shutil.copytree(run, copy)
+        if damage == "export":
+            RunStore.open(copy).stage_invalidate("export")
+        elif damage == "chunk":
+            chunks = [p for p in (copy / "store.zarr" / "clusters" / "0" / "extrinsics").rglob("*")
+                      if p.is_file() and p.name != "zarr.json"]
+            chunks[0].unlink()
+        else:
+            (copy / "store.zarr" / "graph" / "zarr.json").unlink()
+        assert finished_run(copy, photos, _demo_cfg()) is None, damage
     (photos / sorted(p.name for p in photos.iterdir())[0]).touch()  # a photo changed (mtime)
-    assert finished_run(run, photos, PipelineConfig()) is None
-    photos2, run2 = _finished_run(tmp_path / "b", sample_photos)
-    RunStore.open(run2).stage_invalidate("export")
-    assert finished_run(run2, photos2, PipelineConfig()) is None
+    assert finished_run(run, photos, _demo_cfg()) is None
 
 
 def test_manifest_lists_render_in_tables(capsys: pytest.CaptureFixture[str]) -> None:

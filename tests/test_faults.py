@@ -68,7 +68,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 def _poses(run: Path) -> dict[str, np.ndarray]:
     from sparse_vggt.evaluate import load_colmap_poses
 
-    names, ext, _ = load_colmap_poses(run / "export" / "colmap")
+    names, ext, _ = load_colmap_poses(run / "export" / "sparse")
     return dict(zip(names, ext))
 
 
