@@ -38,50 +38,39 @@ def track(items: Iterable[T], total: int | None = None, description: str = "") -
             progress.advance(task)
 
 
-def torch_module() -> type:
-    from torch import nn
-
-    return nn.Module
-
-
 @contextlib.contextmanager
 def layer_progress(model: Any, description: str, every_s: float | None = None) -> Iterator[None]:
-    """Progress of one long forward, counted in transformer blocks (the patch-embedding backbone's, then
-    ``model.aggregator.frame_blocks`` and ``global_blocks``) with forward hooks: a bar on a terminal, and an INFO line at most every ``every_s``
-    seconds elsewhere (Prefect logs). Observes only: the hooks return nothing, so outputs are unchanged."""
-    agg = getattr(model, "aggregator", None)
-    patch = getattr(agg, "patch_embed", None)  # the DINOv2 backbone runs first (a quarter of a VGGT-1B forward)
-    blocks = [b for b in (getattr(patch, "blocks", None) or []) if isinstance(b, torch_module())]
-    blocks += [b for name in ("frame_blocks", "global_blocks") for b in (getattr(agg, name, None) or [])]
-    if not blocks:
+    """Progress of one long forward, counted in the aggregator's steps (patch-embedding chunks, then each frame
+    and global layer; see ``Aggregator.progress_listeners``): a bar on a terminal, and an INFO line at most every
+    ``every_s`` seconds elsewhere (Prefect logs). Observes only, so outputs are unchanged."""
+    listeners = getattr(getattr(model, "aggregator", None), "progress_listeners", None)
+    if listeners is None:
         yield
         return
     every = LAYER_LOG_EVERY_S if every_s is None else every_s
-    total, t0 = len(blocks), time.perf_counter()
-    state = {"done": 0, "logged": t0}
+    t0 = time.perf_counter()
+    state = {"logged": t0}
     bar = task = None
     if _ENABLED:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), transient=True)
-        task = bar.add_task(f"{description}: layers", total=total)
+        task = bar.add_task(f"{description}: layers", total=None)
         bar.start()
 
-    def hook(module: Any, args: Any, output: Any) -> None:
-        state["done"] += 1
+    def listener(done: int, total: int) -> None:
         now = time.perf_counter()
         if bar is not None:
-            bar.advance(task)
+            bar.update(task, completed=done, total=total)
         elif now - state["logged"] >= every:
             state["logged"] = now
-            log.info("%s: layer %d/%d after %.0f s", description, state["done"], total, now - t0)
+            log.info("%s: layer %d/%d after %.0f s", description, done, total, now - t0)
 
-    handles = [b.register_forward_hook(hook) for b in blocks]
+    listeners.append(listener)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        listeners.remove(listener)
         if bar is not None:
             bar.stop()

@@ -17,7 +17,7 @@ reached through ``global_blocks[i].attn``, so ``sparse_vggt.sparse`` can swap it
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -97,6 +97,9 @@ class Aggregator(nn.Module):
         self.patch_start_idx = 1 + num_register_tokens
         self.keep_layers = None if keep_layers is None else sorted({i % depth for i in keep_layers})
         self.chunk_tokens = chunk_tokens  # tokens per chunk (whole frames); None/0: all at once
+        # observers of a long forward, called as f(steps_done, steps_total) after each patch-embedding chunk and
+        # each frame/global layer (sparse_vggt.progress.layer_progress); they must not touch the tensors
+        self.progress_listeners: list[Callable[[int, int], None]] = []
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         if isinstance(self.patch_embed, DinoVisionTransformer):
@@ -134,7 +137,8 @@ class Aggregator(nn.Module):
         rows, cols = h // self.patch_size, w // self.patch_size
         p = self.patch_start_idx + rows * cols
         chunk = self.frames_per_chunk(p)
-        tokens = self._embed(images, chunk)  # (B*S, P, C)
+        steps = {"done": 0, "total": -(-(b * s) // chunk) + len(self.aa_order) * self.depth}
+        tokens = self._embed(images, chunk, steps)  # (B*S, P, C)
         dim = tokens.shape[2]
         if self.rope is not None:
             self.rope.reserve(max(rows, cols) + 2)  # positions are at most max(rows, cols) + 1: no device sync
@@ -160,6 +164,7 @@ class Aggregator(nn.Module):
                                                                                global_pos, chunk * p)
                         global_idx += 1
                         half = slice(dim, 2 * dim)
+                    self._step(steps)
                     if j in kept:
                         if kept[j] is None:
                             kept[j] = tokens.new_empty(b, s, p, 2 * dim, dtype=kept_dtype)
@@ -167,7 +172,12 @@ class Aggregator(nn.Module):
             outputs.extend(kept.get(j) for j in range(self.aa_block_size))
         return outputs, self.patch_start_idx
 
-    def _embed(self, images: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _step(self, steps: dict[str, int]) -> None:
+        steps["done"] += 1
+        for listener in self.progress_listeners:
+            listener(steps["done"], steps["total"])
+
+    def _embed(self, images: torch.Tensor, chunk: int, steps: dict[str, int]) -> torch.Tensor:
         """(B, S, 3, H, W) -> (B*S, P, C) tokens [camera, registers, patches]; the patch embedder runs over
         ``chunk`` frames at a time (its activations are bounded by the chunk)."""
         b, s, c, h, w = images.shape
@@ -190,4 +200,5 @@ class Aggregator(nn.Module):
                 tokens[:, :specials.shape[1]] = specials
             tokens[a:a + chunk, specials.shape[1]:] = patches
             del patches
+            self._step(steps)
         return tokens
