@@ -383,6 +383,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """`weights fetch` / `weights verify`: pinned checkpoints with a recorded sha256 (sparse_vggt/provision.py)."""
+    from . import provision
+
+    stages = tuple(args.stage) if args.stage else ("describe", "reconstruct")
+    if args.action == "fetch":
+        result = provision.fetch(args.dir, stages)
+        print_manifest("weights fetch", {"lock": result["lock"]} | {
+            s: f"{e['repo']}/{e['filename']}@{e['revision']} sha256 {e['sha256']} ({e['file']})"
+            for s, e in result["weights"].items()})
+        if args.dir:
+            print(f"use them with --set describe.model={Path(args.dir).resolve() / 'gberton--MegaLoc'} "
+                  f"--set reconstruct.model={Path(args.dir).resolve() / 'facebook--VGGT-1B'}")
+        return 0
+    rows = provision.verify(args.dir, stages)
+    print_manifest("weights verify", {s: ("ok " + r["sha256"]) if r["ok"] else f"FAILED: {r['problem']}"
+                                      for s, r in rows.items()})
+    return 0 if all(r["ok"] for r in rows.values()) else 1
+
+
 class DeployError(RuntimeError):
     """`deploy` cannot reach or find a Prefect server; the message says how to start or point at one."""
 
@@ -486,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="PipelineConfig TOML file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("weights", help="fetch / verify the pinned VGGT-1B and MegaLoc checkpoints (sha256)")
+    p.add_argument("action", choices=["fetch", "verify"])
+    p.add_argument("--dir", help="a directory instead of the Hugging Face cache (files in DIR/<org>--<name>/)")
+    p.add_argument("--stage", action="append", choices=["describe", "reconstruct"],
+                   help="only this stage's checkpoint (repeatable; default both)")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments (prefect.yaml)")
     p.add_argument("--work-pool", default="mac-mini")
