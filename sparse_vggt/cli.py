@@ -358,6 +358,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     import os
 
+    if args.write_yaml:  # the prefect.yaml rendering of flows/deploy.py (its one source of truth)
+        from flows.deploy import prefect_yaml
+
+        Path(args.write_yaml).write_text(prefect_yaml(work_pool=args.work_pool))
+        print(f"wrote {args.write_yaml}")
+        return 0
     if not args.dry_run and not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -369,7 +375,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import register_deployments
 
     try:
-        result = register_deployments(work_pool=args.work_pool, apply=not args.dry_run)
+        result = register_deployments(work_pool=args.work_pool, apply=not args.dry_run,
+                                      deployments=not args.automation_only)
     except Exception as exc:
         if args.verbose or isinstance(exc, (ConfigError, RunStoreError)):
             raise
@@ -514,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this stage's checkpoint (repeatable; default both)")
     p.set_defaults(func=cmd_weights)
 
-    p = sub.add_parser("deploy", help="register the Prefect deployments (prefect.yaml)")
+    p = sub.add_parser("deploy", help="register the Prefect deployments and the zombie-run automation")
     p.add_argument("--work-pool", default="mac-mini")
     p.add_argument("--dry-run", action="store_true", help="print what would be registered")
+    p.add_argument("--automation-only", action="store_true",
+                   help="only (re)create the heartbeat automation (after `prefect deploy --all`)")
+    p.add_argument("--write-yaml", metavar="PATH", help="write the deployments as a prefect.yaml and exit")
     p.set_defaults(func=cmd_deploy)
     return parser
 

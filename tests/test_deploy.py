@@ -1,0 +1,132 @@
+"""Deploy as written: prefect.yaml is generated from flows/deploy.py; `sparse-vggt deploy` and `prefect deploy
+--all` (deploy/README.md, verbatim) register the same deployments on a real temporary server, plus the zombie-run
+automation; the compose file, the launchd files and the heartbeat settings are checked as far as this machine
+allows (no docker engine, no launchd)."""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import deploy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_yaml_is_the_rendering_of_flows_deploy():
+    assert (REPO / "prefect.yaml").read_text() == deploy.prefect_yaml(), \
+        "prefect.yaml is stale: run `sparse-vggt deploy --write-yaml prefect.yaml`"
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert doc["pull"] == [] and not (REPO / "deploy" / "prefect.yaml").exists()
+    from prefect.utilities.importtools import import_object
+
+    for d in doc["deployments"]:  # module entrypoints that import from anywhere (installed package)
+        assert ".py" not in d["entrypoint"] and callable(import_object(d["entrypoint"]))
+
+
+def test_heartbeat_setting_is_prefects_and_the_zombie_threshold_has_margin(monkeypatch):
+    from prefect.settings import Settings
+
+    for s in deploy.deployment_specs():
+        env = s["job_variables"]["env"]
+        assert env["HF_HUB_OFFLINE"] == "1"
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert Settings().flows.heartbeat_frequency == deploy.HEARTBEAT_S
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    assert Settings().flows.heartbeat_frequency == deploy.PREFECT_DEFAULT_HEARTBEAT_S
+    spec = deploy.automation_spec()
+    assert spec["trigger"]["within"] >= 4 * deploy.HEARTBEAT_S
+    assert spec["trigger"]["within"] > deploy.PREFECT_DEFAULT_HEARTBEAT_S + 60
+    nightly = next(s for s in deploy.deployment_specs() if s["name"] == "nightly")
+    assert nightly["concurrency_limit"]["limit"] == 1 and nightly["schedule"]["active"] is False
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """docker compose's ${VAR}, ${VAR:-default}, ${VAR:?error} (the forms the file uses)."""
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if op == ":?" and not env.get(name):
+            raise KeyError(f"{name}: {arg}")
+        if op == ":-" and not env.get(name):
+            return arg
+        return env.get(name, "")
+    return re.sub(r"\$\{([A-Z_]+)(?:(:[-?])([^}]*))?\}", sub, text)
+
+
+@pytest.mark.parametrize("with_auth", [False, True])
+def test_compose_file_with_and_without_auth(with_auth, tmp_path):
+    text = (REPO / "deploy" / "docker-compose.yml").read_text()
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        _interpolate(text, {})
+    env = {"POSTGRES_PASSWORD": "pw"} | ({"PREFECT_BIND": "10.0.0.2", "PREFECT_PUBLIC_HOST": "10.0.0.2"} if with_auth
+                                         else {})
+    doc = yaml.safe_load(_interpolate(text, env))
+    server = doc["services"]["prefect-server"]
+    # never an empty auth string (it turns auth on and answers 401): only from the optional auth.env file
+    assert "PREFECT_SERVER_API_AUTH_STRING" not in server["environment"]
+    assert server["env_file"] == [{"path": "./auth.env", "required": False}]
+    assert all(v != "" for v in server["environment"].values())
+    assert server["ports"] == [f"{'10.0.0.2' if with_auth else '127.0.0.1'}:4200:4200"]
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "deploy/.env" in ignored and "deploy/auth.env" in ignored
+
+
+def test_launchd_runs_as_a_user_without_secrets_in_the_plist():
+    plist = plistlib.loads((REPO / "deploy" / "launchd" / "org.sparse-vggt.worker.plist").read_bytes())
+    assert plist["UserName"] == "sparsevggt"
+    env = plist.get("EnvironmentVariables", {})
+    assert not any("AUTH" in k or "PASSWORD" in k for k in env)
+    assert "StandardOutPath" not in plist  # the worker's output goes to the rotated log (worker.sh)
+    example = (REPO / "deploy" / "launchd" / "worker.env.example").read_text()
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30" in example and "PREFECT_RUNNER_HEARTBEAT" not in example.replace(
+        "PREFECT_RUNNER_HEARTBEAT_FREQUENCY is deprecated", "")
+
+
+def _fake_home(tmp_path: Path) -> Path:
+    home = tmp_path / "opt"
+    (home / ".venv" / "bin").mkdir(parents=True)
+    prefect = home / ".venv" / "bin" / "prefect"
+    prefect.write_text("#!/bin/sh\necho \"prefect $* auth=$PREFECT_API_AUTH_STRING hb=$PREFECT_FLOWS_HEARTBEAT_FREQUENCY "
+                       "offline=$HF_HUB_OFFLINE\"\n")
+    prefect.chmod(0o755)
+    py = home / ".venv" / "bin" / "python"
+    py.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
+    (home / "worker.env").write_text("PREFECT_API_URL=http://head:4200/api\nPREFECT_API_AUTH_STRING=admin:s3cret\n"
+                                     "SPARSE_VGGT_WORKER_NAME=mac-mini-07\n")
+    return home
+
+
+def test_worker_script_refuses_a_readable_secret_file_and_logs_rotated(tmp_path):
+    home = _fake_home(tmp_path)
+    env = dict(os.environ, SPARSE_VGGT_HOME=str(home), PYTHONPATH=str(REPO))
+    script = REPO / "deploy" / "launchd" / "worker.sh"
+    (home / "worker.env").chmod(0o644)
+    r = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78 and "chmod 600" in r.stderr
+    (home / "worker.env").chmod(0o600)
+    r = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    log = (home / "logs" / "worker.log").read_text()
+    assert "worker start --pool mac-mini --type process --limit 1 --name mac-mini-07" in log
+    assert "auth=admin:s3cret hb=30 offline=1" in log
+    assert stat.S_IMODE((home / "worker.env").stat().st_mode) == 0o600
+
+
+def test_logpipe_rotates(tmp_path):
+    log = tmp_path / "w.log"
+    data = "".join(f"line {i:05d} " + "x" * 80 + "\n" for i in range(400))
+    subprocess.run([sys.executable, "-m", "sparse_vggt.logpipe", str(log), "--max-bytes", "4000", "--backups", "3"],
+                   input=data, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["w.log", "w.log.1", "w.log.2", "w.log.3"]
+    assert all(p.stat().st_size <= 4100 for p in tmp_path.iterdir())
+    assert log.read_text().rstrip().endswith("line 00399 " + "x" * 80)
