@@ -130,3 +130,106 @@ def test_logpipe_rotates(tmp_path):
     assert files == ["w.log", "w.log.1", "w.log.2", "w.log.3"]
     assert all(p.stat().st_size <= 4100 for p in tmp_path.iterdir())
     assert log.read_text().rstrip().endswith("line 00399 " + "x" * 80)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against a real temporary Prefect server: the README's commands, verbatim where possible
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    import time
+    import urllib.request
+
+    home = tmp_path / "prefect_home"
+    home.mkdir()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db", PYTHONPATH=str(REPO))
+    env.pop("PREFECT_PROFILES_PATH", None)
+    log = home / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--no-ui", "--analytics-off", "--no-scheduler", "--no-late-runs"],
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, env
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"prefect server did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+
+def _read_back(url: str) -> dict[str, dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        out = {}
+        for d in client.read_deployments():
+            flow = client.read_flow(d.flow_id)
+            out[f"{flow.name}/{d.name}"] = {
+                "entrypoint": d.entrypoint, "pool": d.work_pool_name, "parameters": d.parameters,
+                "job_variables": d.job_variables, "tags": sorted(d.tags), "pull_steps": d.pull_steps or [],
+                "concurrency_limit": d.global_concurrency_limit.limit if d.global_concurrency_limit else None,
+                "collision": (d.concurrency_options.collision_strategy.value if d.concurrency_options else None),
+                "schedules": [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules],
+            }
+        autos = client.read_automations_by_name(deploy.AUTOMATION_NAME)
+    return out, autos
+
+
+@pytest.mark.integration
+def test_sparse_vggt_deploy_and_prefect_deploy_register_the_same_on_a_real_server(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    proc, env = _server(tmp_path)
+    try:
+        cli = [sys.executable, "-c", "from sparse_vggt.cli import main; raise SystemExit(main())"]
+        # deploy/README.md: `sparse-vggt deploy --work-pool mac-mini`
+        r = subprocess.run(cli + ["deploy", "--work-pool", "mac-mini"], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        ours, autos = _read_back(env["PREFECT_API_URL"])
+        assert set(ours) == {"reconstruct/farm", "reconstruct-scheduled/nightly", "reconstruct-cluster/mac-mini"}
+        assert ours["reconstruct-scheduled/nightly"]["concurrency_limit"] == 1
+        assert ours["reconstruct-scheduled/nightly"]["schedules"] == [("0 2 * * *", "UTC", False)]
+        assert len(autos) == 1
+        trig = autos[0].trigger
+        assert trig.within.total_seconds() == deploy.ZOMBIE_AFTER_S and trig.posture.value == "Proactive"
+        assert autos[0].actions[0].type == "change-flow-run-state" and autos[0].actions[0].state.value == "CRASHED"
+        # again: idempotent (one automation, same deployments)
+        r = subprocess.run(cli + ["deploy", "--work-pool", "mac-mini"], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        again, autos = _read_back(env["PREFECT_API_URL"])
+        assert again == ours and len(autos) == 1
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            for d in client.read_deployments():
+                client.delete_deployment(d.id)
+        # deploy/README.md: `prefect deploy --all` from the repository root (the generated prefect.yaml)
+        r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        theirs, _ = _read_back(env["PREFECT_API_URL"])
+        assert theirs == ours, (theirs, ours)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
