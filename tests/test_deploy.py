@@ -233,3 +233,52 @@ def test_sparse_vggt_deploy_and_prefect_deploy_register_the_same_on_a_real_serve
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(10)
+
+
+@pytest.mark.integration
+def test_zombie_automation_crashes_a_silent_run_and_spares_a_heartbeating_one(tmp_path):
+    """The automation as `deploy` creates it (threshold shortened to 12 s for the test) on a real server with its
+    trigger service: a run whose heartbeats stop is marked Crashed; a run that keeps sending them is not."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    proc, env = _server(tmp_path)
+    try:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            deploy.ensure_automation(client, deploy.automation_spec(after_s=12))
+            from flows.reconstruct import reconstruct_cluster_flow
+
+            runs = {k: client.create_flow_run(reconstruct_cluster_flow, name=k, state=Running())
+                    for k in ("silent", "alive")}
+            flow_id = runs["silent"].flow_id
+
+            def beat(run):
+                emit_event(event="prefect.flow-run.heartbeat",
+                           resource={"prefect.resource.id": f"prefect.flow-run.{run.id}",
+                                     "prefect.resource.name": run.name},
+                           related=[{"prefect.resource.id": f"prefect.flow.{flow_id}",
+                                     "prefect.resource.role": "flow",
+                                     "prefect.resource.name": "reconstruct-cluster"}])
+
+            t0 = time.time()
+            beat(runs["silent"])
+            states = {}
+            while time.time() - t0 < 60:
+                beat(runs["alive"])
+                states = {k: client.read_flow_run(r.id).state.type.value for k, r in runs.items()}
+                if states["silent"] == "CRASHED" and time.time() - t0 > 30:
+                    break
+                time.sleep(3)
+            assert states["silent"] == "CRASHED", states
+            assert states["alive"] == "RUNNING", states  # heartbeats every 3 s < 12 s: never marked Crashed
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
