@@ -175,9 +175,7 @@ class _ModelDescriber:
             self.model = MegaLoc.from_preset(cfg.preset)
             self.model_id = f"random:{cfg.preset}"
         else:
-            from .provision import pinned_revision
-
-            self.model = MegaLoc.from_pretrained(cfg.model, preset=cfg.preset, revision=pinned_revision(cfg.model))
+            self.model = MegaLoc.from_pretrained(cfg.model, preset=cfg.preset)
             self.model_id = cfg.model
         from .provenance import provenance
 

@@ -115,3 +115,19 @@ def test_offline_miss_says_fetch_and_random_flags(fake_hub):
     msg = str(info.value)
     assert "sparse-vggt weights fetch" in msg
     assert "--set reconstruct.model=random --set reconstruct.allow_random_weights=true" in msg
+
+
+def test_megaloc_default_repo_loads_offline_from_the_pinned_fetch(fake_hub, monkeypatch):
+    """describe's loader (MegaLoc.from_pretrained("gberton/MegaLoc")) finds the fetched, pinned file offline."""
+    import torch
+    from safetensors.torch import save
+
+    from sparse_vggt.models.megaloc import MegaLoc
+
+    torch.manual_seed(0)
+    tiny = MegaLoc("tiny").eval()
+    monkeypatch.setitem(CONTENT, "describe", save({k: v.contiguous() for k, v in tiny.state_dict().items()}))
+    provision.fetch(download=fake_hub["download"], hub_sha256=fake_hub["hub_sha"], stages=("describe",))
+    loaded = MegaLoc.from_pretrained("gberton/MegaLoc", preset="tiny")
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
