@@ -21,14 +21,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.reconstruct import _reconstruct, record_event, validate_parameters
-from sparse_vggt.grow import dated_run_dir, previous_runs, reuse_descriptors, same_photo_set
+from sparse_vggt.grow import clusters_with_unchanged_inputs, dated_run_dir, previous_runs, reuse_descriptors, same_photo_set
 from sparse_vggt.lock import writer_lock
 from sparse_vggt.store import atomic_write_bytes
 from tasks.stages import artifact_key, scan_task
 
 
 def _reuse_markdown(run_dir: str, reused: dict[str, Any]) -> str:
-    lines = [f"# Reused from the previous run", "", f"- new run: `{run_dir}`", f"- previous run: `{reused.get('from')}`"]
+    lines = ["# Reused from the previous run", "", f"- new run: `{run_dir}`", f"- previous run: `{reused.get('from')}`"]
     if reused.get("unchanged"):
         lines.append("- the photo set did not change: the previous run is current, nothing was recomputed")
         return "\n".join(lines)
@@ -39,6 +39,10 @@ def _reuse_markdown(run_dir: str, reused: dict[str, Any]) -> str:
                  if d.get("images_recomputed_known") else "")
               + (f" (not reused: {d['reason']})" if d.get("reason") else ""),
               f"- recomputed: {', '.join(reused.get('recomputed', []))} ({reused.get('why_recomputed')})"]
+    c = reused.get("clusters")
+    if c:
+        lines.append(f"- clusters whose inputs (photos, order, neighbours, settings) equal a previous cluster's: "
+                     f"{c['same_inputs_as_a_previous_cluster']} of {c['clusters']} (recomputed all the same)")
     return "\n".join(lines)
 
 
@@ -71,6 +75,8 @@ def scheduled_reconstruct(photos: str, runs_root: str, config: dict[str, Any] | 
         else:
             report = _reconstruct(photos, str(run_dir), cfgd, False)
             report["seconds_with_reuse"] = round(time.perf_counter() - t0, 3)
+            if prev is not None:
+                reused["clusters"] = clusters_with_unchanged_inputs(prev, run_dir, cfg)
     if reused.get("unchanged"):
         shutil.rmtree(run_dir)  # only a scan of the same photos: the previous run stays the current one
     report["reused"] = reused

@@ -136,3 +136,37 @@ def reuse_descriptors(prev_dir: str | Path, new_dir: str | Path, config: Pipelin
     log.info("reused %d of %d descriptor chunks (%d images) from %s", out["chunks_reused"], len(chunks),
              out["images_reused"], prev.root)
     return out
+
+
+def _cluster_content_keys(store: RunStore, config: PipelineConfig) -> dict[str, int]:
+    """Per cluster, a key of what its VGGT output depends on, in content terms: the ordered sha256 of its frames,
+    their neighbour positions and the result-affecting reconstruct settings (`reconstruct.cluster_inputs_key`
+    with sha256 instead of run-specific image ids)."""
+    import hashlib
+    import json
+
+    from .reconstruct import cluster_frames
+
+    if not store.has_table("clusters"):
+        return {}
+    sha = store.read_table("images", ["sha256"]).column("sha256").to_pylist()
+    table = store.read_table("clusters")
+    out = {}
+    for cid in sorted({int(c) for c in table.column("cluster_id").to_pylist()}):
+        ids, neighbors = cluster_frames(table, cid)
+        payload = {"frames": [sha[int(i)] for i in ids], "neighbors": neighbors,
+                   "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.k)}
+        out[hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()] = cid
+    return out
+
+
+def clusters_with_unchanged_inputs(prev_dir: str | Path, new_dir: str | Path,
+                                   config: PipelineConfig | None = None) -> dict[str, Any]:
+    """How many of the new run's clusters have exactly the inputs of a previous cluster (same photos in the same
+    order, same neighbour sets, same settings): what reusing clusters could save after a re-partition. Reported,
+    not reused: the partition of the grown graph is recomputed globally, so on a grown folder this is usually
+    small (see the module docstring)."""
+    prev, new = RunStore.open(prev_dir), RunStore.open(new_dir)
+    config = config or new.config()
+    a, b = _cluster_content_keys(prev, config), _cluster_content_keys(new, config)
+    return {"clusters": len(b), "same_inputs_as_a_previous_cluster": len(set(a) & set(b))}

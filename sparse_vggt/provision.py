@@ -54,8 +54,8 @@ class ChecksumMismatchError(RuntimeError):
     """A checkpoint's sha256 differs from the pinned/recorded one (corrupt or different file)."""
 
 
-class WeightsNotFetchedError(FileNotFoundError):
-    """`verify` found no lock or no file: the message says to run `sparse-vggt weights fetch`."""
+class WeightsFetchError(RuntimeError):
+    """A pinned checkpoint could not be downloaded (no network, revision gone); says what to do instead."""
 
 
 def pinned_revision(repo: str) -> str | None:
@@ -141,7 +141,14 @@ def fetch(dest: str | Path | None = None, stages: tuple[str, ...] = ("describe",
     out: dict[str, Any] = {}
     for stage in stages:
         pin = PINS[stage]
-        path = Path(download(pin, root))
+        try:
+            path = Path(download(pin, root))
+        except Exception as exc:  # offline, revision gone, auth: say what to do instead
+            raise WeightsFetchError(
+                f"could not download {pin.repo}/{pin.filename} at the pinned revision {pin.revision} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). `sparse-vggt weights "
+                "fetch` needs access to huggingface.co; on a machine without it, copy the Hugging Face cache (or the "
+                "--dir folder) from a machine that fetched, then run `sparse-vggt weights verify`.") from exc
         digest = sha256_file(path)
         expected, source = pin.sha256, "pinned in sparse_vggt/provision.py"
         if expected is None:

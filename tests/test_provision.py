@@ -131,3 +131,11 @@ def test_megaloc_default_repo_loads_offline_from_the_pinned_fetch(fake_hub, monk
     loaded = MegaLoc.from_pretrained("gberton/MegaLoc", preset="tiny")
     for k, v in tiny.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_fetch_without_network_says_what_to_do(fake_hub):
+    def offline(pin, dest):
+        raise OSError("Name or service not known")
+
+    with pytest.raises(provision.WeightsFetchError, match="copy the Hugging Face cache"):
+        provision.fetch(download=offline, hub_sha256=fake_hub["hub_sha"])

@@ -78,6 +78,9 @@ def test_grown_folder_new_dated_run_reuses_descriptors_and_equals_fresh_run(harn
     assert d["reason"] is None and d["chunks_total"] == 3 and d["chunks_reused"] == 1 and d["images_reused"] == 4
     assert d["images_new"] == 4 and d["images_recomputed_known"] == 2
     assert grown["stages_executed"]["describe-chunk"] == 2  # only the chunks with new photos were described
+    c = grown["reused"]["clusters"]  # reported (not reused): clusters with exactly a previous cluster's inputs
+    assert c["clusters"] == grown["clusters"] and 0 <= c["same_inputs_as_a_previous_cluster"] <= c["clusters"]
+    print("clusters with unchanged inputs:", c)
     report = json.loads((run2 / "orchestration" / "report.json").read_text())
     assert report["reused"]["descriptors"]["images_reused"] == 4
     events = [json.loads(x) for x in (run2 / "orchestration" / "events.jsonl").read_text().splitlines()]
