@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 from huggingface_hub import constants as _hf_constants  # noqa: F401 - imported before the env points at a fake cache
