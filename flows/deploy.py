@@ -127,8 +127,10 @@ def automation_spec(flow_names: tuple[str, ...] = FLOW_NAMES, after_s: int = ZOM
             "match_related": {"prefect.resource.role": "flow",
                               "prefect.resource.name": list(flow_names)},
             "after": ["prefect.flow-run.heartbeat"],
+            # a heartbeat or any state in which a run legitimately stops beating (final, paused, waiting to retry)
             "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed", "prefect.flow-run.Paused",
+                       "prefect.flow-run.Suspended", "prefect.flow-run.AwaitingRetry", "prefect.flow-run.Scheduled"],
             "for_each": ["prefect.resource.id"],
         },
         "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
