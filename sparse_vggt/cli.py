@@ -358,6 +358,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     import os
 
+    if args.write_yaml:  # the prefect.yaml rendering of flows/deploy.py (its one source of truth)
+        from flows.deploy import prefect_yaml
+
+        Path(args.write_yaml).write_text(prefect_yaml(work_pool=args.work_pool))
+        print(f"wrote {args.write_yaml}")
+        return 0
     if not args.dry_run and not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -369,7 +375,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import register_deployments
 
     try:
-        result = register_deployments(work_pool=args.work_pool, apply=not args.dry_run)
+        result = register_deployments(work_pool=args.work_pool, apply=not args.dry_run,
+                                      deployments=not args.automation_only)
     except Exception as exc:
         if args.verbose or isinstance(exc, (ConfigError, RunStoreError)):
             raise
@@ -381,6 +388,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                           ) from exc
     print_manifest("deploy", result)
     return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """`weights fetch` / `weights verify`: pinned checkpoints with a recorded sha256 (sparse_vggt/provision.py)."""
+    from . import provision
+
+    stages = tuple(args.stage) if args.stage else ("describe", "reconstruct")
+    if args.action == "fetch":
+        result = provision.fetch(args.dir, stages)
+        print_manifest("weights fetch", {"lock": result["lock"]} | {
+            s: f"{e['repo']}/{e['filename']}@{e['revision']} sha256 {e['sha256']} ({e['file']})"
+            for s, e in result["weights"].items()})
+        if args.dir:
+            print(f"use them with --set describe.model={Path(args.dir).resolve() / 'gberton--MegaLoc'} "
+                  f"--set reconstruct.model={Path(args.dir).resolve() / 'facebook--VGGT-1B'}")
+        return 0
+    rows = provision.verify(args.dir, stages)
+    print_manifest("weights verify", {s: ("ok " + r["sha256"]) if r["ok"] else f"FAILED: {r['problem']}"
+                                      for s, r in rows.items()})
+    return 0 if all(r["ok"] for r in rows.values()) else 1
 
 
 class DeployError(RuntimeError):
@@ -487,9 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("deploy", help="register the Prefect deployments (prefect.yaml)")
+    p = sub.add_parser("weights", help="fetch / verify the pinned VGGT-1B and MegaLoc checkpoints (sha256)")
+    p.add_argument("action", choices=["fetch", "verify"])
+    p.add_argument("--dir", help="a directory instead of the Hugging Face cache (files in DIR/<org>--<name>/)")
+    p.add_argument("--stage", action="append", choices=["describe", "reconstruct"],
+                   help="only this stage's checkpoint (repeatable; default both)")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("deploy", help="register the Prefect deployments and the zombie-run automation")
     p.add_argument("--work-pool", default="mac-mini")
     p.add_argument("--dry-run", action="store_true", help="print what would be registered")
+    p.add_argument("--automation-only", action="store_true",
+                   help="only (re)create the heartbeat automation (after `prefect deploy --all`)")
+    p.add_argument("--write-yaml", metavar="PATH", help="write the deployments as a prefect.yaml and exit")
     p.set_defaults(func=cmd_deploy)
     return parser
 

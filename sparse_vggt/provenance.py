@@ -22,8 +22,11 @@ def _looks_like_repo_id(name: str) -> bool:
 def _cached_file(name: str, filenames: Sequence[str], revision: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
+    from .provision import hub_cache_dir  # HF_HUB_CACHE read now, not at huggingface_hub's import
+
     for filename in filenames:
-        hit = try_to_load_from_cache(repo_id=name, filename=filename, revision=revision)
+        hit = try_to_load_from_cache(repo_id=name, filename=filename, revision=revision,
+                                     cache_dir=str(hub_cache_dir()))
         if isinstance(hit, (str, os.PathLike)) and Path(hit).is_file():
             return Path(hit)
     return None
@@ -49,6 +52,9 @@ def provenance(model: str, filenames: Sequence[str] = DEFAULT_FILENAMES, preset:
     file, else the requested revision)."""
     if model == "random":
         return {"weights": "random", "preset": preset, "seed": seed}
+    from .provision import lock_entry_for, pinned_revision
+
+    revision = revision or pinned_revision(str(model))
     out: dict[str, Any] = {"weights": "checkpoint", "source": str(model), "preset": preset}
     path = Path(model).expanduser()
     found: Path | None = None
@@ -58,12 +64,14 @@ def provenance(model: str, filenames: Sequence[str] = DEFAULT_FILENAMES, preset:
         found = next((path / f for f in filenames if (path / f).is_file()), None)
     elif _looks_like_repo_id(str(model)):
         try:
-            found = _cached_file(str(model), filenames, revision)
+            found = _cached_file(str(model), filenames, revision) or _cached_file(str(model), filenames, None)
         except Exception:  # noqa: BLE001 - provenance must never fail a stage
             found = None
     if found is not None:
         _, commit = _hub_revision(found)  # snapshots/<commit>/<file> (before following the symlink into blobs/)
         out.update(file=str(found), bytes=found.stat().st_size, revision=commit or revision)
+        entry = lock_entry_for(found)  # checksum verified by `sparse-vggt weights fetch` (no re-hashing here)
+        out["sha256"] = entry.get("sha256") if entry else None
     else:
         out.update(file=None, revision=revision)
     return out
@@ -78,8 +86,8 @@ def describe_weights(prov: Mapping[str, Any] | None) -> str:
         return f"RANDOM weights (preset {prov.get('preset')}, seed {prov.get('seed')}): results are meaningless"
     if kind == "file":
         return f"descriptors read from {prov.get('file')} (no model)"
-    rev = prov.get("revision")
-    return (f"checkpoint {prov.get('source')}" + (f" @ {rev}" if rev else "")
+    rev, sha = prov.get("revision"), prov.get("sha256")
+    return (f"checkpoint {prov.get('source')}" + (f" @ {rev}" if rev else "") + (f" sha256 {sha}" if sha else "")
             + (f" ({prov.get('file')}, {prov.get('bytes')} bytes)" if prov.get("file") else ""))
 
 

@@ -96,8 +96,9 @@ def unavailable_message(name: str, filenames: Sequence[str], reason: str, stage:
     random_cmd = " ".join(random_weights_flags(s) for s in stages)
     return (f"the checkpoint of the Hugging Face repo {name!r} ({' or '.join(filenames)}) is not in the local "
             f"cache and {reason}. "
-            f"Either download it where there is network access (`hf download {name} {filenames[-1]}`) and copy "
-            f"the cache (~/.cache/huggingface) here, or pass a local file or directory with --set "
+            f"Either run `sparse-vggt weights fetch` where there is network access (pinned revision, sha256 "
+            f"checked; `--dir DIR` for a shared folder; or `hf download {name} {filenames[-1]}`) and copy the "
+            f"cache (~/.cache/huggingface) here, or pass a local file or directory with --set "
             f"{key}=/path/to/{filenames[-1]}, or run with RANDOM weights (meaningless geometry, for trying the "
             f"pipeline): {random_cmd}")
 
@@ -123,7 +124,16 @@ def resolve_checkpoint(name_or_path: str | Path, filenames: Sequence[str] = DEFA
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
+    from .provision import pinned_revision
+
+    pinned = revision is None and pinned_revision(name) is not None
+    revision = revision or pinned_revision(name)  # what `sparse-vggt weights fetch` put in the cache
     cached = _cached_file(name, filenames, revision)
+    if cached is None and pinned:  # a cache made by `hf download` (refs/main): used, its commit is recorded
+        cached = _cached_file(name, filenames, None)
+        if cached is not None:
+            log.warning("%s: using the cached snapshot %s, not the pinned revision %s (run `sparse-vggt weights "
+                        "fetch` to pin it)", name, cached.parent.name, revision)
     if cached is not None:
         return cached
     reason = _offline_reason()
@@ -224,7 +234,7 @@ def check_weights_available(config: Any, stages: Sequence[str] = ("describe", "r
         downloads = "; ".join(f"`hf download {model} {STAGE_FILENAMES[stage][-1]}`" for stage, model, _ in missing)
         flags = " ".join(random_weights_flags(stage) for stage, _, _ in missing)
         raise WeightsUnavailableError(
-            f"no checkpoint for {names}: not in the local Hugging Face cache and {reason}. Either download them "
-            f"where there is network access ({downloads}) and copy the cache (~/.cache/huggingface) here, or pass "
+            f"no checkpoint for {names}: not in the local Hugging Face cache and {reason}. Either run "
+            f"`sparse-vggt weights fetch` where there is network access, or download them ({downloads}) and copy the cache (~/.cache/huggingface) here, or pass "
             f"local files with --set <stage>.model=/path/to/file, or run with RANDOM weights (meaningless "
             f"geometry, for trying the pipeline): {flags}")

@@ -133,7 +133,8 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
             from flows.reconstruct import run_pipeline
 
             reg = register_deployments(work_pool=POOL, apply=True)
-            assert {d["deployment"] for d in reg["deployments"]} == {"reconstruct/farm", f"reconstruct-cluster/{POOL}"}
+            assert {d["deployment"] for d in reg["deployments"]} == {"reconstruct/farm", "reconstruct-scheduled/nightly",
+                                                                     f"reconstruct-cluster/{POOL}"}
             local = run_pipeline(PHOTOS, tmp_path / "local", _config("local"))
             pool = run_pipeline(PHOTOS, tmp_path / "pool", _config("pool"))
             from prefect.logging.handlers import APILogHandler

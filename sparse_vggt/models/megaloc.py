@@ -124,8 +124,12 @@ def load_checkpoint(source: str | Path, filename: str = "model.safetensors", rev
                                     "repo id like 'gberton/MegaLoc'")
         from huggingface_hub import hf_hub_download
 
+        from ..provision import hub_cache_dir, pinned_revision
+
+        revision = revision or pinned_revision(str(source))  # what `sparse-vggt weights fetch` put in the cache
         try:
-            path = Path(hf_hub_download(repo_id=str(source), filename=filename, revision=revision))
+            path = Path(hf_hub_download(repo_id=str(source), filename=filename, revision=revision,
+                                        cache_dir=str(hub_cache_dir())))
         except Exception as exc:
             raise RuntimeError(f"could not download {filename} from the Hugging Face repo {source!r} ({exc}). "
                                "Download it elsewhere and pass the local file or directory, or set "

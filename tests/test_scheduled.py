@@ -1,0 +1,102 @@
+"""Scheduled runs on a growing folder (flows/scheduled.py, sparse_vggt/grow.py): a finished run's folder gains
+photos, the scheduled flow makes a new dated run directory that reuses the old descriptors by content hash, and
+its output equals a fresh run on the grown folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_vggt.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO / "sparse_vggt" / "data" / "sacre_coeur" / "images"
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    if old is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = old
+
+
+def _cfg() -> dict:
+    from flows.reconstruct import demo_config
+
+    cfg = demo_config()
+    cfg.orchestration.cluster_process = False
+    return cfg.to_dict()
+
+
+def _poses(run: Path) -> dict[str, np.ndarray]:
+    store = RunStore.open(run)
+    paths = store.read_table("images", ["path"]).column("path").to_pylist()
+    ids = np.asarray(store.zarr["merge/images/image_ids"][...])
+    ext = np.asarray(store.zarr["merge/images/extrinsics"][...], np.float64)
+    return {paths[int(i)]: e for i, e in zip(ids, ext)}
+
+
+def test_grown_folder_new_dated_run_reuses_descriptors_and_equals_fresh_run(harness, tmp_path):
+    from flows.reconstruct import reconstruct
+    from flows.scheduled import scheduled_reconstruct
+
+    files = sorted(PHOTOS.iterdir())
+    photos, runs = tmp_path / "photos", tmp_path / "runs"
+    photos.mkdir()
+    for f in files[:6]:  # "a_" sorts the first photos before the ones added later
+        shutil.copy(f, photos / f"a_{f.name}")
+    first = scheduled_reconstruct(str(photos), str(runs), _cfg())
+    run1 = Path(first["run_dir"])
+    assert run1.parent == runs.resolve() and first["reused"]["from"] is None
+
+    # nothing changed: no new work, the previous run stays current
+    same = scheduled_reconstruct(str(photos), str(runs), _cfg())
+    assert same["reused"]["unchanged"] and same["run_dir"] == str(run1)
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == [run1.name]
+
+    for f in files[6:]:
+        shutil.copy(f, photos / f"b_{f.name}")
+    grown = scheduled_reconstruct(str(photos), str(runs), _cfg())
+    run2 = Path(grown["run_dir"])
+    assert run2 != run1 and run2.parent == runs.resolve()
+    d = grown["reused"]["descriptors"]
+    # chunk_size 4: chunk 0 holds 4 old photos (reused), chunk 1 two old + two new, chunk 2 two new
+    assert d["reason"] is None and d["chunks_total"] == 3 and d["chunks_reused"] == 1 and d["images_reused"] == 4
+    assert d["images_new"] == 4 and d["images_recomputed_known"] == 2
+    assert grown["stages_executed"]["describe-chunk"] == 2  # only the chunks with new photos were described
+    c = grown["reused"]["clusters"]  # reported (not reused): clusters with exactly a previous cluster's inputs
+    assert c["clusters"] == grown["clusters"] and 0 <= c["same_inputs_as_a_previous_cluster"] <= c["clusters"]
+    print("clusters with unchanged inputs:", c)
+    report = json.loads((run2 / "orchestration" / "report.json").read_text())
+    assert report["reused"]["descriptors"]["images_reused"] == 4
+    events = [json.loads(x) for x in (run2 / "orchestration" / "events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "reused_from_previous_run" for e in events)
+
+    # the reused rows are the previous run's rows, byte for byte
+    s1, s2 = RunStore.open(run1), RunStore.open(run2)
+    sha1 = s1.read_table("images", ["sha256"]).column("sha256").to_pylist()
+    sha2 = s2.read_table("images", ["sha256"]).column("sha256").to_pylist()
+    d1, d2 = np.asarray(s1.zarr["descriptors"][...]), np.asarray(s2.zarr["descriptors"][...])
+    for r in range(4):
+        assert np.array_equal(d2[r], d1[sha1.index(sha2[r])])
+
+    fresh = tmp_path / "fresh"
+    reconstruct(str(photos), str(fresh), _cfg())
+    np.testing.assert_array_equal(np.asarray(RunStore.open(fresh).zarr["descriptors"][...]), d2)
+    a, b = _poses(run2), _poses(fresh)
+    assert a.keys() == b.keys() and len(a) == 10
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
