@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,18 @@ _STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one
 _STAGE_TABLE = {"scan": "images", "partition": "clusters"}
 _STAGE_ARRAY = {"describe": "descriptors"}  # stages whose output is one array shared by their units
 _STAGE_ARRAY_UNITS = {"describe": ("describe_chunks",)}
+
+
+def _clear_stages(meta: dict[str, Any], names: Sequence[str], reason: str) -> list[str]:
+    """Drop the markers of ``names`` from run.json's ``meta`` (held under its lock); record it in the history."""
+    stages = meta.setdefault("stages", {})
+    cleared = [s for s in names if s in stages]
+    for s in cleared:
+        stages.pop(s)
+    if cleared:
+        meta.setdefault("history", []).append({"time": _now(), "event": "invalidated", "stages": cleared,
+                                               "reason": reason})
+    return cleared
 
 
 def _allowed_before_create(p: Path) -> bool:
@@ -308,36 +320,19 @@ class RunStore:
     def stage_started(self, stage: str) -> None:
         """Record that ``stage`` is (re)computing; every later stage depends on it, so its markers are cleared."""
         later = STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()
-        cleared: list[str] = []
         with self._locked_meta() as meta:
-            stages = meta.setdefault("stages", {})
-            entry = stages.setdefault(stage, {})
+            entry = meta.setdefault("stages", {}).setdefault(stage, {})
             entry["started"] = _now()
             entry.pop("finished", None)
-            for s in later:
-                if s in stages:
-                    cleared.append(s)
-                    stages.pop(s)
-            if cleared:
-                meta.setdefault("history", []).append(
-                    {"time": _now(), "event": "invalidated", "stages": cleared, "reason": f"{stage} recomputed"})
+            cleared = _clear_stages(meta, later, f"{stage} recomputed")
         if cleared:
             append_event(self.root, {"kind": "stages_invalidated", "stages": cleared,
                                      "reason": f"{stage} is being recomputed"})
 
     def invalidate_from(self, stage: str, reason: str) -> list[str]:
         """Clear the markers of ``stage`` and every later stage (recorded); returns the stages cleared."""
-        todo = STAGES[STAGES.index(stage):]
-        cleared: list[str] = []
         with self._locked_meta() as meta:
-            stages = meta.setdefault("stages", {})
-            for s in todo:
-                if s in stages:
-                    cleared.append(s)
-                    stages.pop(s)
-            if cleared:
-                meta.setdefault("history", []).append(
-                    {"time": _now(), "event": "invalidated", "stages": cleared, "reason": reason})
+            cleared = _clear_stages(meta, STAGES[STAGES.index(stage):], reason)
         if cleared:
             append_event(self.root, {"kind": "stages_invalidated", "stages": cleared, "reason": reason})
             log.warning("invalidated stage(s) %s of %s: %s", ", ".join(cleared), self.root, reason)

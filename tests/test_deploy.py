@@ -190,6 +190,17 @@ def _read_back(url: str) -> dict[str, dict]:
     return out, autos
 
 
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server started by _server (its whole process group)."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
 @pytest.mark.integration
 def test_sparse_vggt_deploy_and_prefect_deploy_register_the_same_on_a_real_server(tmp_path):
     from prefect.client.orchestration import get_client
@@ -227,12 +238,7 @@ def test_sparse_vggt_deploy_and_prefect_deploy_register_the_same_on_a_real_serve
         theirs, _ = _read_back(env["PREFECT_API_URL"])
         assert theirs == ours, (theirs, ours)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+        _stop(proc)
 
 
 @pytest.mark.integration
@@ -276,9 +282,4 @@ def test_zombie_automation_crashes_a_silent_run_and_spares_a_heartbeating_one(tm
             assert states["silent"] == "CRASHED", states
             assert states["alive"] == "RUNNING", states  # heartbeats every 3 s < 12 s: never marked Crashed
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+        _stop(proc)
