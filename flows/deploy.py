@@ -1,12 +1,13 @@
 """Register the farm deployments with the Prefect server (`sparse-vggt deploy`).
 
-Two deployments, the same as ``deploy/prefect.yaml``:
+Three deployments, the same as ``deploy/prefect.yaml``:
 
 * ``reconstruct/farm`` — the main flow on the head node's pool (``sparse-vggt-head``) with ``dispatch = "pool"``
   and an example nightly cron schedule that is registered *paused* (turn it on in the UI once the photos path is
   right). It must not run on the Mac pool: it waits for the cluster runs and would hold a worker slot.
 * ``reconstruct-cluster/<work_pool>`` — the per-cluster flow on the Mac minis' process pool (one worker per Mac,
   concurrency 1), with the MPS environment variables.
+* ``describe-chunks/<work_pool>`` — a few descriptor chunks per flow run on the same pool (issue 16).
 
 Entrypoints are module paths (``flows.reconstruct.reconstruct_cluster_flow``), so a worker needs only the installed
 package, no checkout or pull step.
@@ -33,6 +34,7 @@ def deployment_specs(work_pool: str = "mac-mini", head_pool: str = HEAD_POOL) ->
     config.orchestration.dispatch = "pool"
     config.orchestration.work_pool = work_pool
     config.orchestration.cluster_deployment = f"reconstruct-cluster/{work_pool}"
+    config.orchestration.describe_deployment = f"describe-chunks/{work_pool}"
     return [
         {
             "flow": "reconstruct",
@@ -43,7 +45,8 @@ def deployment_specs(work_pool: str = "mac-mini", head_pool: str = HEAD_POOL) ->
                 "photos": os.environ.get("SPARSE_VGGT_PHOTOS", "/Volumes/sparse-vggt/photos/city"),
                 "run_dir": os.environ.get("SPARSE_VGGT_RUN_DIR", "/Volumes/sparse-vggt/runs/city"),
                 "config": {"orchestration": {k: v for k, v in config.to_dict()["orchestration"].items()
-                                             if k in ("dispatch", "work_pool", "cluster_deployment")}},
+                                             if k in ("dispatch", "work_pool", "cluster_deployment",
+                                                      "describe_deployment")}},
             },
             "schedule": {"cron": CRON_EXAMPLE, "active": False},
             "tags": ["sparse-vggt"],
@@ -59,6 +62,17 @@ def deployment_specs(work_pool: str = "mac-mini", head_pool: str = HEAD_POOL) ->
             "schedule": None,
             "tags": ["sparse-vggt", "cluster"],
             "description": "one cluster through sparse VGGT on a farm worker",
+            "job_variables": {"env": dict(MPS_ENV)},
+        },
+        {  # issue 16: descriptor chunks run on the workers too (the same pool; the head only plans/finishes)
+            "flow": "describe-chunks",
+            "name": work_pool,
+            "entrypoint": "flows.reconstruct.describe_chunks_flow",
+            "work_pool": work_pool,
+            "parameters": {},
+            "schedule": None,
+            "tags": ["sparse-vggt", "describe"],
+            "description": "MegaLoc descriptors of a few ingest chunks on a farm worker",
             "job_variables": {"env": dict(MPS_ENV)},
         },
     ]
@@ -84,12 +98,13 @@ def register_deployments(work_pool: str = "mac-mini", apply: bool = True, head_p
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL
 
-    from flows.reconstruct import reconstruct, reconstruct_cluster_flow
+    from flows.reconstruct import describe_chunks_flow, reconstruct, reconstruct_cluster_flow
 
     if not PREFECT_API_URL.value():
         raise RuntimeError("PREFECT_API_URL is not set: deployments must go to the head node's Prefect server "
                            "(e.g. export PREFECT_API_URL=http://HEAD:4200/api; see deploy/README.md)")
-    flows = {"reconstruct": reconstruct, "reconstruct-cluster": reconstruct_cluster_flow}
+    flows = {"reconstruct": reconstruct, "reconstruct-cluster": reconstruct_cluster_flow,
+             "describe-chunks": describe_chunks_flow}
     ids = []
     with get_client(sync_client=True) as client:
         for pool in {s["work_pool"] for s in specs}:
