@@ -300,14 +300,7 @@ def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], 
 
     orch = cfg.orchestration
     if orch.dispatch == "pool":  # bounded: at most max_in_flight flow runs, one poller (issue 16)
-        units = [PoolUnit(c, orch.cluster_deployment, {"run_dir": run_dir, "cluster_id": int(c), "config": cfgd},
-                          f"cluster-{int(c)}-{_slug(run_dir)}", ["sparse-vggt", f"cluster-{int(c)}"]) for c in ids]
-        out: dict[int, tuple[str, Any]] = {}
-        for unit, outcome, message, fr in pool_dispatch(run_dir, cfg, units, "clusters"):
-            work.executed["dispatch-cluster"] = work.executed.get("dispatch-cluster", 0) + 1
-            out[int(unit.key)] = (outcome, {"flow_run": fr.name} if outcome == "ok" else message)
-            progress()
-        return out
+        return _pool_cluster_round(run_dir, cfg, cfgd, ids, work, progress)
     else:
         t = cached(run_dir, reconstruct_cluster_task, tags=[orch.accelerator_tag], **retry_options(cfgd))
         finished = _windowed(lambda c: t.submit(run_dir, cfgd, c, orch.cluster_process), ids, 1)
@@ -426,6 +419,41 @@ def publish_monitoring(run_dir: str, kind: str, done: int, total: int, t0: float
                                                             "peak_rss_mb", "peak_accelerator_mb")}
                                      for r in sorted(records, key=lambda r: r.get("cluster_id", 0))],
                               description="per-cluster peak memory (resident process RSS; accelerator if any)")
+
+
+def _pool_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], ids: list[int], work: _Work,
+                        progress: Any) -> dict[int, tuple[str, Any]]:
+    """Clusters as flow runs, ``orchestration.clusters_per_run`` per run; per-cluster outcomes from the run's
+    state, its out-of-memory map and the clusters' completion markers (a failed batch keeps its finished ones)."""
+    orch = cfg.orchestration
+    k = max(1, orch.clusters_per_run)
+    units = []
+    for i in range(0, len(ids), k):
+        b = [int(c) for c in ids[i:i + k]]
+        params: dict[str, Any] = {"run_dir": run_dir, "cluster_id": b[0], "config": cfgd}
+        if k > 1:
+            params["batch"] = b
+        name = f"cluster-{b[0]}-{_slug(run_dir)}" if len(b) == 1 else f"clusters-{b[0]}-{b[-1]}-{_slug(run_dir)}"
+        units.append(PoolUnit(tuple(b), orch.cluster_deployment, params, name,
+                              ["sparse-vggt"] + [f"cluster-{c}" for c in b]))
+    out: dict[int, tuple[str, Any]] = {}
+    for unit, outcome, message, fr in pool_dispatch(run_dir, cfg, units, "clusters"):
+        work.executed["dispatch-cluster"] = work.executed.get("dispatch-cluster", 0) + len(unit.key)
+        oom: dict[str, str] = {}
+        batched = "batch" in unit.parameters
+        if outcome == "oom" and batched:
+            with contextlib.suppress(ValueError):
+                oom = json.loads(message)
+        done = set(RunStore.open(run_dir).complete_units("clusters")) if outcome != "ok" else set()
+        for c in unit.key:
+            if outcome == "ok" or str(c) in done:
+                out[c] = ("ok", {"flow_run": fr.name})
+            elif outcome == "oom" and (not batched or str(c) in oom):
+                out[c] = ("oom", oom.get(str(c), message))
+            else:
+                out[c] = ("failed", message)
+            progress()
+    return out
 
 
 def run_clusters(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], work: _Work) -> dict[str, Any]:
@@ -674,27 +702,42 @@ def _cluster_run_name() -> str:
 
 
 @flow(name="reconstruct-cluster", flow_run_name=_cluster_run_name, persist_result=False)
-def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any]) -> Any:
-    """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts.
+def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any],
+                             batch: list[int] | None = None) -> Any:
+    """One cluster, or a ``batch`` of clusters (``orchestration.clusters_per_run``), on a farm worker (pool
+    dispatch). The run directory must be on storage this worker mounts.
 
     The model runs in this worker's resident process (`sparse_vggt.resident`): loaded once per worker and run,
-    not once per cluster. No writer lock here: the main flow holds it; this flow writes only
-    ``store.zarr/clusters/<id>`` and ``orchestration/clusters/<id>.json`` (and appends to events.jsonl), so
-    workers never touch each other's files."""
+    not once per cluster; a batch also pays the flow run's process start once. No writer lock here: the main
+    flow holds it; this flow writes only ``store.zarr/clusters/<id>`` and ``orchestration/clusters/<id>.json``
+    (and appends to events.jsonl), so workers never touch each other's files. Out of memory: the flow ends
+    Failed with ``OOM_MARK`` and a JSON map cluster -> reason (the head splits those clusters)."""
     from sparse_vggt import resident
     from sparse_vggt.reconstruct import ClusterOutOfMemory
 
     _require_visible(run_dir)
     cfg = PipelineConfig.from_dict(config)
-    started = time.time()
-    answer = resident.call("cluster", run_dir, cfg, int(cluster_id), cfg.orchestration.resident_idle_s)
-    _write_unit_record(run_dir, "clusters", str(int(cluster_id)), answer, started,
-                       {"cluster_id": int(cluster_id), "frames": (answer.get("ok") or {}).get("frames", 0),
-                        "skipped": bool((answer.get("ok") or {}).get("skipped"))})
-    try:
-        return resident.raise_for(answer, "cluster", int(cluster_id))
-    except ClusterOutOfMemory as exc:
-        return Failed(message=f"{OOM_MARK}: {exc.message}")
+    ids = [int(c) for c in batch] if batch else [int(cluster_id)]
+    oom: dict[str, str] = {}
+    errors: list[BaseException] = []
+    result: Any = None
+    for cid in ids:
+        started = time.time()
+        answer = resident.call("cluster", run_dir, cfg, cid, cfg.orchestration.resident_idle_s)
+        _write_unit_record(run_dir, "clusters", str(cid), answer, started,
+                           {"cluster_id": cid, "frames": (answer.get("ok") or {}).get("frames", 0),
+                            "skipped": bool((answer.get("ok") or {}).get("skipped")), "batch": len(ids)})
+        try:
+            result = resident.raise_for(answer, "cluster", cid)
+        except ClusterOutOfMemory as exc:
+            oom[str(cid)] = exc.message
+        except Exception as exc:  # noqa: BLE001 - the rest of the batch still runs; the flow fails at the end
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    if oom:
+        return Failed(message=f"{OOM_MARK}: {json.dumps(oom)}" if batch else f"{OOM_MARK}: {oom[str(ids[0])]}")
+    return result if not batch else {"clusters": ids}
 
 
 def _describe_run_name() -> str:

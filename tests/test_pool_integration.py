@@ -84,6 +84,7 @@ def _config(dispatch: str):
     cfg.orchestration.describe_deployment = f"describe-chunks/{POOL}"
     cfg.orchestration.work_pool = POOL
     cfg.orchestration.describe_chunks_per_run = 2
+    cfg.orchestration.clusters_per_run = 1  # one flow run per cluster here: 4 runs for a bound of 3
     cfg.orchestration.max_in_flight = 3  # below the clusters' count: the bound is exercised
     cfg.orchestration.resident_idle_s = 20
     cfg.orchestration.poll_interval_s = 0.5
