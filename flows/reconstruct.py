@@ -332,7 +332,8 @@ def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind
         limit = in_flight_limit(orch.max_in_flight, online)
         logger.info("%s: %d flow run(s) on pool %s, at most %d in flight (%d worker(s) online)", kind, len(units),
                     orch.work_pool, limit, online)
-        disp = PoolDispatcher(client, limit, orch.poll_interval_s, orch.run_timeout_s, orch.retries, logger)
+        disp = PoolDispatcher(client, limit, orch.poll_interval_s, orch.run_timeout_s, orch.retries, logger,
+                              start_timeout_s=orch.start_timeout_s)
         done, last = 0, 0.0
         for item in disp.run(units):
             done += 1

@@ -207,8 +207,10 @@ class OrchestrationConfig:
     clusters_per_run: int = _runtime(4, "pool mode: clusters per flow run (amortises the flow run's process "
                                         "start; the model stays resident per worker either way)")
     max_in_flight: int = _runtime(0, "pool mode: most flow runs in flight; 0 = 2 per online worker (min 1)")
-    run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run not finished this long after submission "
-                                            "(queued or running) is cancelled and retried")
+    run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run still running this long after it started is "
+                                            "cancelled and retried")
+    start_timeout_s: float = _runtime(1800.0, "pool mode: a flow run no worker started this long after "
+                                              "submission is cancelled and retried")
     resident_idle_s: float = _runtime(120.0, "pool mode: a worker's resident model process exits after this "
                                              "many idle seconds")
 

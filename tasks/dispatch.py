@@ -100,14 +100,17 @@ class PoolDispatcher:
     Every ``poll_interval`` seconds a single API call reads the states of all in-flight runs (not one thread and
     one request per run). A run not terminal ``timeout_s`` after submission (still queued because no worker
     takes it, or stuck) is cancelled and resubmitted while ``retries`` allow, else reported failed; crashed and
-    cancelled runs are resubmitted the same way. The finished-unit markers on shared storage make a resubmitted
+    cancelled runs are resubmitted the same way. Two clocks: ``start_timeout_s`` from submission until the run
+    is seen running (no worker takes it), then ``timeout_s`` of running; queueing behind the bound's other runs
+    does not eat into a run's own time. The finished-unit markers on shared storage make a resubmitted
     unit that had in fact completed a no-op. Yields ``(unit, outcome, message, flow_run)`` as runs finish.
     """
 
     def __init__(self, client: Any, limit: int, poll_interval: float, timeout_s: float, retries: int,
-                 logger: Any = None) -> None:
+                 logger: Any = None, start_timeout_s: float | None = None) -> None:
         self.client, self.limit = client, max(1, int(limit))
         self.poll_interval, self.timeout_s, self.retries = float(poll_interval), float(timeout_s), int(retries)
+        self.start_timeout_s = float(start_timeout_s if start_timeout_s is not None else timeout_s)
         self.logger = logger
         self.max_in_flight = 0
         self.submitted = 0
@@ -143,6 +146,7 @@ class PoolDispatcher:
 
         queue = list(units)
         flying: dict[Any, tuple[PoolUnit, Any, float]] = {}  # flow run id -> (unit, flow run, submitted at)
+        started: dict[Any, float] = {}  # flow run id -> when first seen running
         while queue or flying:
             while queue and len(flying) < self.limit:
                 unit = queue.pop(0)
@@ -157,12 +161,18 @@ class PoolDispatcher:
             for fr in runs:
                 unit, _, since = flying[fr.id]
                 final = fr.state is not None and fr.state.is_final()
-                timed_out = not final and now - since > self.timeout_s
+                if fr.id not in started and fr.state is not None and (fr.state.is_running() or final):
+                    started[fr.id] = now
+                if fr.id in started:
+                    timed_out = not final and now - started[fr.id] > self.timeout_s
+                else:
+                    timed_out = not final and now - since > self.start_timeout_s
                 if not (final or timed_out):
                     continue
                 if timed_out:
                     self._cancel(fr)
                 del flying[fr.id]
+                started.pop(fr.id, None)
                 outcome, message = classify(fr.state, timed_out)
                 if outcome == "retry" and unit.attempts <= self.retries:
                     if self.logger:

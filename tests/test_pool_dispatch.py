@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from types import SimpleNamespace
 
-from prefect.states import Completed, Crashed, Pending, Scheduled
+from prefect.states import Completed, Crashed, Pending, Running, Scheduled
 
 from tasks.dispatch import PoolDispatcher, PoolUnit, classify, in_flight_limit
 
@@ -70,7 +70,7 @@ def test_in_flight_bounded_and_one_read_per_poll():
 
 def test_never_started_run_times_out_and_is_resubmitted():
     api = FakeApi(steps=1, never={"c2"})
-    d = PoolDispatcher(api, limit=2, poll_interval=0.01, timeout_s=0.05, retries=1)
+    d = PoolDispatcher(api, limit=2, poll_interval=0.01, timeout_s=60, retries=1, start_timeout_s=0.05)
     done = {u.key: (outcome, msg) for u, outcome, msg, _ in d.run(_units(4))}
     assert done[2][0] == "ok" and api.cancelled == ["c2"]
     assert d.submitted == 5
@@ -78,7 +78,7 @@ def test_never_started_run_times_out_and_is_resubmitted():
 
 def test_timeout_without_retries_is_a_failure_not_a_hang():
     api = FakeApi(steps=1, never={"c0"})
-    d = PoolDispatcher(api, limit=1, poll_interval=0.01, timeout_s=0.05, retries=0)
+    d = PoolDispatcher(api, limit=1, poll_interval=0.01, timeout_s=60, retries=0, start_timeout_s=0.05)
     done = {u.key: outcome for u, outcome, _, _ in d.run(_units(2))}
     assert done == {0: "failed", 1: "ok"}
 
@@ -95,3 +95,19 @@ def test_limit_defaults_and_classification():
     assert classify(Completed())[0] == "ok"
     assert classify(Crashed(message="Flow run infrastructure exited with non-zero status code -9"))[0] == "oom"
     assert classify(None, timed_out=True)[0] == "retry"
+
+
+def test_running_run_past_its_timeout_is_cancelled():
+    api = FakeApi(steps=10**6)  # Pending forever after the first poll: never completes
+    api.read = api.read_flow_runs
+
+    def running(flow_run_filter, limit):
+        out = api.read(flow_run_filter, limit)
+        for fr in out:
+            if not fr.state.is_final():
+                fr.state = Running()
+        return out
+
+    api.read_flow_runs = running
+    d = PoolDispatcher(api, limit=1, poll_interval=0.01, timeout_s=0.05, retries=0, start_timeout_s=60)
+    assert [o for _, o, _, _ in d.run(_units(1))] == ["failed"] and api.cancelled == ["c0"]
