@@ -39,7 +39,7 @@ from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.lock import writer_lock
 from sparse_vggt.plots import plots_markdown
 from sparse_vggt.store import RunStore, append_event, atomic_write_bytes
-from tasks.dispatch import OOM_MARK, PoolDispatcher, PoolUnit, in_flight_limit, online_workers
+from tasks.dispatch import OOM_MARK, TRANSIENT_MARK, PoolDispatcher, PoolUnit, in_flight_limit, online_workers
 from tasks.stages import (
     artifact_key,
     cached,
@@ -724,7 +724,10 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
     result: Any = None
     for cid in ids:
         started = time.time()
-        answer = resident.call("cluster", run_dir, cfg, cid, cfg.orchestration.resident_idle_s)
+        try:
+            answer = resident.call("cluster", run_dir, cfg, cid, cfg.orchestration.resident_idle_s)
+        except resident.ResidentDied as exc:  # the worker's model process died: the head resubmits the batch
+            return Failed(message=f"{TRANSIENT_MARK}: {exc}")
         _write_unit_record(run_dir, "clusters", str(cid), answer, started,
                            {"cluster_id": cid, "frames": (answer.get("ok") or {}).get("frames", 0),
                             "skipped": bool((answer.get("ok") or {}).get("skipped")), "batch": len(ids)})
@@ -757,7 +760,10 @@ def describe_chunks_flow(run_dir: str, chunk_ids: list[int], config: dict[str, A
     cfg = PipelineConfig.from_dict(config)
     started = time.time()
     ids = [int(c) for c in chunk_ids]
-    answer = resident.call("describe", run_dir, cfg, ids, cfg.orchestration.resident_idle_s)
+    try:
+        answer = resident.call("describe", run_dir, cfg, ids, cfg.orchestration.resident_idle_s)
+    except resident.ResidentDied as exc:
+        return Failed(message=f"{TRANSIENT_MARK}: {exc}")
     _write_unit_record(run_dir, "describe", f"{min(ids)}-{max(ids)}", answer, started,
                        {"chunk_ids": ids, "images": (answer.get("ok") or {}).get("images_computed")})
     return resident.raise_for(answer, "describe", ids)

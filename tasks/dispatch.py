@@ -14,6 +14,7 @@ from .stages import TransientError
 
 _KILLED = re.compile(r"(status code|exit code|exited with code) (-9|137)\b|SIGKILL", re.IGNORECASE)
 OOM_MARK = "CLUSTER_OUT_OF_MEMORY"  # prefix of the failure message of a cluster flow run that ran out of memory
+TRANSIENT_MARK = "SPARSE_VGGT_TRANSIENT"  # prefix of a failure worth resubmitting (the resident process died)
 
 
 @task(name="dispatch-cluster", task_run_name="dispatch-cluster-{cluster_id}", cache_policy=NO_CACHE,
@@ -89,6 +90,8 @@ def classify(state: Any, timed_out: bool = False) -> tuple[str, str]:
         return "oom", message.split(OOM_MARK, 1)[1].strip(" :")
     if state is not None and state.is_crashed() and _KILLED.search(message):
         return "oom", f"killed by the OS ({message})"
+    if TRANSIENT_MARK in message:
+        return "retry", message.split(TRANSIENT_MARK, 1)[1].strip(" :")
     if state is not None and (state.is_crashed() or state.is_cancelled()):
         return "retry", f"{state.name}: {message}"
     return "failed", f"{state.name if state is not None else 'no state'}: {message}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from types import SimpleNamespace
 
-from prefect.states import Completed, Crashed, Pending, Running, Scheduled
+from prefect.states import Completed, Crashed, Failed, Pending, Running, Scheduled
 
 from tasks.dispatch import PoolDispatcher, PoolUnit, classify, in_flight_limit
 
@@ -95,6 +95,8 @@ def test_limit_defaults_and_classification():
     assert classify(Completed())[0] == "ok"
     assert classify(Crashed(message="Flow run infrastructure exited with non-zero status code -9"))[0] == "oom"
     assert classify(None, timed_out=True)[0] == "retry"
+    assert classify(Failed(message="SPARSE_VGGT_TRANSIENT: resident process ended"))[0] == "retry"
+    assert classify(Failed(message="ValueError: bad"))[0] == "failed"
 
 
 def test_running_run_past_its_timeout_is_cancelled():
