@@ -592,6 +592,13 @@ def _report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Redone, invalidated, taken over", ""]
         lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
                   f"{e.get('reason')}" for e in integrity[-200:]]
+    for kind, farm in (report.get("farm") or {}).items():  # issue 16: who did the work, model loads per worker
+        d = farm.get("dispatch") or {}
+        lines += ["", f"## Farm: {kind}", "", f"- flow runs: {d.get('submitted')} for {d.get('units')} unit(s); "
+                  f"in-flight limit {d.get('limit')}, max observed {d.get('max_in_flight')}", "",
+                  "| worker | units | frames | frames/s | model loads (host/pid) |", "|---|---|---|---|---|"]
+        lines += [f"| {w['worker']} | {w['units']} | {w['frames']} | {w['frames_per_s']} | {json.dumps(w['loads'])} |"
+                  for w in farm.get("workers", [])]
     if report["merge"]:
         lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
     out = report["outputs"]
