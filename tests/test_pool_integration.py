@@ -189,6 +189,12 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
             crashed = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                 type=FlowRunFilterStateType(any_=[StateType.CRASHED, StateType.FAILED]))))
             assert len(client.read_flow_runs()) >= 2 + pool["clusters"] + 2  # the filter sees this server's runs
+            # monitoring artifacts: per-worker throughput, ETA, per-cluster peak memory
+            keys = {a.key for a in client.read_artifacts() if a.key}
+            for what in ("farm-clusters-workers", "farm-clusters-eta", "farm-cluster-memory", "farm-describe-workers"):
+                assert f"pool-{what}" in keys, sorted(keys)
+            mem = [a for a in client.read_artifacts() if a.key == "pool-farm-cluster-memory"]
+            assert mem and "peak_rss_mb" in str(mem[-1].data)
             assert not crashed, [(r.name, r.state.message) for r in crashed]
         # the worker processes are still alive (they did not crash on the way)
         assert all(p.poll() is None for p in procs)
