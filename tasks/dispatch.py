@@ -103,9 +103,9 @@ class PoolDispatcher:
     Every ``poll_interval`` seconds a single API call reads the states of all in-flight runs (not one thread and
     one request per run). A run not terminal ``timeout_s`` after submission (still queued because no worker
     takes it, or stuck) is cancelled and resubmitted while ``retries`` allow, else reported failed; crashed and
-    cancelled runs are resubmitted the same way. Two clocks: ``start_timeout_s`` from submission until the run
-    is seen running (no worker takes it), then ``timeout_s`` of running; queueing behind the bound's other runs
-    does not eat into a run's own time. The finished-unit markers on shared storage make a resubmitted
+    cancelled runs are resubmitted the same way. Two clocks: ``start_timeout_s`` from submission until a worker
+    takes the run (Pending or Running), then ``timeout_s`` (a worker that died with it leaves it Pending or
+    Running); queueing behind the bound's other runs does not eat into a run's own time. The finished-unit markers on shared storage make a resubmitted
     unit that had in fact completed a no-op. Yields ``(unit, outcome, message, flow_run)`` as runs finish.
     """
 
@@ -164,7 +164,8 @@ class PoolDispatcher:
             for fr in runs:
                 unit, _, since = flying[fr.id]
                 final = fr.state is not None and fr.state.is_final()
-                if fr.id not in started and fr.state is not None and (fr.state.is_running() or final):
+                if fr.id not in started and fr.state is not None and (fr.state.is_running() or fr.state.is_pending()
+                                                                      or final):  # a worker took it
                     started[fr.id] = now
                 if fr.id in started:
                     timed_out = not final and now - started[fr.id] > self.timeout_s
