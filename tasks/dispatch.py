@@ -101,12 +101,12 @@ class PoolDispatcher:
     """Submit flow runs to a work pool keeping at most ``limit`` in flight, polled by ONE loop.
 
     Every ``poll_interval`` seconds a single API call reads the states of all in-flight runs (not one thread and
-    one request per run). A run not terminal ``timeout_s`` after submission (still queued because no worker
-    takes it, or stuck) is cancelled and resubmitted while ``retries`` allow, else reported failed; crashed and
-    cancelled runs are resubmitted the same way. Two clocks: ``start_timeout_s`` from submission until a worker
-    takes the run (Pending or Running), then ``timeout_s`` (a worker that died with it leaves it Pending or
-    Running); queueing behind the bound's other runs does not eat into a run's own time. The finished-unit markers on shared storage make a resubmitted
-    unit that had in fact completed a no-op. Yields ``(unit, outcome, message, flow_run)`` as runs finish.
+    one request per run). Two clocks per run: ``start_timeout_s`` from submission until a worker takes it
+    (Pending or Running; a run no worker takes), then ``timeout_s`` (a stuck run, or one whose worker died and
+    left it Pending or Running); queueing behind the bound's other runs does not eat into a run's own time.
+    Past either clock the run is cancelled and resubmitted while ``retries`` allow, else reported failed; crashed
+    and cancelled runs are resubmitted the same way. The finished-unit markers on shared storage make a
+    resubmitted unit that had in fact completed a no-op. Yields ``(unit, outcome, message, flow_run)``.
     """
 
     def __init__(self, client: Any, limit: int, poll_interval: float, timeout_s: float, retries: int,
