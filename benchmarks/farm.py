@@ -74,15 +74,20 @@ def _family(pid: int) -> list[psutil.Process]:
 
 
 def _residents(worker: str, folder: Path) -> list[psutil.Process]:
+    return [p for p in _worker_procs(worker, folder) if "sparse_vggt.resident" in " ".join(p.cmdline())]
+
+
+def _worker_procs(worker: str, folder: Path) -> list[psutil.Process]:
+    """Every process of this benchmark running as ``worker``: the worker, its flow-run processes (whatever their
+    parentage) and its resident model process (all inherit SPARSE_VGGT_WORKER_NAME and the resident folder)."""
     out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "sparse_vggt.resident" in cmd and any(str(folder) in c for c in cmd):
-            try:
-                if p.environ().get("SPARSE_VGGT_WORKER_NAME") == worker:
-                    out.append(p)
-            except psutil.Error:
-                pass
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if env.get("SPARSE_VGGT_WORKER_NAME") == worker and env.get("SPARSE_VGGT_RESIDENT_DIR") == str(folder):
+            out.append(p)
     return out
 
 
@@ -165,15 +170,20 @@ def main() -> None:
                     import pyarrow.parquet as pq
 
                     n = len(set(pq.read_table(clusters, columns=["cluster_id"]).column(0).to_pylist()))
-                    busy = len(_family(procs["worker-b"].pid)) > 1  # a flow run is in progress there
-                    if len(recs) >= args.kill_at * n and busy:
-                        victims = _family(procs["worker-b"].pid) + _residents("worker-b", resident_dir)
+                    mine = _worker_procs("worker-b", resident_dir)
+                    flow_runs = [p for p in mine if "flow-run" in " ".join(p.cmdline()) or "flow_run" in
+                                 " ".join(p.cmdline()) or p.pid != procs["worker-b"].pid
+                                 and "sparse_vggt.resident" not in " ".join(p.cmdline())]
+                    if len(recs) >= args.kill_at * n and flow_runs:  # a flow run is in progress there
+                        victims = mine
+                        what = [" ".join(p.cmdline()[1:4])[:60] for p in victims]
                         for p in victims:
                             try:
                                 p.send_signal(signal.SIGKILL)
                             except psutil.Error:
                                 pass
-                        kill_info.update(at_clusters=len(recs), of=n, killed=len(victims), time=time.time())
+                        kill_info.update(at_clusters=len(recs), of=n, killed=len(victims), time=time.time(),
+                                         what=what)
                         time.sleep(2)
                         start_worker("worker-b")  # launchd KeepAlive restarts it
                         return
