@@ -11,6 +11,8 @@ and registers both ways against a real server to compare what the server stores)
   under ``runs_root`` per run, reusing the previous run. Nightly cron, registered *paused*; concurrency limit 1
   (an overlapping run is cancelled, not queued).
 * ``reconstruct-cluster/<work_pool>`` — one cluster per flow run on the Mac minis' process pool.
+* ``describe-chunks/<work_pool>`` — a few descriptor chunks per flow run on the same pool; the head only plans
+  and finishes the describe stage.
 
 Entrypoints are module paths (``flows.reconstruct:reconstruct``) of the installed package and there are no pull
 steps: a worker needs the package installed (`pip install -e src`), not a checkout at an agreed directory.
@@ -52,7 +54,8 @@ MPS_ENV = {
 
 def _pool_config(work_pool: str) -> dict[str, Any]:
     return {"orchestration": {"dispatch": "pool", "work_pool": work_pool,
-                              "cluster_deployment": f"reconstruct-cluster/{work_pool}"}}
+                              "cluster_deployment": f"reconstruct-cluster/{work_pool}",
+                              "describe_deployment": f"describe-chunks/{work_pool}"}}
 
 
 def deployment_specs(work_pool: str = WORK_POOL, head_pool: str = HEAD_POOL) -> list[dict[str, Any]]:
@@ -84,6 +87,13 @@ def deployment_specs(work_pool: str = WORK_POOL, head_pool: str = HEAD_POOL) -> 
             "work_pool": work_pool, "parameters": {}, "schedule": None, "concurrency_limit": None,
             "tags": ["sparse-vggt", "cluster"],
             "description": "one cluster through sparse VGGT on a farm worker",
+            "job_variables": {"env": {**BASE_ENV, **MPS_ENV}},
+        },
+        {  # descriptor chunks run on the workers too (the same pool; the head only plans and finishes)
+            "flow": "describe-chunks", "name": work_pool, "entrypoint": "flows.reconstruct:describe_chunks_flow",
+            "work_pool": work_pool, "parameters": {}, "schedule": None, "concurrency_limit": None,
+            "tags": ["sparse-vggt", "describe"],
+            "description": "MegaLoc descriptors of a few ingest chunks on a farm worker",
             "job_variables": {"env": {**BASE_ENV, **MPS_ENV}},
         },
     ]

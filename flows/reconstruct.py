@@ -39,7 +39,7 @@ from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.lock import writer_lock
 from sparse_vggt.plots import plots_markdown
 from sparse_vggt.store import RunStore, append_event, atomic_write_bytes
-from tasks.dispatch import OOM_MARK, dispatch_cluster_task
+from tasks.dispatch import OOM_MARK, TRANSIENT_MARK, PoolDispatcher, PoolUnit, in_flight_limit, online_workers
 from tasks.stages import (
     artifact_key,
     cached,
@@ -299,10 +299,8 @@ def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], 
     from sparse_vggt.reconstruct import ClusterOutOfMemory
 
     orch = cfg.orchestration
-    if orch.dispatch == "pool":  # every cluster at once: the workers' own limits pace them
-        t = dispatch_cluster_task.with_options(**retry_options(cfgd))
-        finished = _windowed(lambda c: t.submit(run_dir, cfgd, c, orch.cluster_deployment, _slug(run_dir),
-                                                orch.poll_interval_s), ids, len(ids))
+    if orch.dispatch == "pool":  # bounded: at most max_in_flight flow runs, one poller (issue 16)
+        return _pool_cluster_round(run_dir, cfg, cfgd, ids, work, progress)
     else:
         t = cached(run_dir, reconstruct_cluster_task, tags=[orch.accelerator_tag], **retry_options(cfgd))
         finished = _windowed(lambda c: t.submit(run_dir, cfgd, c, orch.cluster_process), ids, 1)
@@ -318,6 +316,144 @@ def _run_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], 
         else:
             out[cid] = ("failed", f"{type(exc).__name__}: {exc}")
         progress()
+    return out
+
+
+def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind: str) -> Any:
+    """Run ``units`` as flow runs on the pool through one bounded `PoolDispatcher`; yields as they finish and
+    keeps the monitoring artifacts and ``orchestration/dispatch-<kind>.json`` (limit, max in flight) current."""
+    from prefect.client.orchestration import get_client
+
+    orch = cfg.orchestration
+    logger = get_run_logger()
+    t0 = time.time()
+    with get_client(sync_client=True) as client:
+        online = online_workers(client, orch.work_pool)
+        limit = in_flight_limit(orch.max_in_flight, online)
+        logger.info("%s: %d flow run(s) on pool %s, at most %d in flight (%d worker(s) online)", kind, len(units),
+                    orch.work_pool, limit, online)
+        disp = PoolDispatcher(client, limit, orch.poll_interval_s, orch.run_timeout_s, orch.retries, logger,
+                              start_timeout_s=orch.start_timeout_s)
+        done, last = 0, 0.0
+        for item in disp.run(units):
+            done += 1
+            if time.time() - last > 3.0 or done == len(units):
+                last = time.time()
+                with contextlib.suppress(Exception):
+                    publish_monitoring(run_dir, kind, done, len(units), t0)
+            yield item
+    stats = {"kind": kind, "units": len(units), "online_workers": online, "limit": limit,
+             "max_in_flight": disp.max_in_flight, "submitted": disp.submitted, "polls": disp.polls,
+             "seconds": round(time.time() - t0, 2)}
+    atomic_write_bytes(Path(run_dir) / "orchestration" / f"dispatch-{kind}.json", json.dumps(stats).encode())
+    with contextlib.suppress(Exception):
+        publish_monitoring(run_dir, kind, len(units), len(units), t0)
+
+
+def describe_on_pool(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], pending: list[int],
+                     work: _Work) -> None:
+    """Descriptor chunks as flow runs on the workers, grouped so units write disjoint Zarr chunks."""
+    from sparse_vggt.describe import describe_units
+
+    orch = cfg.orchestration
+    groups = describe_units(Path(run_dir), pending, orch.describe_chunks_per_run)
+    units = [PoolUnit(i, orch.describe_deployment, {"run_dir": run_dir, "chunk_ids": g, "config": cfgd},
+                      f"describe-{min(g)}-{max(g)}-{_slug(run_dir)}", ["sparse-vggt", "describe"])
+             for i, g in enumerate(groups)]
+    failed = []
+    for unit, outcome, message, _ in pool_dispatch(run_dir, cfg, units, "describe"):
+        work.executed["dispatch-describe"] = work.executed.get("dispatch-describe", 0) + 1
+        if outcome != "ok":
+            failed.append(f"chunks {unit.parameters['chunk_ids']}: {message}")
+    if failed:
+        raise RuntimeError(f"describe on the pool: {len(failed)} unit(s) failed: " + "; ".join(failed)
+                           + f". Re-run the same command to retry them (finished chunks are kept).")
+
+
+def unit_records(run_dir: str, kind: str) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted((Path(run_dir) / "orchestration" / kind).glob("*.json")):
+        with contextlib.suppress(ValueError, OSError):
+            out.append(json.loads(p.read_text()))
+    return out
+
+
+def worker_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per worker: units, frames, frames/s of model work, and model loads per resident process (host/pid)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        w = rows.setdefault(r.get("worker") or "?", {"worker": r.get("worker") or "?", "units": 0, "frames": 0,
+                                                     "work_s": 0.0, "flow_s": 0.0, "loads": {}})
+        w["units"] += 1
+        w["frames"] += int(r.get("frames") or r.get("images") or 0)
+        w["work_s"] += float(r.get("work_seconds") or 0)
+        w["flow_s"] += float(r.get("seconds") or 0)
+        key = f"{r.get('host')}/{r.get('pid')}"
+        for model, n in (r.get("loads") or {}).items():
+            w["loads"].setdefault(key, {})[model] = max(n, w["loads"].get(key, {}).get(model, 0))
+    for w in rows.values():
+        w["frames_per_s"] = round(w["frames"] / w["work_s"], 2) if w["work_s"] else None
+        w["work_s"], w["flow_s"] = round(w["work_s"], 2), round(w["flow_s"], 2)
+    return sorted(rows.values(), key=lambda w: w["worker"])
+
+
+def publish_monitoring(run_dir: str, kind: str, done: int, total: int, t0: float) -> None:
+    """Prefect UI artifacts, new versions as units finish: per-worker throughput, the stage's ETA and (clusters)
+    per-cluster peak memory."""
+    from prefect.artifacts import create_table_artifact
+
+    records = unit_records(run_dir, kind)
+    workers = worker_rows(records)
+    elapsed = time.time() - t0
+    eta = elapsed / done * (total - done) if done else None
+    create_table_artifact(key=artifact_key(run_dir, f"farm-{kind}-workers"),
+                          table=[{**w, "loads": json.dumps(w["loads"])} for w in workers],
+                          description=f"{kind}: per-worker throughput (frames/s of model work) and model loads")
+    create_markdown_artifact(
+        key=artifact_key(run_dir, f"farm-{kind}-eta"),
+        markdown=(f"# {kind} on the farm\n\n- finished: {done} of {total}\n- elapsed: {elapsed:.0f} s\n"
+                  f"- ETA: {'%.0f s' % eta if eta is not None else 'unknown'}\n"),
+        description=f"{kind}: {done}/{total} finished, ETA {'%.0f s' % eta if eta is not None else '?'}")
+    if kind == "clusters":
+        create_table_artifact(key=artifact_key(run_dir, "farm-cluster-memory"),
+                              table=[{k: r.get(k) for k in ("cluster_id", "worker", "frames", "work_seconds",
+                                                            "peak_rss_mb", "peak_accelerator_mb")}
+                                     for r in sorted(records, key=lambda r: r.get("cluster_id", 0))],
+                              description="per-cluster peak memory (resident process RSS; accelerator if any)")
+
+
+def _pool_cluster_round(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], ids: list[int], work: _Work,
+                        progress: Any) -> dict[int, tuple[str, Any]]:
+    """Clusters as flow runs, ``orchestration.clusters_per_run`` per run; per-cluster outcomes from the run's
+    state, its out-of-memory map and the clusters' completion markers (a failed batch keeps its finished ones)."""
+    orch = cfg.orchestration
+    k = max(1, orch.clusters_per_run)
+    units = []
+    for i in range(0, len(ids), k):
+        b = [int(c) for c in ids[i:i + k]]
+        params: dict[str, Any] = {"run_dir": run_dir, "cluster_id": b[0], "config": cfgd}
+        if k > 1:
+            params["batch"] = b
+        name = f"cluster-{b[0]}-{_slug(run_dir)}" if len(b) == 1 else f"clusters-{b[0]}-{b[-1]}-{_slug(run_dir)}"
+        units.append(PoolUnit(tuple(b), orch.cluster_deployment, params, name,
+                              ["sparse-vggt"] + [f"cluster-{c}" for c in b]))
+    out: dict[int, tuple[str, Any]] = {}
+    for unit, outcome, message, fr in pool_dispatch(run_dir, cfg, units, "clusters"):
+        work.executed["dispatch-cluster"] = work.executed.get("dispatch-cluster", 0) + len(unit.key)
+        oom: dict[str, str] = {}
+        batched = "batch" in unit.parameters
+        if outcome == "oom" and batched:
+            with contextlib.suppress(ValueError):
+                oom = json.loads(message)
+        done = set(RunStore.open(run_dir).complete_units("clusters")) if outcome != "ok" else set()
+        for c in unit.key:
+            if outcome == "ok" or str(c) in done:
+                out[c] = ("ok", {"flow_run": fr.name})
+            elif outcome == "oom" and (not batched or str(c) in oom):
+                out[c] = ("oom", oom.get(str(c), message))
+            else:
+                out[c] = ("failed", message)
+            progress()
     return out
 
 
@@ -419,7 +555,17 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: _Work
         "random_weights": random_weights,
         "weights": _run_weights(store),  # per model stage: random, or checkpoint file + revision
     }
+    if cfg.orchestration.dispatch == "pool":  # issue 16: who did the work, model loads per worker (host/pid)
+        report["farm"] = {kind: {"workers": worker_rows(unit_records(run_dir, kind)),
+                                 "dispatch": _read_json(Path(run_dir) / "orchestration" / f"dispatch-{kind}.json")}
+                          for kind in ("describe", "clusters")}
     return report
+
+
+def _read_json(path: Path) -> Any:
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads(path.read_text())
+    return None
 
 
 def _report_markdown(report: dict[str, Any]) -> str:
@@ -446,6 +592,13 @@ def _report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Redone, invalidated, taken over", ""]
         lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
                   f"{e.get('reason')}" for e in integrity[-200:]]
+    for kind, farm in (report.get("farm") or {}).items():  # issue 16: who did the work, model loads per worker
+        d = farm.get("dispatch") or {}
+        lines += ["", f"## Farm: {kind}", "", f"- flow runs: {d.get('submitted')} for {d.get('units')} unit(s); "
+                  f"in-flight limit {d.get('limit')}, max observed {d.get('max_in_flight')}", "",
+                  "| worker | units | frames | frames/s | model loads (host/pid) |", "|---|---|---|---|---|"]
+        lines += [f"| {w['worker']} | {w['units']} | {w['frames']} | {w['frames_per_s']} | {json.dumps(w['loads'])} |"
+                  for w in farm.get("workers", [])]
     if report["merge"]:
         lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
     out = report["outputs"]
@@ -510,7 +663,9 @@ def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force
     # a finished describe stage needs no plan (the finish task below is a cache hit)
     described = RunStore.open(run_dir).stage_intact("describe")  # marker set and descriptors verify
     plan = {"pending": []} if described else work.call(describe_plan_task.with_options(**retry), run_dir, cfgd)
-    if plan["pending"]:
+    if plan["pending"] and orch.dispatch == "pool":  # on the workers; the head only plans and finishes
+        describe_on_pool(run_dir, cfg, cfgd, plan["pending"], work)
+    elif plan["pending"]:
         chunk_task = cached(run_dir, describe_chunk_task, tags=[orch.accelerator_tag] if orch.dispatch == "local" else [],
                             **retry)
         pid = create_progress_artifact(progress=0.0, key=artifact_key(run_dir, "describe-progress"),
@@ -555,31 +710,90 @@ def _cluster_run_name() -> str:
 
 
 @flow(name="reconstruct-cluster", flow_run_name=_cluster_run_name, persist_result=False)
-def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any]) -> Any:
-    """One cluster on a farm worker (pool dispatch). The run directory must be on storage this worker mounts.
+def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, Any],
+                             batch: list[int] | None = None) -> Any:
+    """One cluster, or a ``batch`` of clusters (``orchestration.clusters_per_run``), on a farm worker (pool
+    dispatch). The run directory must be on storage this worker mounts.
 
-    No writer lock here: the main flow holds it; this flow writes only ``store.zarr/clusters/<id>`` and
-    ``orchestration/clusters/<id>.json`` (and appends to events.jsonl), so workers never touch each other's files."""
+    The model runs in this worker's resident process (`sparse_vggt.resident`): loaded once per worker and run,
+    not once per cluster; a batch also pays the flow run's process start once. No writer lock here: the main
+    flow holds it; this flow writes only ``store.zarr/clusters/<id>`` and ``orchestration/clusters/<id>.json``
+    (and appends to events.jsonl), so workers never touch each other's files. Out of memory: the flow ends
+    Failed with ``OOM_MARK`` and a JSON map cluster -> reason (the head splits those clusters)."""
+    from sparse_vggt import resident
     from sparse_vggt.reconstruct import ClusterOutOfMemory
 
+    _require_visible(run_dir)
+    cfg = PipelineConfig.from_dict(config)
+    ids = [int(c) for c in batch] if batch else [int(cluster_id)]
+    oom: dict[str, str] = {}
+    errors: list[BaseException] = []
+    result: Any = None
+    for cid in ids:
+        started = time.time()
+        try:
+            answer = resident.call("cluster", run_dir, cfg, cid, cfg.orchestration.resident_idle_s)
+        except resident.ResidentDied as exc:  # the worker's model process died: the head resubmits the batch
+            return Failed(message=f"{TRANSIENT_MARK}: {exc}")
+        _write_unit_record(run_dir, "clusters", str(cid), answer, started,
+                           {"cluster_id": cid, "frames": (answer.get("ok") or {}).get("frames", 0),
+                            "skipped": bool((answer.get("ok") or {}).get("skipped")), "batch": len(ids)})
+        try:
+            result = resident.raise_for(answer, "cluster", cid)
+        except ClusterOutOfMemory as exc:
+            oom[str(cid)] = exc.message
+        except Exception as exc:  # noqa: BLE001 - the rest of the batch still runs; the flow fails at the end
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    if oom:
+        return Failed(message=f"{OOM_MARK}: {json.dumps(oom)}" if batch else f"{OOM_MARK}: {oom[str(ids[0])]}")
+    return result if not batch else {"clusters": ids}
+
+
+def _describe_run_name() -> str:
+    p = runtime_flow_run.parameters
+    ids = p["chunk_ids"]
+    return f"describe-{min(ids)}-{max(ids)}-{_slug(p['run_dir'])}"
+
+
+@flow(name="describe-chunks", flow_run_name=_describe_run_name, persist_result=False)
+def describe_chunks_flow(run_dir: str, chunk_ids: list[int], config: dict[str, Any]) -> Any:
+    """Describe ingest chunks on a farm worker (pool dispatch) into their disjoint Zarr chunks; the head plans
+    (creates the array, groups chunks, `describe.describe_units`) and finishes the stage after every unit."""
+    from sparse_vggt import resident
+
+    _require_visible(run_dir)
+    cfg = PipelineConfig.from_dict(config)
+    started = time.time()
+    ids = [int(c) for c in chunk_ids]
+    try:
+        answer = resident.call("describe", run_dir, cfg, ids, cfg.orchestration.resident_idle_s)
+    except resident.ResidentDied as exc:
+        return Failed(message=f"{TRANSIENT_MARK}: {exc}")
+    _write_unit_record(run_dir, "describe", f"{min(ids)}-{max(ids)}", answer, started,
+                       {"chunk_ids": ids, "images": (answer.get("ok") or {}).get("images_computed")})
+    return resident.raise_for(answer, "describe", ids)
+
+
+def _require_visible(run_dir: str) -> None:
     if not (Path(run_dir) / "run.json").exists():
         raise FlowParameterError(f"{run_dir} is not visible on worker {socket.gethostname()}: mount the shared "
                                  "storage at the same path on every worker (deploy/README.md)")
-    cfgd = PipelineConfig.from_dict(config).to_dict()
-    worker = os.environ.get("SPARSE_VGGT_WORKER_NAME") or socket.gethostname()
-    started = time.time()
-    try:
-        state = cached(run_dir, reconstruct_cluster_task, **retry_options(cfgd))(run_dir, cfgd, int(cluster_id),
-                                                                                 return_state=True)
-        result = state.result()
-    except ClusterOutOfMemory as exc:
-        return Failed(message=f"{OOM_MARK}: {exc.message}")
-    record = {"cluster_id": int(cluster_id), "worker": worker, "host": socket.gethostname(), "pid": os.getpid(),
-              "flow_run": _flow_run_name(), "cached": state.name == "Cached", "skipped": bool(result.get("skipped")),
-              "seconds": round(time.time() - started, 3)}
-    atomic_write_bytes(Path(run_dir) / "orchestration" / "clusters" / f"{int(cluster_id)}.json",
-                       json.dumps(record).encode())
-    return result
+
+
+def _write_unit_record(run_dir: str, kind: str, name: str, answer: dict[str, Any], started: float,
+                       extra: dict[str, Any]) -> None:
+    """orchestration/<kind>/<name>.json: who ran the unit (worker, host, resident pid), its model loads so far,
+    its time and peak memory; the head's monitoring and report read these."""
+    from sparse_vggt.resident import worker_name
+
+    record = {**extra, "worker": answer.get("worker") or worker_name(), "host": answer.get("host"),
+              "pid": answer.get("pid"), "flow_pid": os.getpid(), "flow_run": _flow_run_name(),
+              "loads": answer.get("loads"), "work_seconds": answer.get("seconds"),
+              "seconds": round(time.time() - started, 3), "finished": time.time(), "ok": "ok" in answer,
+              "peak_rss_mb": answer.get("peak_rss_mb"), "peak_accelerator_mb": answer.get("peak_accelerator_mb")}
+    atomic_write_bytes(Path(run_dir) / "orchestration" / kind / f"{name}.json", json.dumps(record).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------

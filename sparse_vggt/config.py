@@ -209,6 +209,19 @@ class OrchestrationConfig:
     # added by issue 15: local dispatch runs each cluster's model in a child process (one persistent worker that
     # keeps the model loaded), so an out-of-memory SIGKILL costs that cluster (split and retried), not the run
     cluster_process: bool = _runtime(True, "local dispatch: run cluster models in a child worker process")
+    # added by issue 16 (the farm does the heavy work): pool mode runs describe units on the workers too, keeps
+    # each model resident per worker, and bounds the flow runs in flight
+    describe_deployment: str = _runtime("describe-chunks/mac-mini", "pool mode: deployment run per describe unit")
+    describe_chunks_per_run: int = _runtime(4, "pool mode: ingest chunks per describe flow run")
+    clusters_per_run: int = _runtime(4, "pool mode: clusters per flow run (amortises the flow run's process "
+                                        "start; the model stays resident per worker either way)")
+    max_in_flight: int = _runtime(0, "pool mode: most flow runs in flight; 0 = 2 per online worker (min 1)")
+    run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run still running this long after it started is "
+                                            "cancelled and retried")
+    start_timeout_s: float = _runtime(1800.0, "pool mode: a flow run no worker started this long after "
+                                              "submission is cancelled and retried")
+    resident_idle_s: float = _runtime(120.0, "pool mode: a worker's resident model process exits after this "
+                                             "many idle seconds")
 
 
 @dataclass

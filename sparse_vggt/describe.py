@@ -15,6 +15,7 @@ Rows of skipped images stay zero and are never used.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -149,6 +150,27 @@ def _warn_random_once(preset: str, run: str) -> None:
                 preset)
 
 
+# Set to a dict by a resident farm process (sparse_vggt.resident): describers are then kept across describe() calls
+# (one MegaLoc load per process and settings). None elsewhere: local runs free the model when the stage ends.
+RESIDENT: dict[str, Any] | None = None
+
+
+def _describer(config: PipelineConfig, photos_root: Path, run: str) -> "_ModelDescriber":
+    if RESIDENT is None:
+        return _ModelDescriber(config, photos_root, run)
+    key = json.dumps({"describe": config.describe.__dict__, "root": str(photos_root), "run": run},
+                     sort_keys=True, default=str)
+    if key not in RESIDENT:
+        RESIDENT[key] = _ModelDescriber(config, photos_root, run)
+    return RESIDENT[key]
+
+
+def _plan_provenance(cfg: Any) -> dict[str, Any]:
+    from .provenance import provenance
+
+    return provenance(cfg.model, ("model.safetensors",), preset=cfg.preset, seed=0 if cfg.model == "random" else None)
+
+
 class _ModelDescriber:
     """Runs MegaLoc over lists of image paths with threaded decoding and OOM back-off."""
 
@@ -263,12 +285,16 @@ def _write_rows(arr: Any, rows: np.ndarray, values: np.ndarray) -> None:
 
 
 def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = False,
-             chunk_ids: Iterable[int] | None = None) -> dict[str, Any]:
+             chunk_ids: Iterable[int] | None = None, finish: bool = True, load_model: bool = True
+             ) -> dict[str, Any]:
     """The describe stage (MegaLoc or a descriptor file) -> store.zarr/descriptors; resumable per chunk.
 
     ``chunk_ids`` restricts the work to those ingest chunks (the orchestrator maps one task per chunk; an
     empty list only prepares the array / finishes the stage). The stage is marked finished only once every
-    chunk is complete; a partial call returns a manifest with ``"pending"`` > 0.
+    chunk is complete; a partial call returns a manifest with ``"pending"`` > 0. ``finish=False`` (farm
+    workers) never finishes the stage, even after the last chunk: the head finishes it once, after every worker.
+    ``load_model=False`` (the farm head's plan) creates the array from the preset's dimension without loading
+    MegaLoc: the head needs no weights, only the workers do.
     """
     t0 = time.perf_counter()
     store = RunStore.open(run_dir)
@@ -306,9 +332,16 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         if (arr is not None and not force and arr.attrs.get("settings") == settings and arr.shape[0] == n_rows):
             # an earlier call made the array with these settings: load the model only if a chunk is pending
             dim, model_id, describer = int(arr.shape[1]), str(arr.attrs.get("model")), None
-        else:
-            describer = _ModelDescriber(config, photos_root, str(store.root))
+        elif load_model:
+            describer = _describer(config, photos_root, str(store.root))
             dim, model_id = describer.dim, describer.model_id
+        else:
+            from .models.megaloc import PRESETS
+
+            if cfg.preset not in PRESETS:
+                raise DescribeError(f"unknown describe.preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
+            dim, describer = PRESETS[cfg.preset].feat_dim, None
+            model_id = f"random:{cfg.preset}" if cfg.model == "random" else cfg.model
 
     chunk_rows = max(1, config.ingest.chunk_size)
     if arr is not None and (force or arr.shape != (n_rows, dim) or arr.attrs.get("settings") != settings):
@@ -323,7 +356,8 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         arr = store.zarr.create_array("descriptors", shape=(n_rows, dim), dtype="float16",
                                       chunks=(min(chunk_rows, max(n_rows, 1)), dim), fill_value=0)
         weights = (describer.weights if describer is not None else
-                   {"weights": "file", "file": str(cfg.descriptors_file)} if cfg.descriptors_file else None)
+                   {"weights": "file", "file": str(cfg.descriptors_file)} if cfg.descriptors_file else
+                   _plan_provenance(cfg))
         arr.attrs.update({"model": model_id, "dim": int(dim), "settings": settings, "complete": False,
                           "weights": weights})
     done = set(store.complete_units("describe_chunks"))
@@ -346,7 +380,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
             vec = file_vectors[[row_pos[int(r)] for r in rows]]
         else:
             if describer is None:
-                describer = _ModelDescriber(config, photos_root, str(store.root))
+                describer = _describer(config, photos_root, str(store.root))
             vec = describer([paths[r] for r in rows])
             if not np.isfinite(vec).all():
                 raise DescribeError(f"chunk {cid}: the model produced NaN/Inf descriptors (dtype "
@@ -356,6 +390,7 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         store.mark_unit_complete(f"describe_chunks/{cid}", images=int(rows.size), model=model_id)
     manifest = {"images": int(ok.size), "rows": int(n_rows), "dim": int(dim), "model": model_id,
                 "chunks": len(chunks), "chunks_computed": len(pending),
+                "images_computed": int(sum(chunks[c].size for c in pending)),
                 "chunks_resumed": len(chunks) - len(pending) - len(later), "pending": len(later),
                 "seconds": round(time.perf_counter() - t0, 2),
                 "weights": arr.attrs.get("weights") or (describer.weights if describer is not None else None)}
@@ -363,7 +398,8 @@ def describe(run_dir: Path, config: PipelineConfig | None = None, force: bool = 
         manifest.update(device=str(describer.device), dtype=str(describer.dtype).replace("torch.", ""),
                         image_size=cfg.image_size,
                         images_per_s=round(sum(chunks[c].size for c in pending) / t_model, 2) if t_model else None)
-    if later:
+    if later or not finish:
+        manifest["pending"] = len(later)
         return manifest
     version = _dt.datetime.now(_dt.timezone.utc).isoformat()
     arr.attrs.update({"complete": True, "version": version})
@@ -380,3 +416,44 @@ def iter_descriptor_rows(store: RunStore, block: int = 4096) -> Iterator[tuple[i
     arr = store.zarr["descriptors"]
     for s in range(0, arr.shape[0], block):
         yield s, np.asarray(arr[s:s + block])
+
+
+def describe_units(run_dir: Path, chunk_ids: Iterable[int], per_unit: int = 1) -> list[list[int]]:
+    """Group ingest chunks into farm units whose rows touch disjoint Zarr chunks of ``descriptors``.
+
+    Skipped images shift rows, so one ingest chunk can straddle two Zarr chunks; two workers writing into the
+    same Zarr chunk would overwrite each other's rows. Chunks sharing a Zarr chunk are kept in one unit (a
+    union-find over shared Zarr chunks), then whole groups are packed, in order, into units of about
+    ``per_unit`` ingest chunks. Call after the array exists (`describe(..., chunk_ids=[])`).
+    """
+    store = RunStore.open(run_dir)
+    chunks, _ = _chunks(store.read_table("images", columns=["status", "chunk_id"]))
+    wanted = sorted({int(c) for c in chunk_ids})
+    if "descriptors" not in store.zarr:
+        raise DescribeError(f"{run_dir}: no descriptor array yet; plan the describe stage first")
+    rows_per = int(store.zarr["descriptors"].chunks[0])
+    parent = {c: c for c in wanted}
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    owner: dict[int, int] = {}
+    for c in wanted:
+        for z in np.unique(chunks[c] // rows_per).tolist():
+            if z in owner:
+                parent[find(c)] = find(owner[z])
+            else:
+                owner[z] = c
+    groups: dict[int, list[int]] = {}
+    for c in wanted:
+        groups.setdefault(find(c), []).append(c)
+    units: list[list[int]] = []
+    for g in sorted(groups.values()):
+        if units and len(units[-1]) + len(g) <= max(1, per_unit):
+            units[-1].extend(g)
+        else:
+            units.append(list(g))
+    return units

@@ -177,7 +177,8 @@ def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     chunk = np.asarray(table.column("chunk_id").to_numpy(zero_copy_only=False))
     ok = np.asarray([s == "ok" for s in table.column("status").to_pylist()], bool)
     chunks = sorted({int(c) for c in chunk[ok].tolist()})
-    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[])  # a no-op on a finished, unchanged stage
+    cfg = _cfg(config)  # the farm head (pool dispatch) never loads MegaLoc: the workers do (issue 16)
+    manifest = describe(Path(run_dir), cfg, chunk_ids=[], load_model=cfg.orchestration.dispatch != "pool")
     done = {int(c) for c in store.complete_units("describe_chunks")}
     finished = store.is_stage_complete("describe")
     return {"chunks": chunks, "pending": [] if finished else [c for c in chunks if c not in done],

@@ -202,3 +202,29 @@ def test_model_is_loaded_only_when_a_chunk_is_pending(tmp_path: Path, sample_pho
     assert len(built) == 2 and done["pending"] == 0 and done["chunks_computed"] == 1
     assert store.is_stage_complete("describe")
     assert describe(tmp_path / "run", cfg) == store.stage_manifest("describe") and len(built) == 2
+
+
+def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_path: Path) -> None:
+    """Issue 16: the head plans without MegaLoc (load_model=False); units never share a Zarr chunk even when
+    skipped images shift an ingest chunk across two Zarr chunks; a worker call (finish=False) never finishes."""
+    store, cfg = make_scan(tmp_path / "run", chunk_size=2)  # 7 kept of 9 rows: chunks straddle Zarr chunks
+    cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
+    cfg.describe.image_size = 98
+    called = []
+    orig = describe_mod._ModelDescriber.__init__
+    describe_mod._ModelDescriber.__init__ = lambda self, *a, **k: called.append(1) or orig(self, *a, **k)
+    try:
+        describe(tmp_path / "run", cfg, chunk_ids=[], load_model=False)
+    finally:
+        describe_mod._ModelDescriber.__init__ = orig
+    assert not called and store.zarr["descriptors"].shape == (9, 96)
+    rows_per = store.zarr["descriptors"].chunks[0]
+    chunks, _ = describe_mod._chunks(store.read_table("images"))
+    for per_unit in (1, 2, 10):
+        units = describe_mod.describe_units(tmp_path / "run", sorted(chunks), per_unit)
+        assert sorted(c for u in units for c in u) == sorted(chunks)
+        owners: dict[int, int] = {}
+        for i, u in enumerate(units):
+            for z in {int(r) // rows_per for c in u for r in chunks[c]}:
+                assert owners.setdefault(z, i) == i, (per_unit, units)
+    assert len(describe_mod.describe_units(tmp_path / "run", sorted(chunks), 1)) < len(chunks)  # some merged

@@ -81,6 +81,12 @@ def _config(dispatch: str):
     cfg = demo_config(["partition.max_cluster_frames=7"])
     cfg.orchestration.dispatch = dispatch
     cfg.orchestration.cluster_deployment = f"reconstruct-cluster/{POOL}"
+    cfg.orchestration.describe_deployment = f"describe-chunks/{POOL}"
+    cfg.orchestration.work_pool = POOL
+    cfg.orchestration.describe_chunks_per_run = 2
+    cfg.orchestration.clusters_per_run = 1  # one flow run per cluster here: 4 runs for a bound of 3
+    cfg.orchestration.max_in_flight = 3  # below the clusters' count: the bound is exercised
+    cfg.orchestration.resident_idle_s = 20
     cfg.orchestration.poll_interval_s = 0.5
     return cfg
 
@@ -114,6 +120,7 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5", PYTHONPATH=str(REPO))
     env.pop("PREFECT_PROFILES_PATH", None)
+    env["SPARSE_VGGT_RESIDENT_DIR"] = str(tmp_path / "resident")
     procs: list[subprocess.Popen] = []
     try:
         log = home / "server.log"
@@ -134,7 +141,8 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
 
             reg = register_deployments(work_pool=POOL, apply=True)
             assert {d["deployment"] for d in reg["deployments"]} == {"reconstruct/farm", "reconstruct-scheduled/nightly",
-                                                                     f"reconstruct-cluster/{POOL}"}
+                                                                     f"reconstruct-cluster/{POOL}",
+                                                                     f"describe-chunks/{POOL}"}
             local = run_pipeline(PHOTOS, tmp_path / "local", _config("local"))
             pool = run_pipeline(PHOTOS, tmp_path / "pool", _config("pool"))
             from prefect.logging.handlers import APILogHandler
@@ -149,8 +157,57 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
         assert {r["worker"] for r in records} == {"worker-a", "worker-b"}, records
         assert all(r["pid"] != os.getpid() and not r["skipped"] for r in records)
         _assert_same_output(tmp_path / "local", tmp_path / "pool")
+        # describe ran on the workers (not in the main flow), and the descriptors equal local mode's
+        assert pool["stages_executed"].get("dispatch-describe", 0) >= 2
+        assert "describe-chunk" not in pool["stages_executed"]
+        desc = [__import__("json").loads(p.read_text())
+                for p in sorted((tmp_path / "pool" / "orchestration" / "describe").glob("*.json"))]
+        assert desc and {r["worker"] for r in desc} <= {"worker-a", "worker-b"} and all(r["ok"] for r in desc)
+        np.testing.assert_array_equal(np.asarray(RunStore.open(tmp_path / "pool").zarr["descriptors"][...]),
+                                      np.asarray(RunStore.open(tmp_path / "local").zarr["descriptors"][...]))
+        # each model loaded at most once per worker in this run: one resident process per worker, reused
+        farm = pool["farm"]
+        for kind in ("describe", "clusters"):
+            for w in farm[kind]["workers"]:
+                assert len(w["loads"]) == 1, w  # one resident process (host/pid) per worker
+        per_worker: dict = {}
+        for r in desc + records:
+            per_worker.setdefault(r["worker"], set()).add(r["pid"])
+            for model, n in r["loads"].items():
+                assert n <= 1, r
+        assert all(len(pids) == 1 for pids in per_worker.values()), per_worker
+        # bounded dispatch: never more flow runs in flight than the limit
+        for kind in ("describe", "clusters"):
+            d = farm[kind]["dispatch"]
+            assert d["limit"] == 3 and 1 <= d["max_in_flight"] <= 3, d
+        assert farm["clusters"]["dispatch"]["max_in_flight"] == 3  # more clusters than the bound
+        # the healthy main run never went Crashed; no cluster flow run did either
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+        from prefect.client.schemas.objects import StateType
+
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            crashed = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.CRASHED, StateType.FAILED]))))
+            assert len(client.read_flow_runs()) >= 2 + pool["clusters"] + 2  # the filter sees this server's runs
+            # monitoring artifacts: per-worker throughput, ETA, per-cluster peak memory
+            keys = {a.key for a in client.read_artifacts() if a.key}
+            for what in ("farm-clusters-workers", "farm-clusters-eta", "farm-cluster-memory", "farm-describe-workers"):
+                assert f"pool-{what}" in keys, sorted(keys)
+            mem = [a for a in client.read_artifacts() if a.key == "pool-farm-cluster-memory"]
+            assert mem and "peak_rss_mb" in str(mem[-1].data)
+            assert not crashed, [(r.name, r.state.message) for r in crashed]
         # the worker processes are still alive (they did not crash on the way)
         assert all(p.poll() is None for p in procs)
     finally:
         _stop(procs)
     assert all(p.poll() is not None for p in procs)
+    _stop_resident(tmp_path / "resident")
+
+
+def _stop_resident(folder: Path) -> None:
+    """The resident model processes (own sessions, exit when idle): stop the ones this test started now."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "sparse_vggt.resident" in cmd and any(str(folder) in c for c in cmd):
+            proc.kill()

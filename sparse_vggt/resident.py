@@ -1,0 +1,268 @@
+"""A model-resident process per farm worker: every flow run on that worker reuses one loaded model.
+
+A Prefect process worker starts a fresh Python process per flow run, so a model loaded inside a flow run is
+loaded again for the next one (VGGT-1B is 5 GB: ~600 loads for 600 clusters). Instead the flow run asks a
+resident server process on its worker, found by a Unix socket whose name is derived from (worker name, run
+directory, result-affecting model settings). The first flow run of a run on a worker starts it; later ones
+connect. The server loads each model on first use and keeps it (`reconstruct.load_model` caches per process;
+`describe.RESIDENT` keeps describers), answers one request at a time, and exits after ``idle_s`` seconds
+without a request, so a finished run frees its memory. A different run directory or model setting gets a
+different server, so a stale model is never reused.
+
+Each answer carries the server's pid, its model loads so far (``{"reconstruct": 1, "describe": 1}``) and the
+request's peak resident memory (sampled) plus the accelerator's peak where torch reports one: the farm report
+lists model loads per worker (host/pid) from these.
+
+If the server dies while answering (killed by the OS, the worker machine's OOM killer), the client gets EOF and
+raises :class:`ResidentDied` (an OSError: transient, the unit is retried; the next request starts a new server).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+DIR_ENV = "SPARSE_VGGT_RESIDENT_DIR"
+WORKER_ENV = "SPARSE_VGGT_WORKER_NAME"
+
+
+class ResidentDied(ConnectionError):
+    """The resident process ended before answering; transient (the unit is retried on a new process)."""
+
+
+def worker_name() -> str:
+    return os.environ.get(WORKER_ENV) or socket.gethostname()
+
+
+def socket_dir() -> Path:
+    d = Path(os.environ.get(DIR_ENV) or f"/tmp/sparse-vggt-resident-{os.getuid()}")
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def resident_key(run_dir: str | Path, config: PipelineConfig) -> str:
+    """Same worker + run + model settings -> same server; anything else gets its own."""
+    ra = config.result_affecting()
+    blob = json.dumps({"worker": worker_name(), "run": str(Path(run_dir).resolve()),
+                       "describe": ra.get("describe"), "reconstruct": ra.get("reconstruct"),
+                       "devices": [config.describe.device, config.reconstruct.device]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+# ---- server -------------------------------------------------------------------------------------------
+
+
+def _loads() -> dict[str, int]:
+    from . import describe, reconstruct
+
+    return {"reconstruct": len(reconstruct._MODELS), "describe": len(describe.RESIDENT or {})}
+
+
+class _PeakSampler:
+    """Peak RSS of this process during one request (sampled every 20 ms: a per-request figure, unlike ru_maxrss)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> "_PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _accelerator_peak_reset() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _accelerator_peak_mb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        return round(torch.mps.driver_allocated_memory() / 2**20, 1)
+    return None
+
+
+def _handle(req: dict[str, Any]) -> dict[str, Any]:
+    from . import describe as desc
+    from . import reconstruct as recon
+    from .cluster_worker import _inject
+
+    cfg = PipelineConfig.from_dict(req["config"])
+    run_dir = Path(req["run_dir"])
+    _accelerator_peak_reset()
+    t0 = time.perf_counter()
+    with _PeakSampler() as peak:
+        try:
+            if req["kind"] == "cluster":
+                cid = int(req["unit"])
+                _inject(cid)
+                result: Any = recon.reconstruct_cluster(run_dir, cid, cfg)
+            elif req["kind"] == "describe":
+                result = desc.describe(run_dir, cfg, chunk_ids=[int(c) for c in req["unit"]], finish=False)
+            else:
+                raise ValueError(f"unknown request kind {req['kind']!r}")
+            answer: dict[str, Any] = {"ok": result}
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the client as data
+            answer = {"error": type(exc).__name__, "message": str(exc),
+                      "oom": recon.is_oom(exc) or isinstance(exc, recon.ClusterOutOfMemory),
+                      "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
+                      "transient": isinstance(exc, OSError)}
+    answer.update(pid=os.getpid(), host=socket.gethostname(), worker=worker_name(), loads=_loads(),
+                  seconds=round(time.perf_counter() - t0, 4), peak_rss_mb=round(peak.peak / 2**20, 1),
+                  peak_accelerator_mb=_accelerator_peak_mb(),
+                  max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return answer
+
+
+def serve(sock_path: str, idle_s: float) -> None:
+    """Answer requests on ``sock_path`` (one JSON line in, one out) until idle for ``idle_s`` seconds."""
+    from . import describe as desc
+
+    desc.RESIDENT = {}
+    path = Path(sock_path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    srv.bind(str(tmp))
+    srv.listen(16)
+    os.replace(tmp, path)  # appears only once it accepts connections
+    ino = os.stat(path).st_ino
+    srv.settimeout(idle_s)
+    log.info("resident process %d serving %s (idle exit after %.0f s)", os.getpid(), path, idle_s)
+    try:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                break
+            with conn, conn.makefile("rwb") as fh:
+                line = fh.readline()
+                if not line:
+                    continue
+                answer = _handle(json.loads(line))
+                try:
+                    fh.write(json.dumps(answer, default=str).encode() + b"\n")
+                    fh.flush()
+                except OSError:  # the flow run went away (cancelled); the unit's marker says what was done
+                    pass
+    finally:
+        try:  # remove the socket unless a newer server already replaced it
+            if os.stat(path).st_ino == ino:
+                path.unlink()
+        except OSError:
+            pass
+        srv.close()
+
+
+# ---- client -------------------------------------------------------------------------------------------
+
+
+def _connect(path: Path) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
+def _start(path: Path, idle_s: float, timeout: float = 120.0) -> socket.socket:
+    lock = path.with_suffix(".lock")
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # one start per key even when two flow runs race
+        s = _connect(path)
+        if s is not None:
+            return s
+        try:
+            path.unlink()  # a dead server's socket
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
+        logf = open(path.with_suffix(".log"), "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "sparse_vggt.resident", str(path), str(idle_s)], env=env,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # outlives this flow run; exits when idle
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = _connect(path)
+            if s is not None:
+                return s
+            if proc.poll() is not None:
+                raise ResidentDied(f"resident process exited with code {proc.returncode} at start; see "
+                                   f"{path.with_suffix('.log')}")
+            time.sleep(0.05)
+        proc.kill()
+        raise ResidentDied(f"resident process did not listen on {path} within {timeout:.0f} s")
+
+
+def call(kind: str, run_dir: str | Path, config: PipelineConfig, unit: Any, idle_s: float = 60.0
+         ) -> dict[str, Any]:
+    """Run one unit (``kind`` "cluster": a cluster id; "describe": a list of ingest chunk ids) in this worker's
+    resident process; returns the raw answer (``ok`` or ``error`` plus pid/loads/peak memory)."""
+    path = socket_dir() / f"{resident_key(run_dir, config)}.sock"
+    s = _connect(path) or _start(path, idle_s)
+    request = {"kind": kind, "run_dir": str(run_dir), "config": config.to_dict(), "unit": unit}
+    with s, s.makefile("rwb") as fh:
+        try:
+            fh.write(json.dumps(request).encode() + b"\n")
+            fh.flush()
+            line = fh.readline()
+        except OSError as exc:
+            raise ResidentDied(f"{kind} {unit}: resident process connection failed ({exc}); retried") from exc
+    if not line:
+        raise ResidentDied(f"{kind} {unit}: the resident process on {worker_name()} ended before answering "
+                           "(killed?); the unit is retried on a new process")
+    return json.loads(line)
+
+
+def raise_for(answer: dict[str, Any], kind: str, unit: Any) -> Any:
+    """The answer's result, or the matching library exception (OOM -> ClusterOutOfMemory for clusters)."""
+    from .reconstruct import ClusterOutOfMemory, ReconstructError
+
+    if "ok" in answer:
+        return answer["ok"]
+    if answer.get("oom") and kind == "cluster":
+        raise ClusterOutOfMemory(int(unit), answer.get("oom_message") or answer.get("message", ""))
+    if answer.get("transient"):
+        raise OSError(f"{kind} {unit}: {answer['error']}: {answer['message']}")
+    raise ReconstructError(f"{kind} {unit}: {answer['error']}: {answer['message']}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(sys.argv[1], float(sys.argv[2]))
