@@ -214,7 +214,8 @@ def test_sparse_vggt_deploy_and_prefect_deploy_register_the_same_on_a_real_serve
                            text=True, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         ours, autos = _read_back(env["PREFECT_API_URL"])
-        assert set(ours) == {"reconstruct/farm", "reconstruct-scheduled/nightly", "reconstruct-cluster/mac-mini"}
+        assert set(ours) == {"reconstruct/farm", "reconstruct-scheduled/nightly", "reconstruct-cluster/mac-mini",
+                             "describe-chunks/mac-mini"}
         assert ours["reconstruct-scheduled/nightly"]["concurrency_limit"] == 1
         assert ours["reconstruct-scheduled/nightly"]["schedules"] == [("0 2 * * *", "UTC", False)]
         assert len(autos) == 1

@@ -272,5 +272,7 @@ def test_register_deployments_dry_run():
     out = register_deployments(work_pool="mac-mini", apply=False)
     deps = {d["deployment"]: d for d in out["deployments"]}
     assert deps["reconstruct-cluster/mac-mini"]["pool"] == "mac-mini"
-    assert deps["reconstruct/farm"]["schedule"] and deps["reconstruct/farm"]["pool"] != "mac-mini"
+    assert deps["describe-chunks/mac-mini"]["pool"] == "mac-mini"
+    assert not deps["reconstruct/farm"]["schedule"] and deps["reconstruct/farm"]["pool"] != "mac-mini"
+    assert deps["reconstruct-scheduled/nightly"]["schedule"] and deps["reconstruct-scheduled/nightly"]["pool"] != "mac-mini"
     assert out["applied"] is False
