@@ -78,12 +78,20 @@ def _child_main(req_fd: int, ans_fd: int, log_level: int) -> None:
                                                    PipelineConfig.from_dict(req["config"]))
                 answer: dict[str, Any] = {"ok": result}
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent as data
-                answer = {"error": type(exc).__name__, "message": str(exc),
-                          "oom": recon.is_oom(exc) or isinstance(exc, recon.ClusterOutOfMemory),
-                          "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
-                          "transient": isinstance(exc, OSError)}
+                answer = failure_answer(exc)
             answers.write(json.dumps(answer, default=str).encode() + b"\n")
             answers.flush()
+
+
+def failure_answer(exc: BaseException) -> dict[str, Any]:
+    """A unit's failure as JSON data for the process that asked (out of memory and transient errors flagged, so
+    the scheduler can split or retry)."""
+    from . import reconstruct as recon
+
+    return {"error": type(exc).__name__, "message": str(exc),
+            "oom": recon.is_oom(exc) or isinstance(exc, recon.ClusterOutOfMemory),
+            "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
+            "transient": isinstance(exc, OSError)}
 
 
 class ClusterWorker:

@@ -118,7 +118,7 @@ def _accelerator_peak_mb() -> float | None:
 def _handle(req: dict[str, Any]) -> dict[str, Any]:
     from . import describe as desc
     from . import reconstruct as recon
-    from .cluster_worker import _inject
+    from .cluster_worker import _inject, failure_answer
 
     cfg = PipelineConfig.from_dict(req["config"])
     run_dir = Path(req["run_dir"])
@@ -136,10 +136,7 @@ def _handle(req: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"unknown request kind {req['kind']!r}")
             answer: dict[str, Any] = {"ok": result}
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the client as data
-            answer = {"error": type(exc).__name__, "message": str(exc),
-                      "oom": recon.is_oom(exc) or isinstance(exc, recon.ClusterOutOfMemory),
-                      "oom_message": getattr(exc, "message", str(exc).splitlines()[0] if str(exc) else ""),
-                      "transient": isinstance(exc, OSError)}
+            answer = failure_answer(exc)
     answer.update(pid=os.getpid(), host=socket.gethostname(), worker=worker_name(), loads=_loads(),
                   seconds=round(time.perf_counter() - t0, 4), peak_rss_mb=round(peak.peak / 2**20, 1),
                   peak_accelerator_mb=_accelerator_peak_mb(),
