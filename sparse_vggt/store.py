@@ -384,14 +384,17 @@ class RunStore:
             return False
         return True
 
-    def array_integrity(self, name: str) -> dict[str, Any]:
-        """Files, bytes and CRC-32 of one stored array (e.g. ``descriptors``), for a stage manifest."""
+    def array_integrity(self, name: str, checksum: bool = True) -> dict[str, Any]:
+        """Files, bytes and (``checksum``) CRC-32 of one stored array (e.g. ``descriptors``), for a stage manifest."""
         adir = self.zarr_path / name
         stored = sorted(p for p in adir.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
-        crc = 0
-        for p in stored:
-            crc = zlib.crc32(p.read_bytes(), crc)
-        return {"files": len(stored), "nbytes": sum(p.stat().st_size for p in stored), "crc32": crc}
+        found: dict[str, Any] = {"files": len(stored), "nbytes": sum(p.stat().st_size for p in stored)}
+        if checksum:
+            crc = 0
+            for p in stored:
+                crc = zlib.crc32(p.read_bytes(), crc)
+            found["crc32"] = crc
+        return found
 
     def quick_damage(self) -> str | None:
         """The first output of a finished run that fails the quick check (listing + stats: a deleted marker, a
@@ -408,9 +411,8 @@ class RunStore:
         for stage, array in _STAGE_ARRAY.items():
             recorded = stages.get(stage, {}).get("manifest", {}).get("integrity")
             if recorded:
-                adir = self.zarr_path / array
-                stored = [p for p in adir.rglob("*") if p.is_file() and not p.name.endswith(".partial")]
-                if (len(stored), sum(p.stat().st_size for p in stored)) != (recorded["files"], recorded["nbytes"]):
+                found = self.array_integrity(array, checksum=False)
+                if (found["files"], found["nbytes"]) != (recorded["files"], recorded["nbytes"]):
                     return f"store.zarr/{array} differs from its manifest"
         if self.has_table("clusters"):
             ids = sorted({int(c) for c in self.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
