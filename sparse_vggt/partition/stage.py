@@ -62,9 +62,9 @@ import pyarrow as pa
 import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, connected_components, dijkstra
 
-from .config import ConfigError, PartitionConfig, PipelineConfig
-from .progress import track
-from .store import RunStore
+from ..config import ConfigError, PartitionConfig, PipelineConfig
+from ..progress import track
+from ..store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def resolve_max_cluster_frames(config: PipelineConfig) -> PartitionConfig:
         return cfg
     if value.strip().lower() != "auto":
         raise PartitionError(f"partition.max_cluster_frames={value!r}: use a number of frames or 'auto'")
-    from . import memory
+    from .. import memory
 
     rc = config.reconstruct
     device, dtype, gb = _reconstruct_device(rc)
@@ -238,7 +238,7 @@ def resolve_max_cluster_frames(config: PipelineConfig) -> PartitionConfig:
 
 
 def _preset_config(preset: str) -> dict[str, Any]:
-    from .models.vggt import PRESETS
+    from ..models.vggt import PRESETS
 
     return dict(PRESETS.get(preset, {}))
 
@@ -250,7 +250,7 @@ def _reconstruct_device(rc: Any) -> tuple[str, str, float]:
 
     device = (rc.device or "auto").lower()
     if device == "auto":
-        from .device import select_device
+        from ..device import select_device
 
         device = select_device("auto").type
     device = device.split(":")[0]
