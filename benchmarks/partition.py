@@ -63,7 +63,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
                 "overlap_rows": rep["overlap_rows"], "singletons": rep["singletons"]}
     if variant == "stage":  # the full stage: read store.zarr/graph, partition, write tables/clusters.parquet
         from sparse_vggt.config import PipelineConfig
-        from sparse_vggt.partition import partition
+        from sparse_vggt.partition import run as partition_stage
         from sparse_vggt.store import RunStore
 
         pc = PipelineConfig()
@@ -77,7 +77,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
             store.stage_finished("graph", {})
             del data, indptr, indices, weights, comp
             t0 = time.perf_counter()
-            man = partition(store.root, pc)
+            man = partition_stage(store.root, pc)
             secs = time.perf_counter() - t0
             size = store.table_path("clusters").stat().st_size
         return {**base, "seconds": round(secs, 2), "peak_bytes": peak_rss_bytes(), "clusters": man["clusters"],
@@ -125,7 +125,7 @@ def main() -> None:
         print(json.dumps(_child(args._child[0], args._child[1], args)))
         return
 
-    from sparse_vggt.partition import synthetic_city_graph
+    from sparse_vggt.synthetic import synthetic_city_graph
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="partition_bench_") as tmp:

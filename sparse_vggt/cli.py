@@ -135,7 +135,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from .partition import partition
+    from .partition import run as partition
 
     _, cfg = _open_with_config(args)
     print_manifest("partition", partition(Path(args.run), cfg))

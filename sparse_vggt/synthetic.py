@@ -24,11 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 
 from .config import PartitionConfig, PipelineConfig
 from .geometry import camera_centers, sim3_from_parts
-from .partition import symmetric_csr_with_components
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -461,3 +461,58 @@ def synthetic_run(
                     config=config, **kwargs)
     run.partition_report = report
     return run
+
+
+def synthetic_city_graph(n: int, k: int = 10, seed: int = 0, outliers: float = 0.002, plazas: float = 0.1
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A k-NN covisibility graph of photos taken along the streets of a grid city (plus plazas and outliers).
+
+    Frames lie on random streets of a square street grid (jittered across the street), a fraction ``plazas`` in
+    dense blobs around intersections and a fraction ``outliers`` anywhere; each frame links to its ``k`` nearest
+    frames with weight ``exp(-d / (8 s))`` (s = mean spacing along a street) and links longer than ``40 s`` are
+    dropped, so far outliers become isolated frames. Returns (indptr, indices, weights, component).
+    """
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    streets = max(2, int(round(math.sqrt(n) / 12)))
+    gap = 1.0 / streets
+    n_out = int(n * outliers)
+    n_pl = int(n * plazas)
+    n_st = n - n_out - n_pl
+    spacing = 2 * streets * 1.0 / max(1, n_st)
+    horiz = rng.random(n_st) < 0.5
+    line = (rng.integers(0, streets, n_st) + 0.5) * gap
+    along = rng.random(n_st)
+    across = line + rng.normal(0, spacing * 2, n_st)
+    xy_st = np.where(horiz[:, None], np.c_[along, across], np.c_[across, along])
+    centers = (rng.integers(0, streets, (max(1, n_pl // 200 + 1), 2)) + 0.5) * gap
+    which = rng.integers(0, len(centers), n_pl)
+    xy_pl = centers[which] + rng.normal(0, gap * 0.08, (n_pl, 2))
+    xy_out = rng.random((n_out, 2)) * 1.2 - 0.1
+    xy = np.concatenate([xy_st, xy_pl, xy_out])[rng.permutation(n)]
+    tree = cKDTree(xy)
+    kk = min(k + 1, n)
+    dist, idx = tree.query(xy, k=kk, workers=2)
+    dist, idx = dist[:, 1:], idx[:, 1:]
+    rows = np.repeat(np.arange(n), kk - 1)
+    cols = idx.ravel()
+    d = dist.ravel()
+    keep = (d <= 40 * spacing) & (cols < n)
+    rows, cols, d = rows[keep], cols[keep], d[keep]
+    wgt = np.exp(-d / (8 * spacing)).astype(np.float32)
+    return symmetric_csr_with_components(rows, cols, wgt, n)
+
+
+def symmetric_csr_with_components(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int
+                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Directed weighted pairs -> the graph stage's arrays: symmetric CSR (max weight of both directions) and
+    component ids numbered by decreasing component size (0 = largest), as synthetic graphs need them."""
+    A = sp.csr_matrix((np.asarray(weights, np.float32), (rows, cols)), shape=(n, n))
+    A = A.maximum(A.T).tocsr()
+    A.sort_indices()
+    ncomp, lab = connected_components(A, directed=False)
+    sizes = np.bincount(lab)
+    rank = np.empty(ncomp, np.int64)
+    rank[np.argsort(-sizes, kind="stable")] = np.arange(ncomp)
+    return A.indptr.astype(np.int64), A.indices.astype(np.int64), A.data.astype(np.float32), rank[lab]

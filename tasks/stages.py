@@ -220,7 +220,7 @@ def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
 @task(name="partition", task_run_name="partition",
       **TASK_OPTIONS)
 def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.partition import partition
+    from sparse_vggt.partition import run as partition
 
     manifest = partition(Path(run_dir), _cfg(config))
     publish_clusters(run_dir, f"{manifest.get('clusters')} clusters after partition")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict, deque
 
 import numpy as np
@@ -17,13 +18,13 @@ from sparse_vggt.config import PartitionConfig, PipelineConfig
 from sparse_vggt.partition import (
     Clusters,
     PartitionError,
-    partition,
     partition_graph,
+    run,
     split_cluster,
     split_clusters_in_memory,
-    synthetic_city_graph,
 )
 from sparse_vggt.store import RunStore
+from sparse_vggt.synthetic import synthetic_city_graph
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -488,7 +489,7 @@ def test_partition_stage_and_split(tmp_path):
     store = _make_run(tmp_path, graph, cfg)
     with pytest.raises(Exception, match="partition"):
         split_cluster(store.root, 0, cfg)  # partition has not run yet
-    manifest = partition(store.root, cfg)
+    manifest = run(store.root, cfg)
     assert store.is_stage_complete("partition")
     table = pq.read_table(store.table_path("clusters"))
     assert table.column_names == ["cluster_id", "image_id", "role", "component_id", "position", "neighbors"]
@@ -497,8 +498,15 @@ def test_partition_stage_and_split(tmp_path):
     cl = Clusters.from_table(table)
     check_invariants(graph, cfg.partition, cl, manifest)
     mtime = store.table_path("clusters").stat().st_mtime_ns
-    assert partition(store.root, cfg) == store.stage_manifest("partition")  # finished stage: no-op
+    assert run(store.root, cfg) == store.stage_manifest("partition")  # finished stage: no-op
     assert store.table_path("clusters").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="no units"):  # the graph is cut as a whole
+        run(store.root, cfg, units=[0])
+    table_bytes = store.table_path("clusters").read_bytes()
+    os.utime(store.table_path("clusters"), ns=(0, 0))
+    assert run(store.root, cfg, force=True)["clusters"] == manifest["clusters"]  # force redoes the stage ...
+    assert store.table_path("clusters").stat().st_mtime_ns != 0
+    assert store.table_path("clusters").read_bytes() == table_bytes  # ... with the same result
 
     biggest = int(np.argmax(np.bincount(cl.cluster_id)))
     ids = split_cluster(store.root, biggest, cfg)
@@ -518,7 +526,7 @@ def test_partition_stage_requires_graph(tmp_path):
     cfg = PipelineConfig()
     store = RunStore.create_or_open(tmp_path / "run", cfg)
     with pytest.raises(Exception, match="graph"):
-        partition(store.root, cfg)
+        run(store.root, cfg)
 
 
 def test_cli_partition_prints_report(tmp_path, capsys):
