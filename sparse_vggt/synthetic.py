@@ -10,6 +10,9 @@ the run-directory format of DESIGN.md: the ground truth seen in that cluster's o
 the origin, a random scale, like VGGT's normalisation), with multiplicative depth noise, optional pose noise, a
 fraction of outlier pixels (wrong depth, confidence drawn like the inliers so confidence cannot reveal them) in
 frames shared with other clusters, and confidence maps. :class:`SyntheticRun` keeps the ground truth.
+
+:func:`synthetic_city_graph` skips the geometry: a k-NN graph of points along city streets, cheap enough for
+partition tests and the million-frame partition benchmark.
 """
 
 from __future__ import annotations

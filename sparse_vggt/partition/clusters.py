@@ -26,7 +26,6 @@ class PartitionConfigError(PartitionError, ConfigError):
     """A partition setting that can never give bounded, overlapping clusters: a usage error (CLI exit code 2)."""
 
 
-
 @dataclass
 class Clusters:
     """Rows of clusters.parquet, sorted by (cluster_id, position); neighbours as CSR (offsets, values)."""
@@ -109,7 +108,6 @@ class Clusters:
         return Clusters(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                           ("cluster_id", "image_id", "core", "component_id", "position")),
                         np.concatenate(offs), np.concatenate([p.nbr_values for p in parts]))
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
