@@ -69,7 +69,8 @@ class GraphConfig:
     sequence_neighbors: int = 0  # link each image to this many next images in capture-time/file order
     gps_radius_m: float = 0.0  # add pairs closer than this (0 = off)
     gps_max_distance_m: float = 0.0  # drop pairs farther apart than this even if they look alike (0 = off)
-    verify: bool = False  # geometric verification of candidate pairs (SIFT + RANSAC fundamental matrix)
+    verify: bool = False  # geometric verification of candidate pairs (SIFT + RANSAC fundamental matrix; needs
+    # OpenCV: pip install "sparse-vggt[verify]")
     verify_features: str = "sift"  # sift | orb
     verify_max_side: int = 640  # images are downscaled to this longer side for verification
     verify_min_inliers: int = 20  # pairs with fewer RANSAC inliers are removed
