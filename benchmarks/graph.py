@@ -1,7 +1,7 @@
 """Graph-stage benchmark: kNN graph over N synthetic fp16 descriptors stored in Zarr, as `sparse-vggt graph` runs it.
 
-Each variant runs `build_graph` in a fresh child process, so its peak RSS is its own. Recall@k is measured
-against exact search on a sample of queries (``--recall-sample``), by the stage itself.
+Each variant runs the graph stage (`sparse_vggt.graph.run`) in a fresh child process, so its peak RSS is its
+own. Recall@k is measured against exact search on a sample of queries (``--recall-sample``), by the stage itself.
 
 Distributions:
   random     isotropic Gaussian, L2-normalised: no low-dimensional structure at all. The worst case for any
@@ -81,15 +81,15 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from sparse_vggt.config import PipelineConfig
-    from sparse_vggt.covisibility import build_graph
+    from sparse_vggt.graph import run
 
     torch.set_num_threads(args.threads)
     cfg = PipelineConfig()
-    cfg.graph.k, cfg.graph.method, cfg.graph.min_similarity = args.k, args.method, -1.0
+    cfg.graph.retrieval_neighbors, cfg.graph.method, cfg.graph.min_similarity = args.k, args.method, -1.0
     cfg.graph.pca_dim, cfg.graph.candidates = args.pca_dim, args.candidates
     cfg.graph.recall_sample, cfg.graph.memory_mb = args.recall_sample, args.memory_mb
     t0 = time.perf_counter()
-    manifest = build_graph(Path(args.run), cfg, force=True)
+    manifest = run(Path(args.run), cfg, force=True)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak_bytes": peak, "manifest": manifest}))

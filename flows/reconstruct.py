@@ -68,7 +68,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "describe.preset": "tiny",
     "describe.allow_random_weights": True,
     "describe.image_size": 112,
-    "graph.k": 4,
+    "graph.retrieval_neighbors": 4,
     "partition.max_cluster_frames": 6,
     "partition.min_overlap_frames": 2,
     "partition.k": 4,

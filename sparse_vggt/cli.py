@@ -127,7 +127,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .covisibility import build_graph
+    from .graph import run as build_graph
 
     _, cfg = _open_with_config(args)
     print_manifest("graph", build_graph(Path(args.run), cfg))

@@ -59,7 +59,7 @@ class DescribeConfig:
 class GraphConfig:
     """Covisibility graph from descriptors and priors (`sparse-vggt graph`)."""
 
-    k: int = 10  # retrieval neighbours per image
+    retrieval_neighbors: int = 10  # retrieval neighbours per image: its k nearest by descriptor cosine
     min_similarity: float = 0.0  # cosine similarity below which a retrieved pair is dropped
     mutual: bool = False  # keep only mutual kNN pairs (else union symmetrisation)
     method: str = "auto"  # auto | exact | pca | faiss: candidate search strategy
@@ -69,16 +69,16 @@ class GraphConfig:
     sequence_neighbors: int = 0  # link each image to this many next images in capture-time/file order
     gps_radius_m: float = 0.0  # add pairs closer than this (0 = off)
     gps_max_distance_m: float = 0.0  # drop pairs farther apart than this even if they look alike (0 = off)
-    verify: bool = False  # geometric verification of candidate pairs (SIFT + RANSAC fundamental matrix)
+    verify: bool = False  # geometric verification of candidate pairs (SIFT + RANSAC fundamental matrix; needs
+    # OpenCV: pip install "sparse-vggt[verify]")
     verify_features: str = "sift"  # sift | orb
     verify_max_side: int = 640  # images are downscaled to this longer side for verification
     verify_min_inliers: int = 20  # pairs with fewer RANSAC inliers are removed
     verify_workers: int = _runtime(0, "processes for verification; 0 = cpu count")
-    # added by the graph stage (issue 7):
     gps_neighbors: int = 10  # at most this many nearest GPS neighbours within gps_radius_m per image
     pca_sample: int = 10000  # descriptors sampled to fit the PCA of the reduced candidate search
     recall_sample: int = 256  # queries checked against exact search to measure recall (0 = off)
-    min_recall: float = 0.95  # recall@k below this is a warning (log, manifest, report); issue 19
+    min_recall: float = 0.95  # recall@k below this is a warning (log, manifest, report)
     seed: int = 0  # PCA / recall sampling
     memory_mb: int = _runtime(2048, "descriptors are cached in RAM (fp16) if they fit in about this much")
 

@@ -209,7 +209,7 @@ def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]
 @task(name="graph", task_run_name="covisibility-graph",
       **TASK_OPTIONS)
 def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.covisibility import build_graph
+    from sparse_vggt.graph import run as build_graph
 
     manifest = build_graph(Path(run_dir), _cfg(config))
     _publish_markdown(artifact_key(run_dir, "graph"), _md_kv("covisibility graph", manifest),

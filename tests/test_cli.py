@@ -134,15 +134,15 @@ def test_config_show_prints_toml(tmp_path: Path, sample_photos: Path, fixtures_d
 
     assert main(["config", "show", "--defaults"]) == 0
     assert tomllib.loads(capsys.readouterr().out) == tomllib.loads(PipelineConfig().to_toml())
-    assert main(["config", "show", "--set", "graph.k=7"]) == 0
-    assert tomllib.loads(capsys.readouterr().out)["graph"]["k"] == 7
+    assert main(["config", "show", "--set", "graph.retrieval_neighbors=7"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["graph"]["retrieval_neighbors"] == 7
     photos = _photos(tmp_path, sample_photos, fixtures_dir)
     run = tmp_path / "run"
     assert main(["scan", str(photos), str(run), "--set", "ingest.chunk_size=2"]) == 0
     capsys.readouterr()
-    assert main(["config", "show", str(run), "--set", "graph.k=9"]) == 0
+    assert main(["config", "show", str(run), "--set", "graph.retrieval_neighbors=9"]) == 0
     shown = tomllib.loads(capsys.readouterr().out)
-    assert shown["ingest"]["chunk_size"] == 2 and shown["graph"]["k"] == 9
+    assert shown["ingest"]["chunk_size"] == 2 and shown["graph"]["retrieval_neighbors"] == 9
     assert main(["config", "show", "--set", "graph.nope=1"]) == 2
     assert "unknown field graph.nope" in capsys.readouterr().err
 
@@ -182,7 +182,7 @@ def _demo_cfg():
 
 def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
     """A really finished run of 3 photos (every stage run in-process with the demo's tiny random models)."""
-    from sparse_vggt.covisibility import build_graph
+    from sparse_vggt.graph import run as build_graph
     from sparse_vggt.describe import describe
     from sparse_vggt.export import export
     from sparse_vggt.ingest import scan
@@ -225,7 +225,7 @@ def test_fast_path_is_not_taken_when_anything_is_left(tmp_path: Path, sample_pho
     photos, run = _finished_run(tmp_path, sample_photos)
     assert finished_run(run, photos, _demo_cfg())["frames_reconstructed"] == 3
     changed = _demo_cfg()
-    changed.graph.k = 3
+    changed.graph.retrieval_neighbors = 3
     assert finished_run(run, photos, changed) is None  # result-affecting config change: the flow decides
     runtime = _demo_cfg()
     runtime.reconstruct.device = "cpu"

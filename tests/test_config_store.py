@@ -60,8 +60,8 @@ def test_runtime_fields_do_not_count_as_config_changes() -> None:
     b.set("reconstruct.device", "cpu")
     b.set("orchestration.dispatch", "pool")
     assert a.diff(b) == []
-    b.set("graph.k", 12)
-    assert a.diff(b) == ["graph.k: 10 -> 12"]
+    b.set("graph.retrieval_neighbors", 12)
+    assert a.diff(b) == ["graph.retrieval_neighbors: 10 -> 12"]
 
 
 def test_run_directory_guards_its_config(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def test_bad_descriptor_files(tmp_path: Path) -> None:
 
 
 def test_dimension_change_replaces_descriptors_and_the_graph_notices(tmp_path: Path) -> None:
-    from sparse_vggt.covisibility import build_graph
+    from sparse_vggt.graph import run as build_graph
 
     store, cfg = make_scan(tmp_path / "run")
     names, vec = byo(tmp_path)

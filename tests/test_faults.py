@@ -241,18 +241,19 @@ def test_oom_sigkill_and_cpu_alloc_split_depth_kept(harness, reference, tmp_path
 
 
 def test_force_graph_k_invalidates_later_stages(harness, reference, tmp_path):
-    """Row: --force after a config change of graph.k redoes graph and every later stage (recorded)."""
+    """Row: --force after changing graph.retrieval_neighbors redoes graph and every later stage (recorded)."""
     run = _copy(reference, tmp_path)
-    refused = _run(harness, "graph", str(run), "--set", "graph.k=3")
-    assert refused.returncode == 2 and "graph.k: 4 -> 3" in refused.stderr and "--force" in refused.stderr
+    refused = _run(harness, "graph", str(run), "--set", "graph.retrieval_neighbors=3")
+    assert refused.returncode == 2 and "graph.retrieval_neighbors: 4 -> 3" in refused.stderr
+    assert "--force" in refused.stderr
     assert all(RunStore.open(run).is_stage_complete(s) for s in STAGES)
-    _ok(_run(harness, "graph", str(run), "--set", "graph.k=3", "--force"))
+    _ok(_run(harness, "graph", str(run), "--set", "graph.retrieval_neighbors=3", "--force"))
     store = RunStore.open(run)
     inval = [h for h in store.meta()["history"] if h["event"] == "invalidated"]
     assert inval and inval[-1]["stages"] == ["graph", "partition", "reconstruct", "merge", "export"]
     assert [s for s in STAGES if store.is_stage_complete(s)] == ["scan", "describe", "graph"]
-    assert store.zarr["graph"].attrs["config"]["k"] == 3
-    _ok(_run(harness, "demo", str(run), "--set", "graph.k=3"))
+    assert store.zarr["graph"].attrs["config"]["retrieval_neighbors"] == 3
+    _ok(_run(harness, "demo", str(run), "--set", "graph.retrieval_neighbors=3"))
     from sparse_vggt.reconstruct import cluster_status
 
     assert cluster_status(run, store.config())[1] == []  # every cluster matches the new partition

@@ -110,7 +110,7 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
 
     # second run: no stage work at all (every heavy library entry point would raise)
     mtimes = {f: f.stat().st_mtime_ns for f in _export_files(run)}
-    import sparse_vggt.covisibility as cov
+    import sparse_vggt.graph.stage as cov
     import sparse_vggt.describe as desc
     import sparse_vggt.export as exp
     import sparse_vggt.ingest as ingest

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,11 @@ import pyarrow as pa
 import pytest
 
 from sparse_vggt.config import GraphConfig, PipelineConfig
-from sparse_vggt.covisibility import (
-    DescriptorSource, GraphError, build_graph, knn, knn_exact, knn_pairs, measure_recall, pair_similarity,
-)
+from sparse_vggt.graph import DescriptorSource, GraphError, run
+from sparse_vggt.graph.csr import knn_pairs
+from sparse_vggt.graph.knn import knn, knn_exact
+from sparse_vggt.graph.recall import measure_recall
+from sparse_vggt.graph.source import pair_similarity
 from sparse_vggt.store import RunStore
 
 
@@ -117,9 +121,9 @@ def test_planted_groups_give_planted_components(tmp_path: Path) -> None:
     status[4] = "too small"  # a skipped row: zero descriptor, component -1, no edges
     x[4] = 0
     cfg = PipelineConfig()
-    cfg.graph.k, cfg.graph.min_similarity = 6, 0.5
+    cfg.graph.retrieval_neighbors, cfg.graph.min_similarity = 6, 0.5
     store = make_run(tmp_path / "run", x, status=status, config=cfg)
-    manifest = build_graph(tmp_path / "run", cfg)
+    manifest = run(tmp_path / "run", cfg)
     groups, indptr, indices, comp = graph_sets(store)
     ok = np.array([s == "ok" for s in status])
     want = {frozenset(np.flatnonzero((labels == g) & ok).tolist()) for g in np.unique(labels)}
@@ -132,9 +136,9 @@ def test_planted_groups_give_planted_components(tmp_path: Path) -> None:
     mat = {(r, int(c)) for r in range(len(status)) for c in indices[indptr[r]:indptr[r + 1]]}
     assert all((c, r) in mat for r, c in mat) and all(r != c for r, c in mat)
     # re-running a finished stage with the same settings is a no-op; new settings recompute
-    assert build_graph(tmp_path / "run", cfg) == manifest
-    cfg.graph.min_similarity, cfg.graph.k = -1.0, 40  # every pair: one component
-    assert build_graph(tmp_path / "run", cfg)["components"] == 1
+    assert run(tmp_path / "run", cfg) == manifest
+    cfg.graph.min_similarity, cfg.graph.retrieval_neighbors = -1.0, 40  # every pair: one component
+    assert run(tmp_path / "run", cfg)["components"] == 1
 
 
 def test_mutual_knn_keeps_only_pairs_found_from_both_ends() -> None:
@@ -153,11 +157,11 @@ def test_priors_sequence_and_gps(tmp_path: Path) -> None:
     gps = [(48.8867, 2.3431), (48.8867, 2.3432), None, (48.8868, 2.3431), None, (40.0, -3.0)]  # ... but is 1000 km away
     ts = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
     cfg = PipelineConfig()
-    cfg.graph.k, cfg.graph.min_similarity = 1, 0.9
+    cfg.graph.retrieval_neighbors, cfg.graph.min_similarity = 1, 0.9
     cfg.graph.sequence_neighbors = 1
     cfg.graph.gps_radius_m, cfg.graph.gps_max_distance_m = 50.0, 5000.0
     store = make_run(tmp_path / "run", x, gps=gps, timestamps=ts, config=cfg)
-    manifest = build_graph(tmp_path / "run", cfg)
+    manifest = run(tmp_path / "run", cfg)
     _, indptr, indices, _ = graph_sets(store)
     edges = {(r, int(c)) for r in range(6) for c in indices[indptr[r]:indptr[r + 1]] if r < c}
     assert (0, 5) not in edges  # look-alike pair dropped by the GPS distance cap
@@ -172,15 +176,15 @@ def test_bad_input_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
     x[2, 3] = np.nan
     make_run(tmp_path / "nan", x)
     with pytest.raises(GraphError, match=r"NaN.*img_0002"):
-        build_graph(tmp_path / "nan")
+        run(tmp_path / "nan")
     make_run(tmp_path / "none", np.zeros((3, 16)), status=["too small"] * 3)
     with pytest.raises(GraphError, match="zero kept images"):
-        build_graph(tmp_path / "none")
+        run(tmp_path / "none")
     cfg = PipelineConfig()
-    cfg.graph.k = 10
+    cfg.graph.retrieval_neighbors = 10
     make_run(tmp_path / "small", np.abs(x[[0, 1, 3]]), config=cfg)
     with caplog.at_level(logging.WARNING):
-        manifest = build_graph(tmp_path / "small", cfg)
+        manifest = run(tmp_path / "small", cfg)
     assert manifest["k"] == 2 and "clamped" in manifest["warnings"][0] and "clamped" in caplog.text
     assert manifest["edges"] == 3
 
@@ -200,17 +204,17 @@ def test_verification_separates_two_unrelated_real_scenes(tmp_path: Path, sample
         names.append(name)
     x = np.random.default_rng(6).standard_normal((len(names), 32))
     cfg = PipelineConfig()
-    cfg.graph.k, cfg.graph.min_similarity = len(names), -1.0
+    cfg.graph.retrieval_neighbors, cfg.graph.min_similarity = len(names), -1.0
     cfg.graph.verify, cfg.graph.verify_workers = True, 2
     store = make_run(tmp_path / "run", x, names=names, photos_root=root, config=cfg)
-    manifest = build_graph(tmp_path / "run", cfg)
+    manifest = run(tmp_path / "run", cfg)
     groups, _, _, _ = graph_sets(store)
     assert manifest["verification"]["pairs_checked"] == len(names) * (len(names) - 1) // 2
     assert {frozenset(g) for g in groups} == {frozenset(range(5)), frozenset(range(5, 9))}
     assert manifest["weights"] == "inliers"
     # without verification the same candidates join everything: verification made the split
     cfg.graph.verify = False
-    assert build_graph(tmp_path / "run", cfg)["components"] == 1
+    assert run(tmp_path / "run", cfg)["components"] == 1
 
 
 def test_low_recall_is_a_warning_in_the_manifest_and_the_report(tmp_path: Path,
@@ -221,11 +225,11 @@ def test_low_recall_is_a_warning_in_the_manifest_and_the_report(tmp_path: Path,
     rng = np.random.default_rng(5)
     x = rng.standard_normal((900, 96))
     cfg = PipelineConfig()
-    cfg.graph.method, cfg.graph.pca_dim, cfg.graph.candidates, cfg.graph.k = "pca", 6, 12, 8
+    cfg.graph.method, cfg.graph.pca_dim, cfg.graph.candidates, cfg.graph.retrieval_neighbors = "pca", 6, 12, 8
     cfg.graph.min_similarity = -1.0
     make_run(tmp_path / "run", x, config=cfg)
-    with caplog.at_level(logging.WARNING, logger="sparse_vggt.covisibility"):
-        man = build_graph(tmp_path / "run", cfg)
+    with caplog.at_level(logging.WARNING, logger="sparse_vggt.graph"):
+        man = run(tmp_path / "run", cfg)
     assert man["method"] == "pca" and man["recall_at_k"] < 0.5 and man["recall_sample"] == 256
     assert man["recall_ok"] is False and man["min_recall"] == 0.95
     assert any("graph.min_recall" in w for w in man["warnings"])
@@ -235,13 +239,13 @@ def test_low_recall_is_a_warning_in_the_manifest_and_the_report(tmp_path: Path,
     assert any("graph recall@8" in c and "below graph.min_recall" in c for c in _checks(store))
     # exact search is measured too, and passes
     cfg.graph.method = "exact"
-    man = build_graph(tmp_path / "run", cfg)
+    man = run(tmp_path / "run", cfg)
     assert man["recall_at_k"] == 1.0 and man["recall_ok"] is True and man["recall_sample"] == 256
     assert not man["warnings"] and _checks(store) == []
 
 
 def test_auto_picks_exact_search_below_the_measured_crossover() -> None:
-    from sparse_vggt.covisibility import exact_is_not_slower
+    from sparse_vggt.graph.knn import exact_is_not_slower
 
     cfg = GraphConfig()
     assert exact_is_not_slower(2000, 8448, 10, cfg)
@@ -253,3 +257,27 @@ def test_auto_picks_exact_search_below_the_measured_crossover() -> None:
     rng = np.random.default_rng(0)
     src = DescriptorSource(rng.standard_normal((500, 512)).astype(np.float16), np.arange(500))
     assert knn(src, 5, GraphConfig(method="auto", pca_dim=16, candidates=20))[2] == "exact"
+
+
+def test_the_graph_has_no_units_to_select(tmp_path: Path) -> None:
+    """The graph is built over all images at once: a units selection is a caller's mistake, said before any work."""
+    make_run(tmp_path / "run", np.random.default_rng(1).standard_normal((6, 16)))
+    with pytest.raises(ValueError, match="no units"):
+        run(tmp_path / "run", units=[0])
+    assert "graph" not in RunStore.open(tmp_path / "run").zarr
+
+
+def test_verification_without_opencv_names_the_extra_to_install(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
+    cfg = PipelineConfig()
+    cfg.graph.retrieval_neighbors, cfg.graph.verify, cfg.graph.verify_workers = 3, True, 1
+    make_run(tmp_path / "run", np.random.default_rng(2).standard_normal((6, 16)), config=cfg)
+    with pytest.raises(GraphError, match=r'pip install "sparse-vggt\[verify\]"'):
+        run(tmp_path / "run", cfg)
+
+
+def test_importing_the_graph_stage_does_not_import_opencv() -> None:
+    """OpenCV is an optional extra: only graph.verify=true may need it."""
+    code = "import sys, sparse_vggt.graph, sparse_vggt.cli; assert 'cv2' not in sys.modules, 'cv2 imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
