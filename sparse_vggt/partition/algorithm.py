@@ -92,7 +92,7 @@ def partition_graph(indptr: Any, indices: Any, weights: Any, component: Any,
         raise PartitionError(
             f"all {comp_ids.size} components are below partition.min_component_frames={cfg.min_component_frames}"
             f" ({int((comp_sizes == 1).sum())} isolated frames): nothing to reconstruct. Connect more images (e.g. "
-            "raise graph.k, lower graph.min_similarity) or set partition.reconstruct_singletons=true.")
+            "raise graph.retrieval_neighbors, lower graph.min_similarity) or set partition.reconstruct_singletons=true.")
     wmax = float(A.data.max(initial=0.0))
     stats: dict[str, Any] = {}
 
