@@ -272,7 +272,7 @@ def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, A
 @task(name="merge", task_run_name="merge",
       **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.merge import merge
+    from sparse_vggt.merge import run as merge
 
     manifest = merge(Path(run_dir), _cfg(config))
     rows = merge_residual_rows(run_dir)

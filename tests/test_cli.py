@@ -186,7 +186,7 @@ def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
     from sparse_vggt.describe import describe
     from sparse_vggt.export import export
     from sparse_vggt.ingest import scan
-    from sparse_vggt.merge import merge
+    from sparse_vggt.merge import run as merge
     from sparse_vggt.partition import partition
     from sparse_vggt.reconstruct import reconstruct
 

@@ -15,7 +15,7 @@ from sparse_vggt.cli import main
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.evaluate import evaluate
 from sparse_vggt.export import export
-from sparse_vggt.merge import merge
+from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore, RunStoreError
 
 

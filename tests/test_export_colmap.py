@@ -17,7 +17,7 @@ from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.export import ExportError, export
 from sparse_vggt.ingest import load_image, scan
-from sparse_vggt.merge import merge
+from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
 

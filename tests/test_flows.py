@@ -118,7 +118,7 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     import sparse_vggt.partition as part
 
     for mod, name in ((recon, "reconstruct_cluster"), (recon, "load_model"), (desc, "_ModelDescriber"),
-                      (cov, "knn"), (part, "partition_graph"), (part, "split_cluster"), (merge, "merge"),
+                      (cov, "knn"), (part, "partition_graph"), (part, "split_cluster"), (merge, "run"),
                       (exp, "export"), (ingest, "_read_and_inspect")):
         monkeypatch.setattr(mod, name, _forbid(monkeypatch, f"{mod.__name__}.{name}"))
     again = run_pipeline(PHOTOS, run, _cfg())
