@@ -299,6 +299,6 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 @task(name="export", task_run_name="export",
       **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.export import export
+    from sparse_vggt.export import run as export
 
     return export(Path(run_dir), _cfg(config))
