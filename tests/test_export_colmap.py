@@ -1,4 +1,4 @@
-"""Drop-in COLMAP export (issue 19): images/ root, EXIF-rotated photos, names, camera options, BA, pairs.txt,
+"""Drop-in COLMAP export: images/ root, EXIF-rotated photos, names, camera options, BA, pairs.txt,
 plots in report.md, Rerun recording."""
 
 from __future__ import annotations

@@ -199,8 +199,8 @@ def test_bad_depth_cluster_is_excluded_and_partial_nan_is_tolerated(small) -> No
     arr2 = d2[...]
     arr2[:, ::5, :] = np.nan  # 20% NaN rows: below merge.max_nonfinite_fraction, pixels simply ignored
     d2[...] = arr2
-    # the model wrote these depths: re-mark the units (markers checksum their data since issue 15; an edit behind
-    # a marker's back is storage damage and is redone, see tests/test_faults.py)
+    # the model wrote these depths: re-mark the units (markers checksum their data; an edit behind a marker's back
+    # is storage damage and is redone, see tests/test_faults.py)
     for c in (bad, partial):
         store.mark_unit_complete(f"clusters/{c}")
     m = merge(run.root, _cfg())
@@ -256,7 +256,7 @@ def test_edge_without_valid_overlap_is_rejected_with_reason(tmp_path: Path) -> N
     core = clusters.core[clusters.cluster_id == 2]
     arr[~core] = np.nan
     d[...] = arr
-    store.mark_unit_complete("clusters/2")  # as if the model wrote these depths (markers checksum data, issue 15)
+    store.mark_unit_complete("clusters/2")  # as if the model wrote these depths (markers checksum their data)
     m = merge(run.root, _cfg())
     assert m["edges"] == nc and m["edges_accepted"] == nc - 1
     assert "too few valid correspondences" in m["edges_rejected"]["2-3"]

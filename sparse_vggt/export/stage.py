@@ -35,8 +35,10 @@ median), ``export.focal_prior=exif`` starts from the photo's EXIF focal where it
 refines poses, points (and focal, ``export.ba_refine_focal``) with pycolmap; the manifest records the mean
 reprojection error before and after. Points3D keep the tracks fused by merge: each observation is the pixel the
 point came from.
-"""
 
+Which files are written, and in which order, is the registry in ``formats.py``; this module reads the merge,
+names the images, lays out ``images/``, calls the enabled formats and writes report.md last.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ import pyarrow.compute as pc
 from ..config import ExportConfig, PipelineConfig
 from ..store import RunStore
 from .colmap import (
-    CAMERA_MODELS, FOCAL_PRIORS, IMAGE_MODES, SHARED_CAMERA, needs_upright_copy, export_names, is_safe_name,
+    CAMERA_MODELS, FOCAL_PRIORS, IMAGE_MODES, SHARED_CAMERA, export_names, is_safe_name, needs_upright_copy,
     write_images_dir,
 )
 from .context import STAGE, ComponentContext, ExportContext, ExportError
