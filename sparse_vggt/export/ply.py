@@ -9,9 +9,13 @@ from .context import ComponentContext
 
 
 def write(ctx: ComponentContext) -> dict[str, Any]:
-    """Format writer: the component's display points (``export.max_points``); nothing when it has none."""
-    if ctx.cloud is None:
+    """Format writer: the component's display points (``export.max_points``); no file when it has none."""
+    if ctx.display_points is None:  # merge did not fuse points
         return {}
-    ply = ctx.run.out / f"points{ctx.suffix}.ply"
-    ctx.cloud.export(str(ply))
-    return {"ply": ply.name}
+    out: dict[str, Any] = {}
+    if ctx.cloud is not None:
+        ply = ctx.run.out / f"points{ctx.suffix}.ply"
+        ctx.cloud.export(str(ply))
+        out["ply"] = ply.name
+    out["ply_points"] = int(len(ctx.display_points))
+    return out

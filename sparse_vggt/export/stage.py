@@ -176,8 +176,8 @@ def run(run_dir: str | Path, config: PipelineConfig | None = None, *, force: boo
         entry: dict[str, Any] = {"component": k}
         for _, fmt in enabled_formats(cfg, per_component=True):
             entry.update(fmt.write(comp))
-        if comp.display_points is not None:
-            entry["ply_points"] = int(len(comp.display_points))
+        if comp.display_points is not None:  # the GLB shows the same points: their count also without a PLY
+            entry.setdefault("ply_points", int(len(comp.display_points)))
         manifest["components"].append(entry)
     manifest["images"] = int(len(m["img_image_ids"]))
     manifest["points3D"] = int(sum(c.get("points3D", 0) for c in manifest["components"]))
