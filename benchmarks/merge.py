@@ -1,4 +1,4 @@
-"""Merge benchmark: time and peak memory of `sparse_vggt.merge.merge` for 100 and 1,000 clusters.
+"""Merge benchmark: time and peak memory of `sparse_vggt.merge.run` for 100 and 1,000 clusters.
 
 Synthetic city runs (sparse_vggt.synthetic: ray-cast depth, the real partitioner, 5% depth noise, 20% outlier
 pixels in overlap frames) are built first (timed apart), then each merge runs in its own child process so its
@@ -35,7 +35,7 @@ def _status(key: str) -> int:
 def _child(run_dir: str, variant: str) -> dict:
     from sparse_vggt.config import PipelineConfig
     from sparse_vggt.evaluate import evaluate_poses
-    from sparse_vggt.merge import merge
+    from sparse_vggt.merge import run as merge
     from sparse_vggt.store import RunStore
 
     store = RunStore.open(run_dir)

@@ -37,7 +37,7 @@ from prefect.states import Failed
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.lock import writer_lock
-from sparse_vggt.plots import plots_markdown
+from sparse_vggt.export.plots import plots_markdown
 from sparse_vggt.store import RunStore, append_event, atomic_write_bytes
 from tasks.dispatch import OOM_MARK, TRANSIENT_MARK, PoolDispatcher, PoolUnit, in_flight_limit, online_workers
 from tasks.stages import (

@@ -153,7 +153,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merge import run as merge
 
     _, cfg = _open_with_config(args)
     print_manifest("merge", merge(Path(args.run), cfg))
@@ -161,7 +161,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import run as export
 
     _, cfg = _open_with_config(args)
     if args.text:

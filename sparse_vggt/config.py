@@ -138,7 +138,7 @@ class MergeConfig:
     """Sim(3) alignment of clusters and fusion (`sparse-vggt merge`).
 
     Residual thresholds are relative to the depth of the point (|x_a - S x_b| / depth_a): VGGT depth errors grow
-    with depth and every cluster has its own scale, so relative residuals are the scale-free choice (issue 9).
+    with depth and every cluster has its own scale, so relative residuals are the scale-free choice.
     """
 
     grid_stride: int = 0  # pixel stride of the correspondence grid on shared frames; 0 = auto (~grid_points per frame)
@@ -178,7 +178,7 @@ class ExportConfig:
     max_points: int = 2_000_000  # cap on exported points (uniform subsample)
     max_track_points: int = 200_000  # cap on COLMAP points3D with tracks
     frustum_scale: float = 0.0  # 0 = automatic (2% of scene extent)
-    # drop-in COLMAP workspace (issue 19): export/images + export/sparse/<k> + pairs.txt
+    # drop-in COLMAP workspace: export/images + export/sparse/<k> + pairs.txt
     images: str = "link"  # link | copy | none: how export/images/ is made (EXIF-rotated/HEIC: upright copies)
     camera_model: str = "PINHOLE"  # PINHOLE | SIMPLE_PINHOLE | SIMPLE_RADIAL | RADIAL | OPENCV
     shared_camera: str = "image"  # image (one camera per image) | folder (per folder and size) | size (per size)

@@ -272,7 +272,7 @@ def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, A
 @task(name="merge", task_run_name="merge",
       **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.merge import merge
+    from sparse_vggt.merge import run as merge
 
     manifest = merge(Path(run_dir), _cfg(config))
     rows = merge_residual_rows(run_dir)
@@ -299,6 +299,6 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 @task(name="export", task_run_name="export",
       **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.export import export
+    from sparse_vggt.export import run as export
 
     return export(Path(run_dir), _cfg(config))

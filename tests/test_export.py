@@ -14,8 +14,8 @@ from sparse_vggt import synthetic as syn
 from sparse_vggt.cli import main
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.evaluate import evaluate
-from sparse_vggt.export import export
-from sparse_vggt.merge import merge
+from sparse_vggt.export import run as export
+from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore, RunStoreError
 
 
@@ -123,6 +123,11 @@ def test_rerun_noop_and_text_on_request(tmp_path: Path) -> None:
     assert not (out / "sparse" / "0" / "images.txt").exists()
     assert sum(pycolmap.Reconstruction(str(out / "sparse" / str(k))).num_reg_images() for k in range(3)) == n
     assert export(run.root, cfg) == m1
+    with pytest.raises(ValueError, match="no units"):
+        export(run.root, cfg, units=[0])
+    (out / "points_1.ply").unlink()
+    assert export(run.root, cfg) == m1 and not (out / "points_1.ply").exists()  # finished: nothing redone
+    assert export(run.root, cfg, force=True) == m1 and (out / "points_1.ply").is_file()
     # the CLI's --text redoes the export with text files
     assert main(["-q", "export", str(run.root), "--text"]) == 0
     assert (out / "sparse" / "0" / "images.txt").is_file()
@@ -133,3 +138,49 @@ def test_rerun_noop_and_text_on_request(tmp_path: Path) -> None:
 def test_cli_merge_and_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["merge", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_registered_format_runs_per_component_in_order_and_owns_its_stale_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export format registry: one writer plus one FORMATS entry adds a format; switched off, its paths go."""
+    from sparse_vggt.export import formats
+    from sparse_vggt.export.context import ComponentContext
+
+    assert list(formats.FORMATS) == ["colmap", "ply", "glb", "pairs", "plots", "rerun"]
+    n = 48
+    scene = syn.make_ring_scene(n, seed=4)
+    clusters = syn.ring_clusters(n, 3, overlap=0)  # three components
+    graph = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(n, np.int64))
+    cfg = PipelineConfig()
+    cfg.merge.colors = False
+    cfg.export.plots = False
+    run = syn.write_run(tmp_path / "run", scene, graph, clusters, config=cfg)
+    merge(run.root, cfg)
+    calls: list[str] = []
+
+    def cameras_json(ctx: ComponentContext) -> dict:
+        calls.append(f"cameras_json {ctx.component}")
+        path = ctx.run.out / f"cameras{ctx.suffix}.json"
+        path.write_text(json.dumps({ctx.run.names[int(i)]: E.tolist() for i, E in zip(ctx.image_ids,
+                                                                                       ctx.extrinsics)}))
+        return {"cameras_json": path.name}
+
+    def spy(name: str, write):
+        return lambda ctx: calls.append(f"{name} {getattr(ctx, 'component', '-')}") or write(ctx)
+
+    for name, f in list(formats.FORMATS.items()):
+        monkeypatch.setitem(formats.FORMATS, name, formats.ExportFormat(spy(name, f.write), f.enabled,
+                                                                        f.per_component, f.stale))
+    monkeypatch.setitem(formats.FORMATS, "cameras_json", formats.ExportFormat(cameras_json, per_component=True))
+    monkeypatch.setitem(formats.FORMATS, "off", formats.ExportFormat(lambda ctx: {"off": 1}, enabled=lambda c: False,
+                                                                      stale=("old_format",)))
+    out = run.root / "export"
+    (out / "old_format").mkdir(parents=True)
+    (out / "old_format" / "left.txt").write_text("from an earlier export")
+    man = export(run.root, cfg)
+    per_component = ["colmap", "ply", "glb", "cameras_json"]
+    assert calls == [f"{f} {k}" for k in range(3) for f in per_component] + ["pairs -"]  # plots, rerun, off: off
+    assert [c["cameras_json"] for c in man["components"]] == ["cameras.json", "cameras_1.json", "cameras_2.json"]
+    cams = json.loads((out / "cameras_1.json").read_text())
+    assert len(cams) == sum(c["images"] for c in man["components"] if c["component"] == 1)
+    assert "off" not in man and not (out / "old_format").exists()

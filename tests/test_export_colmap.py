@@ -1,4 +1,4 @@
-"""Drop-in COLMAP export (issue 19): images/ root, EXIF-rotated photos, names, camera options, BA, pairs.txt,
+"""Drop-in COLMAP export: images/ root, EXIF-rotated photos, names, camera options, BA, pairs.txt,
 plots in report.md, Rerun recording."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from PIL import Image
 
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.export import ExportError, export
+from sparse_vggt.export import ExportError, run as export
 from sparse_vggt.ingest import load_image, scan
-from sparse_vggt.merge import merge
+from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
 
@@ -258,7 +258,7 @@ def test_rerun_recording(small_run: syn.SyntheticRun) -> None:
 def test_plots_markdown_inlines_the_pngs_for_prefect(small_run: syn.SyntheticRun) -> None:
     import base64
 
-    from sparse_vggt.plots import plots_markdown
+    from sparse_vggt.export.plots import plots_markdown
 
     export(small_run.root, PipelineConfig())
     md = plots_markdown(small_run.root / "export")

@@ -27,9 +27,9 @@ from PIL import Image
 from sparse_vggt import ingest
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.export import export
+from sparse_vggt.export import run as export
 from sparse_vggt.ingest import IngestError, scan
-from sparse_vggt.merge import merge
+from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]

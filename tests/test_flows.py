@@ -118,8 +118,8 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     import sparse_vggt.partition as part
 
     for mod, name in ((recon, "reconstruct_cluster"), (recon, "load_model"), (desc, "_ModelDescriber"),
-                      (cov, "knn"), (part.stage, "partition_graph"), (part, "split_cluster"), (merge, "merge"),
-                      (exp, "export"), (ingest, "_read_and_inspect")):
+                      (cov, "knn"), (part.stage, "partition_graph"), (part, "split_cluster"), (merge, "run"),
+                      (exp, "run"), (ingest, "_read_and_inspect")):
         monkeypatch.setattr(mod, name, _forbid(monkeypatch, f"{mod.__name__}.{name}"))
     again = run_pipeline(PHOTOS, run, _cfg())
     # scan is never Prefect-cached (its input is the photo folder); it only re-lists the folder and returns

@@ -220,7 +220,7 @@ def test_verification_separates_two_unrelated_real_scenes(tmp_path: Path, sample
 def test_low_recall_is_a_warning_in_the_manifest_and_the_report(tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Isotropic descriptors and a tiny PCA: recall far below graph.min_recall must be loud, not an INFO line."""
-    from sparse_vggt.export import _checks
+    from sparse_vggt.export.report import _checks
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((900, 96))

@@ -15,7 +15,9 @@ from sparse_vggt.evaluate import evaluate_poses
 from sparse_vggt.geometry import (
     GeometryError, camera_centers, sim3_exp, sim3_from_parts, sim3_inverse, sim3_log, sim3_parts, umeyama,
 )
-from sparse_vggt.merge import MergeError, merge, pose_graph, robust_sim3, spanning_tree_init
+from sparse_vggt.merge import MergeError, run as merge
+from sparse_vggt.merge.pose_graph import pose_graph, spanning_tree_init
+from sparse_vggt.merge.sim3 import robust_sim3
 from sparse_vggt.store import RunStore, RunStoreError
 
 EMPTY_GRAPH = lambda n: (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),  # noqa: E731
@@ -197,8 +199,8 @@ def test_bad_depth_cluster_is_excluded_and_partial_nan_is_tolerated(small) -> No
     arr2 = d2[...]
     arr2[:, ::5, :] = np.nan  # 20% NaN rows: below merge.max_nonfinite_fraction, pixels simply ignored
     d2[...] = arr2
-    # the model wrote these depths: re-mark the units (markers checksum their data since issue 15; an edit behind
-    # a marker's back is storage damage and is redone, see tests/test_faults.py)
+    # the model wrote these depths: re-mark the units (markers checksum their data; an edit behind a marker's back
+    # is storage damage and is redone, see tests/test_faults.py)
     for c in (bad, partial):
         store.mark_unit_complete(f"clusters/{c}")
     m = merge(run.root, _cfg())
@@ -212,6 +214,24 @@ def test_bad_depth_cluster_is_excluded_and_partial_nan_is_tolerated(small) -> No
     assert res["ate_rel_extent"] < 0.01 and res["rotation_error_mean_deg"] < 0.5
     attrs = store.group("merge").attrs
     assert str(bad) in attrs["excluded_clusters"]
+
+
+def test_force_recomputes_and_units_are_refused(small, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished merge is returned as is; ``force`` redoes it (same numbers); merge has no units to select."""
+    import sparse_vggt.merge.stage as stage
+
+    run = small()
+    first = merge(run.root, _cfg())
+    assert first["edges"] > 0
+    calls = []
+    real = stage.estimate_edge
+    monkeypatch.setattr(stage, "estimate_edge", lambda *a: calls.append(1) or real(*a))
+    assert merge(run.root, _cfg()) == first and not calls
+    again = merge(run.root, _cfg(), force=True)
+    assert len(calls) == first["edges"]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    with pytest.raises(ValueError, match="no units"):
+        merge(run.root, _cfg(), units=[0])
 
 
 def test_missing_cluster_is_reported(small) -> None:
@@ -236,7 +256,7 @@ def test_edge_without_valid_overlap_is_rejected_with_reason(tmp_path: Path) -> N
     core = clusters.core[clusters.cluster_id == 2]
     arr[~core] = np.nan
     d[...] = arr
-    store.mark_unit_complete("clusters/2")  # as if the model wrote these depths (markers checksum data, issue 15)
+    store.mark_unit_complete("clusters/2")  # as if the model wrote these depths (markers checksum their data)
     m = merge(run.root, _cfg())
     assert m["edges"] == nc and m["edges_accepted"] == nc - 1
     assert "too few valid correspondences" in m["edges_rejected"]["2-3"]
@@ -247,7 +267,8 @@ def test_edge_without_valid_overlap_is_rejected_with_reason(tmp_path: Path) -> N
 def test_camera_agreement_measures_shared_camera_disagreement() -> None:
     """Edges are also checked on the shared frames' cameras (depth and pose come from different model heads; with
     random weights the depths of a far, narrow-FoV patch align while the cameras do not)."""
-    from sparse_vggt.merge import ClusterData, camera_agreement
+    from sparse_vggt.merge.clusters import ClusterData
+    from sparse_vggt.merge.sim3 import camera_agreement
 
     rng = np.random.default_rng(0)
     R = Rotation.random(3, random_state=1).as_matrix()

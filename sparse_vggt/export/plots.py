@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import PipelineConfig
-from .geometry import camera_centers
-from .store import RunStore
+from ..config import PipelineConfig
+from ..geometry import camera_centers
+from ..store import RunStore
+from .context import ExportContext
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,11 @@ def write_plots(store: RunStore, plots_dir: Path, merged: dict[str, np.ndarray],
         job(path)
         files[PLOTS[key]] = f"{plots_dir.name}/{path.name}"
     return {"files": files}
+
+
+def write(ctx: ExportContext) -> dict[str, Any]:
+    """Format writer: ``plots/*.png`` (listed in report.md)."""
+    return {"plots": write_plots(ctx.store, ctx.out / "plots", ctx.merged, ctx.config)}
 
 
 def plots_markdown(export_dir: Path, max_bytes: int = 2_000_000) -> str:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import camera_centers
-from .store import RunStore
+from ..geometry import camera_centers
+from ..store import RunStore
+from .context import ExportContext, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _core_clusters(store: RunStore, image_ids: np.ndarray) -> np.ndarray:
 
 
 def _thumbnail(path: Path, size: tuple[int, int]) -> bytes | None:
-    from .ingest import load_image
+    from ..ingest import load_image
 
     try:
         img = load_image(path)
@@ -61,8 +62,6 @@ def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], 
     try:
         import rerun as rr
     except ImportError as exc:
-        from .export import ExportError
-
         raise ExportError('export.rerun=true needs the Rerun SDK: pip install "sparse-vggt[rerun]" '
                           "-c constraints.txt (or set export.rerun=false)") from exc
     from matplotlib import colormaps
@@ -109,3 +108,9 @@ def write_recording(path: Path, store: RunStore, merged: dict[str, np.ndarray], 
     rec.flush()
     rec.disconnect()
     return {"file": path.name, "cameras": n_images, "images": n_photos, "points": int(n_points)}
+
+
+def write(ctx: ExportContext) -> dict[str, Any]:
+    """Format writer: ``recording.rrd``."""
+    return {"rerun": write_recording(ctx.out / "recording.rrd", ctx.store, ctx.merged, ctx.names, ctx.images_dir,
+                                     ctx.hw)}
