@@ -2,8 +2,8 @@
 
 For each cluster of ``tables/clusters.parquet`` the frames are loaded in the partitioner's order (position 0
 is the reference frame), preprocessed at the model resolution, and run through VGGT whose global attention
-spans only each frame's listed neighbours (`sparse_vggt.sparse`). Cameras are decoded from the pose encoding
-and intrinsics mapped back to original upright pixels; depth and confidence stay at model resolution with
+spans only each frame's listed neighbours (`sparse_vggt.layers.sparse_attention`). Cameras are decoded from the
+pose encoding and intrinsics mapped back to original upright pixels; depth and confidence stay at model resolution with
 ``depth_to_image`` mapping their pixel grid to the original image.
 
 A cluster's group gets its completion marker last; a complete cluster is skipped, an incomplete one is

@@ -212,11 +212,12 @@ def test_predict_autocast_runs_aggregator_in_low_precision_and_heads_in_fp32(tin
 def test_predict_passes_neighbors_to_a_sparse_model(tiny):
     import copy
 
-    from sparse_vggt.sparse import make_sparse
+    from sparse_vggt.layers.sparse_attention import SparseContext
 
     images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(4))
     dense = tiny.predict(images, device="cpu")
-    sparse = make_sparse(copy.deepcopy(tiny))
+    sparse = VGGT(**{**tiny.config, "sparse": SparseContext()})
+    sparse.load_state_dict(copy.deepcopy(tiny).state_dict())
     out = sparse.predict(images, device="cpu", neighbors=[[1, 2], [0, 2], [0, 1]])
     torch.testing.assert_close(out["depth"], dense["depth"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["pose_enc"], dense["pose_enc"], rtol=1e-5, atol=1e-5)

@@ -195,6 +195,8 @@ class SparseGlobalAttention(Attention):
         return kernels.get_kernel(name).attend(q, k, v, sets, P, num_special, self.scale, self.context)
 
 
-def sparse_attention_class(context: SparseContext, num_special: int | None = None) -> Callable[..., nn.Module]:
-    """An ``attn_class`` for `Block`: `SparseGlobalAttention` bound to ``context`` (and ``num_special``)."""
-    return functools.partial(SparseGlobalAttention, context=context, num_special=num_special)
+def sparse_attention_class(context: SparseContext, num_special: int | None = None,
+                           cls: type[SparseGlobalAttention] | None = None) -> Callable[..., nn.Module]:
+    """An ``attn_class`` for `Block`: ``cls`` (default `SparseGlobalAttention`) bound to ``context`` and
+    ``num_special``."""
+    return functools.partial(cls or SparseGlobalAttention, context=context, num_special=num_special)

@@ -14,7 +14,8 @@ and MLP per chunk (`Block.forward_global`), so temporaries are bounded by the ch
 only through tokens, keys/values and kept layers (see sparse_vggt.memory).
 
 Sparse global attention: ``Aggregator(sparse=SparseContext(...))`` builds the global blocks with
-`SparseGlobalAttention` (same parameters and state-dict keys); ``forward(images, neighbors=...)`` then runs
+`SparseGlobalAttention` (or the subclass ``sparse_attn_class``; same parameters and state-dict keys);
+``forward(images, neighbors=...)`` then runs
 with those per-frame neighbour lists (or inside an already active ``sparse.use(sets)``, as `VGGT` does).
 """
 
@@ -75,7 +76,7 @@ class Aggregator(nn.Module):
                  aa_order: Sequence[str] = ("frame", "global"), aa_block_size: int = 1, qk_norm: bool = True,
                  rope_freq: float = 100.0, init_values: float = 0.01,
                  keep_layers: Sequence[int] | None = None, chunk_tokens: int | None = 8192,
-                 sparse: SparseContext | None = None):
+                 sparse: SparseContext | None = None, sparse_attn_class: type | None = None):
         super().__init__()
         if depth % aa_block_size:
             raise ValueError(f"depth {depth} is not a multiple of aa_block_size {aa_block_size}")
@@ -93,7 +94,8 @@ class Aggregator(nn.Module):
                          attn_class=attn_class)
 
         self.sparse = sparse  # shared by every global attention module when sparse (not a submodule)
-        global_attn = Attention if sparse is None else sparse_attention_class(sparse, 1 + num_register_tokens)
+        global_attn = Attention if sparse is None else sparse_attention_class(sparse, 1 + num_register_tokens,
+                                                                                 sparse_attn_class)
         self.frame_blocks = nn.ModuleList(block() for _ in range(depth))
         self.global_blocks = nn.ModuleList(block(global_attn) for _ in range(depth))
         self.depth = depth

@@ -11,7 +11,7 @@ query points (N, 2) / (B, N, 2) in frame-0 pixels, track (B, S, N, 2), vis and c
 
 Sparse global attention: ``VGGT(sparse=SparseContext(...))`` (or ``from_preset``/``from_pretrained`` with
 ``sparse=``) builds the aggregator's global blocks, and with ``sparse_camera_head=True`` the camera trunk, with
-`SparseGlobalAttention`; the state dict is the dense model's. Such a model takes ``neighbors=``: one list of
+`SparseGlobalAttention` (or its subclass ``sparse_attn_class``); the state dict is the dense model's. Such a model takes ``neighbors=``: one list of
 frame indices per input frame, or a callable images -> lists (e.g. `sparse_vggt.neighbors.Retriever`).
 
 Note on the camera head: its trunk attends across frames, one camera token per frame (S tokens, so cost
@@ -69,7 +69,7 @@ class VGGT(nn.Module):
                  track_hidden_size: int = 384, track_depth: int = 6, track_num_heads: int = 8,
                  track_num_virtual_tracks: int = 64, track_iters: int = 4, track_corr_levels: int = 7,
                  head_chunk_frames: int | None = 8, sparse: SparseContext | None = None,
-                 sparse_camera_head: bool = False):
+                 sparse_camera_head: bool = False, sparse_attn_class: type | None = None):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if sparse_camera_head and sparse is None:
@@ -81,8 +81,8 @@ class VGGT(nn.Module):
                                      num_heads=num_heads, mlp_ratio=mlp_ratio,
                                      num_register_tokens=num_register_tokens, patch_embed=patch_embed,
                                      qk_norm=qk_norm, rope_freq=rope_freq, init_values=init_values,
-                                     sparse=sparse)
-        trunk_attn = sparse_attention_class(sparse, num_special=0) if sparse_camera_head else Attention
+                                     sparse=sparse, sparse_attn_class=sparse_attn_class)
+        trunk_attn = (sparse_attention_class(sparse, 0, sparse_attn_class) if sparse_camera_head else Attention)
         self.camera_head = (CameraHead(dim, trunk_depth=camera_trunk_depth, num_heads=camera_num_heads,
                                        attn_class=trunk_attn)
                             if enable_camera else None)
@@ -127,6 +127,14 @@ class VGGT(nn.Module):
         load_checkpoint_into(model, path, map_location=map_location)
         log.info("loaded VGGT weights from %s", path)
         return model.eval()
+
+    def with_sparse_attention(self, sparse: SparseContext | None, sparse_camera_head: bool = False) -> "VGGT":
+        """A new model of this configuration with sparse global attention (``sparse=None``: dense), sharing this
+        model's parameter tensors (no copy): for comparing dense and sparse on one set of weights."""
+        with torch.device("meta"):
+            twin = type(self)(**{**self.config, "sparse": sparse, "sparse_camera_head": sparse_camera_head})
+        twin.load_state_dict(self.state_dict(), assign=True)
+        return twin.train(self.training)
 
     # ---- forward -------------------------------------------------------------------------------
 
