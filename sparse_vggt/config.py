@@ -53,6 +53,7 @@ class DescribeConfig:
     descriptors_file: str = ""  # bring-your-own descriptors: .npy (+ names) or .parquet keyed by image name
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     preset: str = "megaloc"  # architecture preset: "megaloc" (ViT-B/14 + SALAD) or "tiny" for tests
+    descriptor: str = "megaloc"  # retrieval descriptor (sparse_vggt.retrieval): megaloc | file (= descriptors_file)
 
 
 @dataclass

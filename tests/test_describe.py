@@ -11,7 +11,8 @@ import pytest
 
 import sparse_vggt.describe as describe_mod
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.describe import DescribeError, describe
+from sparse_vggt.describe import DescribeError
+from sparse_vggt.describe import run as describe
 from sparse_vggt.store import RunStore
 
 STATUS = ["ok", "ok", "too small", "ok", "ok", "ok", "decode error", "ok", "ok"]
@@ -191,14 +192,16 @@ def test_model_is_loaded_only_when_a_chunk_is_pending(tmp_path: Path, sample_pho
     store, cfg = make_scan(tmp_path / "run", photos=sample_photos, names=photos, status=["ok"] * 4, chunk_size=2)
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
     cfg.describe.image_size = 98
-    real = describe_mod._ModelDescriber
+    from sparse_vggt.retrieval import megaloc as megaloc_entry
+
+    real = megaloc_entry.MegaLocDescriber
     built: list[int] = []
-    monkeypatch.setattr(describe_mod, "_ModelDescriber", lambda *a, **k: (built.append(1), real(*a, **k))[1])
-    assert describe(tmp_path / "run", cfg, chunk_ids=[0])["pending"] == 1
+    monkeypatch.setattr(megaloc_entry, "MegaLocDescriber", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    assert describe(tmp_path / "run", cfg, units=[0])["pending"] == 1
     assert len(built) == 1
-    assert describe(tmp_path / "run", cfg, chunk_ids=[])["pending"] == 1  # bookkeeping only
+    assert describe(tmp_path / "run", cfg, units=[])["pending"] == 1  # bookkeeping only
     assert len(built) == 1
-    done = describe(tmp_path / "run", cfg, chunk_ids=[1])
+    done = describe(tmp_path / "run", cfg, units=[1])
     assert len(built) == 2 and done["pending"] == 0 and done["chunks_computed"] == 1
     assert store.is_stage_complete("describe")
     assert describe(tmp_path / "run", cfg) == store.stage_manifest("describe") and len(built) == 2
@@ -210,13 +213,15 @@ def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_
     store, cfg = make_scan(tmp_path / "run", chunk_size=2)  # 7 kept of 9 rows: chunks straddle Zarr chunks
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
     cfg.describe.image_size = 98
+    from sparse_vggt.retrieval import megaloc as megaloc_entry
+
     called = []
-    orig = describe_mod._ModelDescriber.__init__
-    describe_mod._ModelDescriber.__init__ = lambda self, *a, **k: called.append(1) or orig(self, *a, **k)
+    orig = megaloc_entry.MegaLocDescriber.__init__
+    megaloc_entry.MegaLocDescriber.__init__ = lambda self, *a, **k: called.append(1) or orig(self, *a, **k)
     try:
-        describe(tmp_path / "run", cfg, chunk_ids=[], load_model=False)
+        describe(tmp_path / "run", cfg, units=[], load_model=False)
     finally:
-        describe_mod._ModelDescriber.__init__ = orig
+        megaloc_entry.MegaLocDescriber.__init__ = orig
     assert not called and store.zarr["descriptors"].shape == (9, 96)
     rows_per = store.zarr["descriptors"].chunks[0]
     chunks, _ = describe_mod._chunks(store.read_table("images"))
