@@ -208,7 +208,7 @@ def test_model_is_loaded_only_when_a_chunk_is_pending(tmp_path: Path, sample_pho
 
 
 def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_path: Path) -> None:
-    """Issue 16: the head plans without MegaLoc (load_model=False); units never share a Zarr chunk even when
+    """The farm head plans without MegaLoc (load_model=False); units never share a Zarr chunk even when
     skipped images shift an ingest chunk across two Zarr chunks; a worker call (finish=False) never finishes."""
     store, cfg = make_scan(tmp_path / "run", chunk_size=2)  # 7 kept of 9 rows: chunks straddle Zarr chunks
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
