@@ -233,3 +233,46 @@ def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_
             for z in {int(r) // rows_per for c in u for r in chunks[c]}:
                 assert owners.setdefault(z, i) == i, (per_unit, units)
     assert len(describe_mod.describe_units(tmp_path / "run", sorted(chunks), 1)) < len(chunks)  # some merged
+
+
+def test_a_registered_retrieval_descriptor_is_selected_by_name(tmp_path: Path) -> None:
+    """Adding a retrieval descriptor: a describer class plus one `register` line; ``describe.descriptor`` then
+    selects it, the stage stores what it returns row by row, and the planner can size the array without it."""
+    from sparse_vggt import retrieval
+
+    store, cfg = make_scan(tmp_path / "run")
+    built: list[int] = []
+
+    class RowIndex:
+        """A deterministic 3-d descriptor of each row (stands for a real model)."""
+
+        dim, model_id, weights = 3, "row-index", {"weights": "none"}
+
+        def __init__(self, inputs: retrieval.DescribeInputs):
+            built.append(int(inputs.rows.size))
+
+        def __call__(self, rows: np.ndarray) -> np.ndarray:
+            return np.stack([np.ones(rows.size), rows, rows**2], axis=1).astype(np.float32)
+
+        def manifest(self, images: int, seconds: float) -> dict:
+            return {"row_index_images": images}
+
+    retrieval.register(retrieval.Retrieval("row-index", RowIndex, plan=lambda c: (3, "row-index", {"weights": "none"})))
+    try:
+        assert "row-index" in retrieval.names()
+        cfg.describe.descriptor = "row-index"
+        assert describe(tmp_path / "run", cfg, units=[], load_model=False)["pending"] == 3 and not built  # planned
+        manifest = describe(tmp_path / "run", cfg)
+        ok = [i for i, s in enumerate(STATUS) if s == "ok"]
+        arr = store.zarr["descriptors"][:]
+        np.testing.assert_array_equal(arr[ok], np.stack([np.ones(len(ok)), ok, np.square(ok)], 1).astype(np.float16))
+        assert manifest["model"] == "row-index" and manifest["row_index_images"] == len(ok) and built == [len(ok)]
+        assert store.zarr["descriptors"].attrs["weights"] == {"weights": "none"}
+    finally:
+        retrieval._LOADED.pop("row-index", None)
+    cfg.describe.descriptor = "row-index"
+    with pytest.raises(DescribeError, match="unknown describe.descriptor 'row-index'; registered: megaloc, file"):
+        describe(tmp_path / "run", cfg, force=True)
+    cfg.describe.descriptor = "file"
+    with pytest.raises(DescribeError, match="needs describe.descriptors_file"):
+        describe(tmp_path / "run", cfg, force=True)

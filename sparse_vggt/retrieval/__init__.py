@@ -53,6 +53,7 @@ class Retrieval:
     build: Callable[[DescribeInputs], Any]  # -> describer (may load weights)
     plan: Callable[["DescribeConfig"], tuple[int, str, dict[str, Any]]] | None = None  # None: build to plan
     eager: bool = False  # build at stage start even when no chunk is pending (cheap, validates inputs early)
+    checkpoint_files: tuple[str, ...] = ()  # files ``describe.model`` must provide (checked before long runs)
 
 
 # name -> module of this package that defines ENTRY

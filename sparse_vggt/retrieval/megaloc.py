@@ -129,4 +129,4 @@ class MegaLocDescriber:
                 "image_size": self.cfg.image_size, "images_per_s": round(images / seconds, 2) if seconds else None}
 
 
-ENTRY = Retrieval("megaloc", lambda inputs: MegaLocDescriber(inputs), plan=plan)
+ENTRY = Retrieval("megaloc", lambda inputs: MegaLocDescriber(inputs), plan=plan, checkpoint_files=CHECKPOINT_FILES)
