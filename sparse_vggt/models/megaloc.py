@@ -5,8 +5,9 @@ Reproduces the published architecture (gmberton/MegaLoc) so that the ``gberton/M
 project's shared DINOv2 implementation (``sparse_vggt.layers.vision_transformer``), configured as MegaLoc's
 plain variant (no registers, no mask token, pos-embed resampled by scale factor with the +0.1 offset).
 
-Like the reference, the model does not normalise: callers pass images prepared as `models.inputs.MEGALOC_INPUT` says (the describe stage
-does). Inputs whose sides are not multiples of 14 are resized inside, as the reference does.
+Like the reference, the model does not normalise: callers pass images prepared as `models.inputs.MEGALOC_INPUT`
+says (the describe stage does). Inputs whose sides are not multiples of 14 are resized inside, as the reference
+does.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ query points (N, 2) / (B, N, 2) in frame-0 pixels, track (B, S, N, 2), vis and c
 
 Sparse global attention: ``VGGT(sparse=SparseContext(...))`` (or ``from_preset``/``from_pretrained`` with
 ``sparse=``) builds the aggregator's global blocks, and with ``sparse_camera_head=True`` the camera trunk, with
-`SparseGlobalAttention` (or its subclass ``sparse_attn_class``); the state dict is the dense model's. Such a model takes ``neighbors=``: one list of
-frame indices per input frame, or a callable images -> lists (e.g. `sparse_vggt.neighbors.Retriever`).
+`SparseGlobalAttention` (or its subclass ``sparse_attn_class``); the state dict is the dense model's. Such a
+model takes ``neighbors=``: one list of frame indices per input frame, or a callable images -> lists (e.g.
+`sparse_vggt.neighbors.Retriever`). `VGGT.with_sparse_attention` builds the sparse twin of a loaded model.
 
 Note on the camera head: its trunk attends across frames, one camera token per frame (S tokens, so cost
 S², negligible next to the aggregator's (S·P)²). It stays dense by default, as in the trained model;
@@ -82,7 +83,7 @@ class VGGT(nn.Module):
                                      num_register_tokens=num_register_tokens, patch_embed=patch_embed,
                                      qk_norm=qk_norm, rope_freq=rope_freq, init_values=init_values,
                                      sparse=sparse, sparse_attn_class=sparse_attn_class)
-        trunk_attn = (sparse_attention_class(sparse, 0, sparse_attn_class) if sparse_camera_head else Attention)
+        trunk_attn = sparse_attention_class(sparse, 0, sparse_attn_class) if sparse_camera_head else Attention
         self.camera_head = (CameraHead(dim, trunk_depth=camera_trunk_depth, num_heads=camera_num_heads,
                                        attn_class=trunk_attn)
                             if enable_camera else None)
