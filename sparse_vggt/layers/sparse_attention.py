@@ -90,10 +90,7 @@ class SparseContext:
         if (self.backend != kernels.AUTO or q.device.type not in self.probe_devices
                 or len(kernels.probe_candidates()) < 2):
             return self.resolve_backend(q.device)
-        key = kernels.probe_key(q, sets, P, num_special)
-        if key not in kernels._PROBED:
-            kernels._PROBED[key] = kernels.probe(q, k, v, sets, P, num_special, scale, self)
-        choice, seconds = kernels._PROBED[key]
+        key, choice, seconds = kernels.probed_choice(q, k, v, sets, P, num_special, scale, self)
         self.backend_choices[key] = {"backend": choice, "seconds": seconds}
         return choice
 

@@ -94,6 +94,16 @@ def probe_key(q: Tensor, sets: "NeighborSets", P: int, num_special: int) -> str:
     return f"{name}|{str(q.dtype).replace('torch.', '')}|B{B}H{H}D{D}|P{P}|S<={bucket}|special{int(num_special > 0)}"
 
 
+def probed_choice(q: Tensor, k: Tensor, v: Tensor, sets: "NeighborSets", P: int, num_special: int, scale: float,
+                  ctx: "SparseContext") -> tuple[str, str, dict[str, float]]:
+    """(shape-bucket key, chosen kernel, probe seconds): the probe runs once per key and process."""
+    key = probe_key(q, sets, P, num_special)
+    if key not in _PROBED:
+        _PROBED[key] = probe(q, k, v, sets, P, num_special, scale, ctx)
+    choice, seconds = _PROBED[key]
+    return key, choice, seconds
+
+
 def probe(q: Tensor, k: Tensor, v: Tensor, sets: "NeighborSets", P: int, num_special: int, scale: float,
           ctx: "SparseContext") -> tuple[str, dict[str, float]]:
     """Time one call of each kernel (after one untimed call that compiles/warms it); the faster one wins."""
