@@ -5,7 +5,8 @@ neighbour frames are gathered and passed, unmasked, to ``F.scaled_dot_product_at
 kernels apply). The chunk size comes from a memory budget (``SparseContext.memory_budget_mb``). With global
 special tokens, each chunk also gathers the special tokens of the frames outside its sets (|outside| is the
 same for every frame of a chunk, so still no mask). It takes query chunks (``query_frames``), so
-`Block.forward_global` can bound its temporaries by the chunk.
+`Block.forward_global` can bound its temporaries by the chunk. The planner charges what the kernel allocates:
+gathered K/V in the compute dtype, plus fp32 scores only where SDPA has no fused kernel (not on CPU or CUDA).
 """
 
 from __future__ import annotations
