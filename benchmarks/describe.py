@@ -49,7 +49,7 @@ def stage(args: argparse.Namespace) -> dict:
     import logging
 
     from sparse_vggt.config import PipelineConfig
-    from sparse_vggt.describe import describe
+    from sparse_vggt import describe
     from sparse_vggt.ingest import scan
 
     logging.getLogger("sparse_vggt").setLevel(logging.ERROR)
@@ -62,7 +62,7 @@ def stage(args: argparse.Namespace) -> dict:
         cfg.describe.batch_size, cfg.describe.device, cfg.describe.dtype = args.batch, args.device, args.dtype
         scan(photos, tmp / "run", cfg)
         t0 = time.perf_counter()
-        m = describe(tmp / "run", cfg)
+        m = describe.run(tmp / "run", cfg)
         sec = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,18 +52,16 @@ def _status(field: str) -> int:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from sparse_vggt.layers.sparse_attention import SparseContext
     from sparse_vggt.models.vggt import VGGT
-    from sparse_vggt.sparse import make_sparse
 
     from sparse_vggt.device import autocast
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    model = VGGT(**spec["config"]).eval()
+    model = VGGT(**spec["config"], sparse=SparseContext() if spec["neighbors"] is not None else None).eval()
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model.set_weights_dtype(getattr(torch, spec.get("weights", "float32")))
-    if spec["neighbors"] is not None:
-        make_sparse(model, k=spec["neighbors"])
     S, H, W = spec["frames"], spec["height"], spec["width"]
     images = torch.rand(S, 3, H, W)
     kwargs = {}

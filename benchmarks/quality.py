@@ -71,7 +71,7 @@ def neighbor_lists(kind: str, k: int, names: list[str], ref_centers: np.ndarray 
         d = np.linalg.norm(ref_centers[:, None] - ref_centers[None], axis=-1)
         np.fill_diagonal(d, np.inf)
         return np.argsort(d, axis=1)[:, :k].tolist()
-    from sparse_vggt.sparse import retrieve_neighbors
+    from sparse_vggt.neighbors import retrieve_neighbors
 
     return retrieve_neighbors(images, k, retrieval=model)
 
@@ -100,7 +100,7 @@ def main() -> None:
     from sparse_vggt.models.vggt import VGGT
     from sparse_vggt.preprocess import preprocess_images
     from sparse_vggt.reconstruct import decode_cameras
-    from sparse_vggt.sparse import make_dense, make_sparse
+    from sparse_vggt.layers.sparse_attention import SparseContext
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,16 +136,16 @@ def main() -> None:
     h, w = images.shape[-2:]
     for k in args.ks:
         dense = k == "all"
+        # The sparse model shares the dense model's parameter tensors (built per k, after predict() has moved them).
+        runner = model if dense else model.with_sparse_attention(SparseContext())
         if dense:
-            make_dense(model)
             kwargs: dict[str, Any] = {}
         else:
-            make_sparse(model, k=int(k))
             kwargs = {"neighbors": neighbor_lists(args.neighbors, int(k), names, ref_centers, images.to(device),
                                                   retrieval)}
         before = _reset_peak(device)
         t0 = time.perf_counter()
-        out = model.predict(images, device=str(device), dtype=str(dtype).replace("torch.", ""), **kwargs)
+        out = runner.predict(images, device=str(device), dtype=str(dtype).replace("torch.", ""), **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -154,7 +154,7 @@ def main() -> None:
         metrics = evaluate_poses(names, extri, ref_names, ref_ext)
         rows.append({"k": k, "auc30": metrics["auc30"], "rra_5": metrics["rra"].get("5"), "seconds": seconds,
                      "peak_bytes": peak, "ate_rel_extent": metrics["ate_rel_extent"]})
-        del out
+        del out, runner
     result = {"scene": str(scene), "frames": len(paths), "image_hw": [h, w], "model": args.model,
               "random_weights": random_weights, "neighbors": args.neighbors, "device": str(device),
               "dtype": str(dtype), "machine": f"{platform.machine()} {os.cpu_count()} cores",

@@ -55,22 +55,46 @@ def _allocated_peak(fn: Any) -> int:
     return peak
 
 
-def _build_aggregator(args: argparse.Namespace) -> Any:
-    """Our aggregator with the preset's width/depth and a conv patch embed (the DINOv2 trunk is not timed).
+def _build_aggregator(args: argparse.Namespace, sparse: Any = None) -> Any:
+    """Our aggregator with the preset's width/depth and a conv patch embed (the DINOv2 trunk is not timed);
+    ``sparse``: a SparseContext for sparse global attention.
 
-    ``--reference DIR`` (hidden, developers only) builds the reference implementation's instead, as an oracle.
+    ``--reference DIR`` (hidden, developers only) builds the reference implementation's instead, as an oracle
+    (sparse: its global blocks rebuilt by its own ``Block`` with our sparse attention as ``attn_class``).
     """
     import torch
 
     p = PRESETS[args.preset]
     torch.manual_seed(0)
-    if args.reference:  # developer oracle only; never part of the project
-        sys.path.insert(0, args.reference)
-        from vggt.models.aggregator import Aggregator  # type: ignore[import-not-found]
-    else:
+    kwargs = dict(img_size=p["image"], patch_size=14, embed_dim=p["embed_dim"], depth=p["depth"],
+                  num_heads=p["num_heads"], patch_embed="conv")
+    if not args.reference:
         from sparse_vggt.models.aggregator import Aggregator
-    return Aggregator(img_size=p["image"], patch_size=14, embed_dim=p["embed_dim"], depth=p["depth"],
-                      num_heads=p["num_heads"], patch_embed="conv")
+
+        return Aggregator(**kwargs, sparse=sparse)
+    # developer oracle only; never part of the project
+    sys.path.insert(0, args.reference)
+    from vggt.layers.block import Block  # type: ignore[import-not-found]
+    from vggt.models.aggregator import Aggregator  # type: ignore[import-not-found]
+
+    agg = Aggregator(**kwargs)
+    if sparse is not None:
+        from torch import nn
+
+        from sparse_vggt.layers.sparse_attention import SparseGlobalAttention
+
+        def attn_class(dim, num_heads=8, qkv_bias=True, proj_bias=True, qk_norm=False, rope=None, **_unused):
+            return SparseGlobalAttention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm,
+                                         rope=rope, context=sparse, num_special=agg.patch_start_idx)
+
+        state = agg.state_dict()
+        agg.global_blocks = nn.ModuleList(
+            Block(dim=p["embed_dim"], num_heads=p["num_heads"], mlp_ratio=4.0, qkv_bias=True, proj_bias=True,
+                  ffn_bias=True, init_values=0.01, qk_norm=True, rope=agg.rope, attn_class=attn_class)
+            for _ in agg.global_blocks)
+        agg.load_state_dict(state)
+        agg.sparse = sparse
+    return agg
 
 
 def _image_hw(args: argparse.Namespace) -> tuple[int, int]:
@@ -107,7 +131,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sparse_vggt.device import select_device, select_dtype
-    from sparse_vggt.sparse import make_sparse
+    from sparse_vggt.layers.neighbor_sets import NeighborSets
+    from sparse_vggt.layers.sparse_attention import SparseContext
 
     torch.set_grad_enabled(False)
     if args.threads:
@@ -131,14 +156,14 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         attn = Attention(C, PRESETS[args.preset]["num_heads"], qk_norm=True, rope=RotaryPositionEmbedding2D(100.0))
         attn = attn.to(device).eval()
         ctx = SparseContext(memory_budget_mb=args.memory_mb, backend=args.backend, num_special=special)
-        sparse_attn = SparseGlobalAttention(attn, ctx, num_special=special)
+        sparse_attn = SparseGlobalAttention(C, attn.num_heads, qk_norm=True, rope=attn.rope, context=ctx,
+                                            num_special=special).to(device).eval()
+        sparse_attn.load_state_dict(attn.state_dict())
         x = torch.randn(1, S * P, C, generator=gen).to(device)
         gy, gx = torch.meshgrid(torch.arange(Hh // 14), torch.arange(Ww // 14), indexing="ij")
         grid = torch.stack([gy.flatten(), gx.flatten()], -1) + 1
         pos = torch.cat([torch.zeros(special, 2, dtype=torch.long), grid]).repeat(S, 1)[None].to(device)
         if args.variant == "sparse":
-            from sparse_vggt.layers.sparse_attention import NeighborSets
-
             sets = NeighborSets.build(nbrs, S)
             call = lambda: _with(ctx.use(sets), lambda: sparse_attn(x, pos=pos))  # noqa: E731
         elif args.variant == "dense-math":
@@ -146,14 +171,13 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         else:
             call = lambda: attn(x, pos=pos)  # noqa: E731
     else:
-        agg = _build_aggregator(args).to(device).eval()
-        if args.variant == "sparse":
-            make_sparse(agg, k=k, memory_budget_mb=args.memory_mb, backend=args.backend)
+        ctx = SparseContext(memory_budget_mb=args.memory_mb, backend=args.backend) if args.variant == "sparse" else None
+        agg = _build_aggregator(args, ctx).to(device).eval()
         x = torch.rand(1, S, 3, Hh, Ww, generator=gen).to(device)
         if args.variant == "dense-math":
             raise SystemExit("dense-math is a global_attention variant only")
         if args.variant == "sparse":
-            call = lambda: agg(x, neighbors=nbrs)  # noqa: E731
+            call = lambda: _with(ctx.use(NeighborSets.build(nbrs, S)), lambda: agg(x))  # noqa: E731
         else:
             call = lambda: agg(x)  # noqa: E731
 
@@ -213,8 +237,8 @@ def _scaling(args: argparse.Namespace) -> dict[str, Any]:
 
     from sparse_vggt.layers.attention import Attention
     from sparse_vggt.layers.rope import RotaryPositionEmbedding2D
-    from sparse_vggt.layers.sparse_attention import NeighborSets, SparseContext, SparseGlobalAttention
-    from sparse_vggt.sparse import make_sparse
+    from sparse_vggt.layers.neighbor_sets import NeighborSets
+    from sparse_vggt.layers.sparse_attention import SparseContext, SparseGlobalAttention
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
@@ -224,9 +248,12 @@ def _scaling(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     attn = Attention(C, PRESETS[args.preset]["num_heads"], qk_norm=True, rope=RotaryPositionEmbedding2D(100.0)).eval()
     ctx = SparseContext(memory_budget_mb=args.memory_mb, num_special=special)
-    sparse_attn = SparseGlobalAttention(attn, ctx, num_special=special)
+    sparse_attn = SparseGlobalAttention(C, attn.num_heads, qk_norm=True, rope=attn.rope, context=ctx,
+                                        num_special=special).eval()
+    sparse_attn.load_state_dict(attn.state_dict())
     dense_agg = _build_aggregator(args).eval()
-    sparse_agg = make_sparse(_build_aggregator(args).eval(), k=args.neighbors, memory_budget_mb=args.memory_mb)
+    agg_ctx = SparseContext(memory_budget_mb=args.memory_mb)
+    sparse_agg = _build_aggregator(args, agg_ctx).eval()
 
     def cpu(fn: Any) -> float:
         t0 = _time.thread_time()
@@ -247,7 +274,7 @@ def _scaling(args: argparse.Namespace) -> dict[str, Any]:
             ("global_attention", "dense"): lambda: attn(x, pos=pos),
             ("global_attention", "sparse"): lambda: _with(ctx.use(sets), lambda: sparse_attn(x, pos=pos)),
             ("aggregator", "dense"): lambda: dense_agg(images),
-            ("aggregator", "sparse"): lambda: sparse_agg(images, neighbors=nbrs),
+            ("aggregator", "sparse"): lambda: _with(agg_ctx.use(sets), lambda: sparse_agg(images)),
         }
         best = {key: math.inf for key in calls}
         for key, fn in calls.items():  # warm-up
@@ -281,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=0, help="patches per frame (square grid); 0 = preset image")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-mb", dest="memory_mb", type=float, default=64.0, help="sparse chunk budget")
-    ap.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"])
+    ap.add_argument("--backend", default="auto", help="auto or a registered kernel (sparse_vggt.layers.kernels)")
     ap.add_argument("--threads", type=int, default=0,
                     help="intra-op CPU threads (0 = torch default); 1 keeps ratios stable on a shared machine")
     ap.add_argument("--benches", nargs="+", default=["global_attention", "aggregator"])

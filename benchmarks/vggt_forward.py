@@ -3,7 +3,7 @@
 Variants (same model, same input, one run): ``keep4`` = this implementation (the aggregator keeps only the
 layers the heads read), ``keepall`` = every aggregator layer kept, as the reference did before 2026-05;
 ``dense`` = keep4 under its issue-17 name, ``sparse`` = the same model with sparse global attention
-(`make_sparse`, ``--neighbors`` random neighbours per frame + self + frame 0). Every row also carries the
+(`VGGT.with_sparse_attention`, ``--neighbors`` random neighbours per frame + self + frame 0). Every row also carries the
 memory model's prediction (sparse_vggt.memory) for the same S. On CUDA/MPS the aggregator's weights are
 stored in the compute dtype (``--weights auto``; ``float32`` keeps them full precision).
 
@@ -105,7 +105,7 @@ def main() -> None:
     from sparse_vggt import memory
     from sparse_vggt.device import select_device, select_dtype, select_weights_dtype
     from sparse_vggt.models.vggt import PRESETS, VGGT
-    from sparse_vggt.sparse import make_dense, make_sparse
+    from sparse_vggt.layers.sparse_attention import SparseContext
 
     device = select_device(args.device)
     dtype = select_dtype(device, args.dtype)
@@ -117,6 +117,7 @@ def main() -> None:
     model.set_weights_dtype(weights, device)
     build = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
+    sparse_model = model.with_sparse_attention(SparseContext())  # same parameter tensors, sparse global blocks
     rows = []
     for frames in args.frames:
         images = torch.rand(1, frames, 3, height, width, device=device)
@@ -127,13 +128,8 @@ def main() -> None:
             run_once(model, images, device, dtype, args.chunk or None, False)
         for variant in args.variants:
             sparse = variant == "sparse"
-            if sparse:
-                make_sparse(model, k=args.neighbors)
-            try:
-                res = run_once(model, images, device, dtype, args.chunk or None, variant == "keepall",
-                               nbrs if sparse else None)
-            finally:
-                make_dense(model)
+            res = run_once(sparse_model if sparse else model, images, device, dtype, args.chunk or None,
+                           variant == "keepall", nbrs if sparse else None)
             predicted = memory.estimate(frames, height, width, args.neighbors if sparse else None, dtype, device,
                                         PRESETS[args.preset], weights_dtype=weights,
                                         head_chunk_frames=args.chunk or frames)

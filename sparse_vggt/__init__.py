@@ -5,15 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["make_sparse", "make_dense", "PipelineConfig", "__version__"]
+__all__ = ["VGGT", "SparseContext", "PipelineConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package must not import torch models (the CLI and Prefect workers start fast).
-    if name in ("make_sparse", "make_dense"):
-        from . import sparse
+    if name == "VGGT":
+        from .models.vggt import VGGT
 
-        return getattr(sparse, name)
+        return VGGT
+    if name == "SparseContext":
+        from .layers.sparse_attention import SparseContext
+
+        return SparseContext
     if name == "PipelineConfig":
         from .config import PipelineConfig
 

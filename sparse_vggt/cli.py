@@ -116,13 +116,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from .describe import describe
+    from . import describe
 
     _, cfg = _open_with_config(args)
     if args.descriptors:
         cfg.describe.descriptors_file = args.descriptors
     _check_weights(cfg, ("describe",), args.run)
-    print_manifest("describe", describe(Path(args.run), cfg))
+    print_manifest("describe", describe.run(Path(args.run), cfg))
     return 0
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .models.inputs import MEGALOC_INPUT, VGGT_INPUT
+
 
 def _runtime(default: Any, doc: str = "") -> Any:
     return field(default=default, metadata={"runtime": True, "doc": doc})
@@ -46,13 +48,14 @@ class DescribeConfig:
     """Global descriptors for retrieval (`sparse-vggt describe`)."""
 
     model: str = "gberton/MegaLoc"  # hub repo id, local dir/file, or "random" (tests, demo)
-    image_size: int = 322  # square resize side before the backbone (multiple of 14)
+    image_size: int = MEGALOC_INPUT.size  # square resize side before the backbone (multiple of 14)
     batch_size: int = 16
     device: str = _runtime("auto", "auto | cuda | mps | cpu")
     dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
     descriptors_file: str = ""  # bring-your-own descriptors: .npy (+ names) or .parquet keyed by image name
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     preset: str = "megaloc"  # architecture preset: "megaloc" (ViT-B/14 + SALAD) or "tiny" for tests
+    descriptor: str = "megaloc"  # retrieval descriptor (sparse_vggt.retrieval): megaloc | file (= descriptors_file)
 
 
 @dataclass
@@ -109,23 +112,23 @@ class ReconstructConfig:
 
     model: str = "facebook/VGGT-1B"  # hub repo id, local dir/file, or "random" (tests, demo)
     preset: str = "vggt-1b"  # architecture preset: "vggt-1b" or "tiny" (tests, demo)
-    image_size: int = 518  # width after resize (multiple of 14)
+    image_size: int = VGGT_INPUT.size  # width after resize (multiple of 14)
     preprocess_mode: str = "crop"  # crop | pad (as the reference load_and_preprocess_images)
     attention: str = "sparse"  # sparse | dense global attention
     special_tokens_global: bool = False  # every frame also attends to all frames' camera/register tokens
     device: str = _runtime("auto", "auto | cuda | mps | cpu")
     # dtype and the attention kernel change the numbers a cluster produces (bf16 vs fp32, flex vs sdpa rounding),
-    # so they are result-affecting: changing them on a finished reconstruct stage needs --force (issue 15)
+    # so they are result-affecting: changing them on a finished reconstruct stage needs --force
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     head_chunk_frames: int = _runtime(8, "frames per chunk in the DPT heads (0: all at once)")
     attention_memory_mb: int = _runtime(1024, "memory budget for one chunk of gathered keys/values")
-    # added by the reconstruct stage (issue 6): kernel of sparse global attention
-    # auto (CUDA: a one-time timed probe of sdpa vs flex; else sdpa) | sdpa | flex. Result-affecting: kernels
-    # differ in rounding.
+    # kernel of sparse global attention: auto (CUDA: a one-time timed probe of the registered kernels; else sdpa)
+    # | sdpa | flex | any kernel registered in sparse_vggt.layers.kernels. Result-affecting: kernels differ in
+    # rounding.
     attention_backend: str = "auto"
     allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
-    # added by issue 17: memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
+    # memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
     # when partition.max_cluster_frames = "auto". 0: the memory of the machine running the partition stage.
     memory_gb: float = 0.0
     # aggregator weights: auto (compute dtype on CUDA/MPS, fp32 on CPU) | float32. Result-affecting, like dtype.

@@ -369,8 +369,3 @@ def umeyama(
         scale = np.ones(cov.shape[:-2])
     t = mu_d - scale[..., None] * (R @ mu_s[..., None])[..., 0]
     return sim3_from_parts(scale, R, t)
-
-
-def fov_to_focal(fov: float, size: float) -> float:
-    """Focal length in pixels for a field of view (radians) across ``size`` pixels."""
-    return (size / 2.0) / math.tan(fov / 2.0)

@@ -1,4 +1,5 @@
 """Images -> VGGT input, like the reference ``load_and_preprocess_images``, plus the inverse transform.
+(Size and filter: `sparse_vggt.models.inputs.VGGT_INPUT`.)
 
 "crop": width := image_size, height := round(h * image_size / w / 14) * 14 (Python round: half to even),
 bicubic (PIL), then centre-crop rows to image_size if taller. "pad": the longer side := image_size, the other
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .ingest import load_image, to_rgb
+from .models.inputs import VGGT_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _resize_one(img: Image.Image, size: int, mode: str) -> tuple[torch.Tensor, n
         new_w, new_h = size, _round14(h0 * (size / w0))
     if new_w < PATCH or new_h < PATCH:
         raise ValueError(f"image of {w0}x{h0} px is too elongated for {mode} preprocessing at {size} px")
-    resized = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    resized = img.resize((new_w, new_h), getattr(Image.Resampling, VGGT_INPUT.resample.upper()))
     t = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     sx, sy = w0 / new_w, h0 / new_h
     A = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0]])
@@ -76,8 +78,8 @@ def _pad(t: torch.Tensor, A: np.ndarray, height: int, width: int) -> tuple[torch
     return t, A
 
 
-def preprocess_images(images: Sequence[Image.Image | str | Path], image_size: int = 518, mode: str = "crop"
-                      ) -> tuple[torch.Tensor, np.ndarray]:
+def preprocess_images(images: Sequence[Image.Image | str | Path], image_size: int = VGGT_INPUT.size,
+                      mode: str = "crop") -> tuple[torch.Tensor, np.ndarray]:
     """PIL images (or paths, read with ``sparse_vggt.ingest.load_image``) -> ((N, 3, H, W) float in [0, 1],
     (N, 2, 3) float64 affines mapping model-input coordinates to original coordinates)."""
     if len(images) == 0:

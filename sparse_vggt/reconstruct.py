@@ -2,8 +2,8 @@
 
 For each cluster of ``tables/clusters.parquet`` the frames are loaded in the partitioner's order (position 0
 is the reference frame), preprocessed at the model resolution, and run through VGGT whose global attention
-spans only each frame's listed neighbours (`sparse_vggt.sparse`). Cameras are decoded from the pose encoding
-and intrinsics mapped back to original upright pixels; depth and confidence stay at model resolution with
+spans only each frame's listed neighbours (`sparse_vggt.layers.sparse_attention`). Cameras are decoded from the
+pose encoding and intrinsics mapped back to original upright pixels; depth and confidence stay at model resolution with
 ``depth_to_image`` mapping their pixel grid to the original image.
 
 A cluster's group gets its completion marker last; a complete cluster is skipped, an incomplete one is
@@ -159,23 +159,24 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
         )
     from .models import VGGT
 
+    if cfg.attention not in ("sparse", "dense"):
+        raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
+    sparse = None
+    if cfg.attention == "sparse":
+        from .layers.sparse_attention import SparseContext
+
+        sparse = SparseContext(memory_budget_mb=cfg.attention_memory_mb, backend=cfg.attention_backend,
+                               special_tokens_global=cfg.special_tokens_global)
     if cfg.model == "random":
         log.warning("RECONSTRUCT USES RANDOM WEIGHTS (preset %s, seed %d): poses and depths are meaningless.\n"
                     "For real results point reconstruct.model at a checkpoint (default facebook/VGGT-1B).",
                     cfg.preset, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = _build(VGGT, cfg.preset)
+        model = VGGT.from_preset(cfg.preset, sparse=sparse)
     else:
-        model = VGGT.from_pretrained(cfg.model, preset=cfg.preset)
+        model = VGGT.from_pretrained(cfg.model, preset=cfg.preset, sparse=sparse)
     _lean_weights(model, cfg, device)  # before the move: no full-precision copy of the aggregator on the GPU
     model = model.to(device).eval()
-    if cfg.attention == "sparse":
-        from .sparse import make_sparse
-
-        make_sparse(model, k=k, special_tokens_global=cfg.special_tokens_global,
-                    memory_budget_mb=cfg.attention_memory_mb, backend=cfg.attention_backend)
-    elif cfg.attention != "dense":
-        raise ReconstructError(f"reconstruct.attention must be 'sparse' or 'dense', got {cfg.attention!r}")
     _MODELS.clear()  # one model per process: a different config replaces it
     _MODELS[key] = model
     return model
@@ -199,15 +200,8 @@ def _lean_weights(model: nn.Module, cfg: ReconstructConfig, device: torch.device
 
 def attention_record(model: nn.Module) -> dict[str, Any]:
     """What the sparse attention kernel choice was (``attention_backend=auto`` probes), for manifests."""
-    state = model.__dict__.get("_sparse_state")
-    choices = getattr(getattr(state, "context", None), "backend_choices", None)
+    choices = getattr(getattr(model, "sparse", None), "backend_choices", None)
     return {"attention_backend_choices": dict(choices)} if choices else {}
-
-
-def _build(cls: Any, preset: str) -> nn.Module:
-    if hasattr(cls, "from_preset"):
-        return cls.from_preset(preset)
-    return cls(preset=preset)
 
 
 # ---- images ----------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def _handle(req: dict[str, Any]) -> dict[str, Any]:
                 _inject(cid)
                 result: Any = recon.reconstruct_cluster(run_dir, cid, cfg)
             elif req["kind"] == "describe":
-                result = desc.describe(run_dir, cfg, chunk_ids=[int(c) for c in req["unit"]], finish=False)
+                result = desc.run(run_dir, cfg, units=[int(c) for c in req["unit"]], finish=False)
             else:
                 raise ValueError(f"unknown request kind {req['kind']!r}")
             answer: dict[str, Any] = {"ok": result}

@@ -212,12 +212,14 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | Path | Mapping[str,
 def check_weights_available(config: Any, stages: Sequence[str] = ("describe", "reconstruct")) -> None:
     """Before a long run: every configured checkpoint of ``stages`` is a local file, a cached hub file, or
     downloadable now. Raises one `WeightsUnavailableError` naming every unavailable checkpoint (offline) and the
-    flags for each way forward, or FileNotFoundError for a bad path; ``model = "random"`` and bring-your-own
-    descriptors need no checkpoint."""
+    flags for each way forward, or FileNotFoundError for a bad path; ``model = "random"`` and retrieval
+    descriptors without a checkpoint (bring-your-own descriptors) need none."""
+    from .retrieval import for_config
+
     missing: list[tuple[str, str, str]] = []  # (stage, model, reason)
     for stage in stages:
         sub = getattr(config, stage)
-        if sub.model == "random" or (stage == "describe" and getattr(sub, "descriptors_file", None)):
+        if sub.model == "random" or (stage == "describe" and not for_config(sub).checkpoint_files):
             continue
         try:
             resolve_checkpoint(sub.model, STAGE_FILENAMES[stage], stage=stage)

@@ -170,7 +170,7 @@ def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = F
       **TASK_OPTIONS)
 def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
-    from sparse_vggt.describe import describe
+    from sparse_vggt import describe
 
     store = RunStore.open(run_dir)
     table = store.read_table("images", columns=["status", "chunk_id"])
@@ -178,7 +178,7 @@ def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     ok = np.asarray([s == "ok" for s in table.column("status").to_pylist()], bool)
     chunks = sorted({int(c) for c in chunk[ok].tolist()})
     cfg = _cfg(config)  # the farm head (pool dispatch) never loads MegaLoc: the workers do (issue 16)
-    manifest = describe(Path(run_dir), cfg, chunk_ids=[], load_model=cfg.orchestration.dispatch != "pool")
+    manifest = describe.run(Path(run_dir), cfg, units=[], load_model=cfg.orchestration.dispatch != "pool")
     done = {int(c) for c in store.complete_units("describe_chunks")}
     finished = store.is_stage_complete("describe")
     return {"chunks": chunks, "pending": [] if finished else [c for c in chunks if c not in done],
@@ -188,9 +188,9 @@ def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
 @task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}",
       **TASK_OPTIONS)
 def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
-    from sparse_vggt.describe import describe
+    from sparse_vggt import describe
 
-    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[int(chunk_id)])
+    manifest = describe.run(Path(run_dir), _cfg(config), units=[int(chunk_id)])
     return {"chunk_id": int(chunk_id), "computed": int(manifest.get("chunks_computed", 0)),
             "images_per_s": manifest.get("images_per_s")}
 
@@ -198,9 +198,9 @@ def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> 
 @task(name="describe-finish", task_run_name="describe-finish",
       **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.describe import describe
+    from sparse_vggt import describe
 
-    manifest = describe(Path(run_dir), _cfg(config), chunk_ids=[])
+    manifest = describe.run(Path(run_dir), _cfg(config), units=[])
     if manifest.get("pending"):
         raise RuntimeError(f"describe: {manifest['pending']} chunk(s) still unfinished in {run_dir}; re-run to resume")
     return manifest

@@ -183,7 +183,7 @@ def _demo_cfg():
 def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
     """A really finished run of 3 photos (every stage run in-process with the demo's tiny random models)."""
     from sparse_vggt.graph import run as build_graph
-    from sparse_vggt.describe import describe
+    from sparse_vggt.describe import run as describe
     from sparse_vggt.export import run as export
     from sparse_vggt.ingest import scan
     from sparse_vggt.merge import run as merge

@@ -11,7 +11,8 @@ import pytest
 
 import sparse_vggt.describe as describe_mod
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.describe import DescribeError, describe
+from sparse_vggt.describe import DescribeError
+from sparse_vggt.describe import run as describe
 from sparse_vggt.store import RunStore
 
 STATUS = ["ok", "ok", "too small", "ok", "ok", "ok", "decode error", "ok", "ok"]
@@ -191,32 +192,36 @@ def test_model_is_loaded_only_when_a_chunk_is_pending(tmp_path: Path, sample_pho
     store, cfg = make_scan(tmp_path / "run", photos=sample_photos, names=photos, status=["ok"] * 4, chunk_size=2)
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
     cfg.describe.image_size = 98
-    real = describe_mod._ModelDescriber
+    from sparse_vggt.retrieval import megaloc as megaloc_entry
+
+    real = megaloc_entry.MegaLocDescriber
     built: list[int] = []
-    monkeypatch.setattr(describe_mod, "_ModelDescriber", lambda *a, **k: (built.append(1), real(*a, **k))[1])
-    assert describe(tmp_path / "run", cfg, chunk_ids=[0])["pending"] == 1
+    monkeypatch.setattr(megaloc_entry, "MegaLocDescriber", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    assert describe(tmp_path / "run", cfg, units=[0])["pending"] == 1
     assert len(built) == 1
-    assert describe(tmp_path / "run", cfg, chunk_ids=[])["pending"] == 1  # bookkeeping only
+    assert describe(tmp_path / "run", cfg, units=[])["pending"] == 1  # bookkeeping only
     assert len(built) == 1
-    done = describe(tmp_path / "run", cfg, chunk_ids=[1])
+    done = describe(tmp_path / "run", cfg, units=[1])
     assert len(built) == 2 and done["pending"] == 0 and done["chunks_computed"] == 1
     assert store.is_stage_complete("describe")
     assert describe(tmp_path / "run", cfg) == store.stage_manifest("describe") and len(built) == 2
 
 
 def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_path: Path) -> None:
-    """Issue 16: the head plans without MegaLoc (load_model=False); units never share a Zarr chunk even when
+    """The farm head plans without MegaLoc (load_model=False); units never share a Zarr chunk even when
     skipped images shift an ingest chunk across two Zarr chunks; a worker call (finish=False) never finishes."""
     store, cfg = make_scan(tmp_path / "run", chunk_size=2)  # 7 kept of 9 rows: chunks straddle Zarr chunks
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True
     cfg.describe.image_size = 98
+    from sparse_vggt.retrieval import megaloc as megaloc_entry
+
     called = []
-    orig = describe_mod._ModelDescriber.__init__
-    describe_mod._ModelDescriber.__init__ = lambda self, *a, **k: called.append(1) or orig(self, *a, **k)
+    orig = megaloc_entry.MegaLocDescriber.__init__
+    megaloc_entry.MegaLocDescriber.__init__ = lambda self, *a, **k: called.append(1) or orig(self, *a, **k)
     try:
-        describe(tmp_path / "run", cfg, chunk_ids=[], load_model=False)
+        describe(tmp_path / "run", cfg, units=[], load_model=False)
     finally:
-        describe_mod._ModelDescriber.__init__ = orig
+        megaloc_entry.MegaLocDescriber.__init__ = orig
     assert not called and store.zarr["descriptors"].shape == (9, 96)
     rows_per = store.zarr["descriptors"].chunks[0]
     chunks, _ = describe_mod._chunks(store.read_table("images"))
@@ -228,3 +233,46 @@ def test_farm_units_touch_disjoint_zarr_chunks_and_head_plan_loads_no_model(tmp_
             for z in {int(r) // rows_per for c in u for r in chunks[c]}:
                 assert owners.setdefault(z, i) == i, (per_unit, units)
     assert len(describe_mod.describe_units(tmp_path / "run", sorted(chunks), 1)) < len(chunks)  # some merged
+
+
+def test_a_registered_retrieval_descriptor_is_selected_by_name(tmp_path: Path) -> None:
+    """Adding a retrieval descriptor: a describer class plus one `register` line; ``describe.descriptor`` then
+    selects it, the stage stores what it returns row by row, and the planner can size the array without it."""
+    from sparse_vggt import retrieval
+
+    store, cfg = make_scan(tmp_path / "run")
+    built: list[int] = []
+
+    class RowIndex:
+        """A deterministic 3-d descriptor of each row (stands for a real model)."""
+
+        dim, model_id, weights = 3, "row-index", {"weights": "none"}
+
+        def __init__(self, inputs: retrieval.DescribeInputs):
+            built.append(int(inputs.rows.size))
+
+        def __call__(self, rows: np.ndarray) -> np.ndarray:
+            return np.stack([np.ones(rows.size), rows, rows**2], axis=1).astype(np.float32)
+
+        def manifest(self, images: int, seconds: float) -> dict:
+            return {"row_index_images": images}
+
+    retrieval.register(retrieval.Retrieval("row-index", RowIndex, plan=lambda c: (3, "row-index", {"weights": "none"})))
+    try:
+        assert "row-index" in retrieval.names()
+        cfg.describe.descriptor = "row-index"
+        assert describe(tmp_path / "run", cfg, units=[], load_model=False)["pending"] == 3 and not built  # planned
+        manifest = describe(tmp_path / "run", cfg)
+        ok = [i for i, s in enumerate(STATUS) if s == "ok"]
+        arr = store.zarr["descriptors"][:]
+        np.testing.assert_array_equal(arr[ok], np.stack([np.ones(len(ok)), ok, np.square(ok)], 1).astype(np.float16))
+        assert manifest["model"] == "row-index" and manifest["row_index_images"] == len(ok) and built == [len(ok)]
+        assert store.zarr["descriptors"].attrs["weights"] == {"weights": "none"}
+    finally:
+        retrieval._LOADED.pop("row-index", None)
+    cfg.describe.descriptor = "row-index"
+    with pytest.raises(DescribeError, match="unknown describe.descriptor 'row-index'; registered: megaloc, file"):
+        describe(tmp_path / "run", cfg, force=True)
+    cfg.describe.descriptor = "file"
+    with pytest.raises(DescribeError, match="needs describe.descriptors_file"):
+        describe(tmp_path / "run", cfg, force=True)

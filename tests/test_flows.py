@@ -117,7 +117,7 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     import sparse_vggt.merge as merge
     import sparse_vggt.partition as part
 
-    for mod, name in ((recon, "reconstruct_cluster"), (recon, "load_model"), (desc, "_ModelDescriber"),
+    for mod, name in ((recon, "reconstruct_cluster"), (recon, "load_model"), (desc, "_describer"),
                       (cov, "knn"), (part.stage, "partition_graph"), (part, "split_cluster"), (merge, "run"),
                       (exp, "run"), (ingest, "_read_and_inspect")):
         monkeypatch.setattr(mod, name, _forbid(monkeypatch, f"{mod.__name__}.{name}"))

@@ -55,6 +55,14 @@ def test_from_pretrained_loads_safetensors_strictly(tmp_path: Path) -> None:
     save_file(bad, tmp_path / "bad.safetensors")
     with pytest.raises(Exception, match="backbone.norm.bias|Missing|missing"):
         MegaLoc.from_pretrained(tmp_path / "bad.safetensors", preset="tiny")
+    # The project's one loader: the same strict error as VGGT's, naming every missing and unexpected key.
+    from sparse_vggt.weights import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        MegaLoc.from_pretrained(tmp_path / "bad.safetensors", preset="tiny")
+    assert "backbone.norm.bias" in str(err.value) and "aggregator.extra" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="looked for model.safetensors"):
+        MegaLoc.from_pretrained(tmp_path, preset="tiny")  # a directory without the file
 
 
 def test_sinkhorn_marginals_and_dustbin() -> None:

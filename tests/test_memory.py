@@ -111,16 +111,15 @@ def test_mps_half_precision_forward_matches_cpu():
 def test_chunked_lean_forward_equals_one_chunk_exactly(sparse):
     """Frame blocks, patch embed, global queries and MLP over chunks of 1 or 3 frames give the same fp32
     numbers as one chunk (every operation is per token or per frame), dense and sparse."""
+    from sparse_vggt.layers.sparse_attention import SparseContext
     from sparse_vggt.models.vggt import VGGT
-    from sparse_vggt.sparse import make_sparse
 
     torch.manual_seed(0)
-    model = VGGT.from_preset("tiny").eval()
+    model = VGGT.from_preset("tiny", sparse=SparseContext(memory_budget_mb=0.05) if sparse else None).eval()
     S = 5
     images = torch.rand(S, 3, 112, 154, generator=torch.Generator().manual_seed(2))
     kwargs = {}
     if sparse:
-        make_sparse(model, k=2, memory_budget_mb=0.05)
         kwargs["neighbors"] = [[(i + 1) % S, (i + 2) % S] for i in range(S)]
     P = 5 + 8 * 11
     outs = []

@@ -18,7 +18,6 @@ from PIL import Image
 
 from sparse_vggt import reconstruct as rec
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.sparse import make_sparse
 from sparse_vggt.store import RunStore
 
 H, W = 42, 56
@@ -69,7 +68,7 @@ def _make_run(tmp_path, sample_photos, cfg: PipelineConfig) -> tuple[RunStore, l
 @pytest.fixture
 def standin(monkeypatch):
     """Stand-in model and image loading (own PIL resize); counts model builds and forward calls."""
-    from test_sparse import _StandIn
+    from test_sparse import _StandIn, sparse_standin
 
     calls = {"build": 0, "forward": 0, "neighbors": []}
 
@@ -80,7 +79,7 @@ def standin(monkeypatch):
             torch.manual_seed(cfg.seed)
             model = _StandIn().eval()
             if cfg.attention == "sparse":
-                make_sparse(model, k=k)
+                model = sparse_standin(model)
             rec._MODELS.clear()
             rec._MODELS[key] = model
         model = rec._MODELS[key]

@@ -7,10 +7,16 @@ Models under test:
 - ``ours``: ``sparse_vggt.models.VGGT`` tiny preset, when present;
 - ``reference``: the reference implementation, only when ``SPARSE_VGGT_REFERENCE`` points at a checkout
   (it is never part of the repo; used by developers as an oracle).
+
+Sparse variants are built, not converted: global attention modules are constructed as `SparseGlobalAttention`
+(or a test oracle subclass) through ``attn_class`` / ``VGGT(sparse=...)``, and get the dense model's weights
+through its state dict (the keys are the same).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 import random
@@ -23,8 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparse_vggt.layers.sparse_attention import NeighborSets, SparseGlobalAttention, build_block_mask, plan_chunks
-from sparse_vggt.sparse import is_sparse, knn_neighbors, make_dense, make_sparse
+from sparse_vggt.layers import kernels
+from sparse_vggt.layers.kernels.flex import build_block_mask
+from sparse_vggt.layers.kernels.sdpa import plan_chunks
+from sparse_vggt.layers.neighbor_sets import NeighborSets
+from sparse_vggt.layers.sparse_attention import SparseContext, SparseGlobalAttention, sparse_attention_class
+from sparse_vggt.neighbors import Retriever, knn_neighbors, retrieve_neighbors
 
 H_IMG, W_IMG = 42, 56  # 3 x 4 patches of 14 px
 # FlexAttention on CPU is the unfused reference path (it says so once); fine at these sizes.
@@ -65,10 +75,10 @@ class _Attn(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, rope: nn.Module | None = None):
+    def __init__(self, dim: int, heads: int, rope: nn.Module | None = None, attn_class=None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _Attn(dim, heads, rope)
+        self.attn = _Attn(dim, heads, rope) if attn_class is None else attn_class(dim, heads, qk_norm=True, rope=rope)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,12 +87,12 @@ class _Block(nn.Module):
 
 
 class _Aggregator(nn.Module):
-    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2, registers: int = 2):
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2, registers: int = 2, global_attn=None):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, 14, 14)
         self.rope = _Rope()
         self.frame_blocks = nn.ModuleList(_Block(dim, heads, self.rope) for _ in range(depth))
-        self.global_blocks = nn.ModuleList(_Block(dim, heads, self.rope) for _ in range(depth))
+        self.global_blocks = nn.ModuleList(_Block(dim, heads, self.rope, global_attn) for _ in range(depth))
         self.camera_token = nn.Parameter(torch.randn(1, 2, 1, dim))
         self.register_token = nn.Parameter(torch.randn(1, 2, registers, dim))
         self.patch_start_idx = 1 + registers
@@ -107,15 +117,21 @@ class _Aggregator(nn.Module):
 
 
 class _StandIn(nn.Module):
-    def __init__(self, dim: int = 32, heads: int = 4):
+    """``global_attn`` / ``trunk_attn``: attention classes of the global blocks / camera trunk (None: dense)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, global_attn=None, trunk_attn=None):
         super().__init__()
-        self.aggregator = _Aggregator(dim, heads)
+        self.aggregator = _Aggregator(dim, heads, global_attn=global_attn)
         self.camera_head = nn.Module()
-        self.camera_head.trunk = nn.Sequential(_Block(2 * dim, heads))
+        self.camera_head.trunk = nn.Sequential(_Block(2 * dim, heads, attn_class=trunk_attn))
         self.pose = nn.Linear(2 * dim, 9)
         self.depth = nn.Linear(2 * dim, 14 * 14 * 2)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, neighbors=None) -> dict[str, torch.Tensor]:
+        """``neighbors``: per-frame lists, activated on the context of a sparse stand-in (`sparse_standin`)."""
+        if neighbors is not None:
+            with self.sparse.use(NeighborSets.build(neighbors, images.shape[-4])):
+                return self.forward(images)
         if images.dim() == 4:
             images = images[None]
         B, S, _, H, W = images.shape
@@ -178,6 +194,66 @@ def _model(kind: str) -> nn.Module:
     return MODELS[kind]()
 
 
+def _sparse_model(kind: str, cls: type = SparseGlobalAttention, sparse_camera_head: bool = False,
+                  **context: object) -> nn.Module:
+    """The ``kind`` model built with ``cls`` as global attention (and camera trunk attention when asked), all
+    sharing one `SparseContext(**context)` (``model.sparse``), with the dense model's weights."""
+    dense = _model(kind)
+    ctx = SparseContext(**context)
+    if kind == "ours":
+        from sparse_vggt.models import VGGT
+
+        model = VGGT.from_preset("tiny", sparse=ctx, sparse_camera_head=sparse_camera_head, sparse_attn_class=cls)
+    elif kind == "standin":
+        return sparse_standin(dense, cls, sparse_camera_head, **context)
+    else:
+        model = _reference_sparse(dense, cls, ctx, sparse_camera_head)
+    model.load_state_dict(dense.state_dict())  # strict: the same keys
+    return model.eval()
+
+
+def sparse_standin(dense: nn.Module, cls: type = SparseGlobalAttention, sparse_camera_head: bool = False,
+                   **context: object) -> nn.Module:
+    """A stand-in with ``cls`` global (and trunk) attention sharing ``model.sparse``, with ``dense``'s weights."""
+    ctx = SparseContext(**context)
+    model = _StandIn(global_attn=functools.partial(cls, context=ctx, num_special=dense.aggregator.patch_start_idx),
+                     trunk_attn=functools.partial(cls, context=ctx, num_special=0) if sparse_camera_head else None)
+    model.sparse = ctx
+    model.load_state_dict(dense.state_dict())
+    return model.eval()
+
+
+def _reference_sparse(dense: nn.Module, cls: type, ctx: SparseContext, camera: bool) -> nn.Module:
+    """The reference model with global (and camera trunk) blocks built by the reference's own ``Block`` with
+    ``attn_class`` (the reference aggregator has no argument for the global blocks alone)."""
+    import copy
+
+    block_mod = importlib.import_module("vggt.layers.block")
+    model = copy.deepcopy(dense)
+
+    def attn_class(num_special: int):
+        def build(dim, num_heads=8, qkv_bias=True, proj_bias=True, qk_norm=False, rope=None, **_unused):
+            return cls(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm, rope=rope,
+                       context=ctx, num_special=num_special)
+        return build
+
+    agg = model.aggregator
+    g = agg.global_blocks[0]
+    agg.global_blocks = nn.ModuleList(
+        block_mod.Block(dim=g.attn.qkv.in_features, num_heads=g.attn.num_heads, mlp_ratio=4.0, qkv_bias=True,
+                        proj_bias=True, ffn_bias=True, init_values=0.01, qk_norm=True, rope=agg.rope,
+                        attn_class=attn_class(agg.patch_start_idx))
+        for _ in agg.global_blocks)
+    if camera:
+        t = model.camera_head.trunk[0]
+        model.camera_head.trunk = nn.Sequential(*[
+            block_mod.Block(dim=t.attn.qkv.in_features, num_heads=t.attn.num_heads, mlp_ratio=4.0, init_values=0.01,
+                            attn_class=attn_class(0))
+            for _ in model.camera_head.trunk])
+    model.sparse = ctx
+    return model
+
+
 @pytest.fixture(params=list(MODELS))
 def model(request: pytest.FixtureRequest) -> nn.Module:
     return _model(request.param)
@@ -200,11 +276,17 @@ def _random_neighbors(S: int, seed: int, kmax: int = 3) -> list[list[int]]:
 
 
 def _run(model: nn.Module, images: torch.Tensor, **kw) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Forward, also capturing the aggregator's output tokens."""
+    """Forward, also capturing the aggregator's output tokens. ``neighbors=`` goes to our VGGT's forward; other
+    models (stand-in, reference) run inside ``model.sparse.use(sets)``, the context their modules share."""
+    from sparse_vggt.models import VGGT
+
     captured: list = []
     handle = model.aggregator.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    context = contextlib.nullcontext()
+    if "neighbors" in kw and not isinstance(model, VGGT):
+        context = model.sparse.use(NeighborSets.build(kw.pop("neighbors"), images.shape[-4]))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), context:
             out = model(images, **kw)
     finally:
         handle.remove()
@@ -231,8 +313,6 @@ def test_neighbor_sets_normalise_and_validate() -> None:
 
 
 def test_backend_choice() -> None:
-    from sparse_vggt.layers.sparse_attention import SparseContext
-
     for device in ("cpu", "cuda", "mps"):  # auto = the portable kernel until flex is benchmarked on a GPU
         assert SparseContext().resolve_backend(torch.device(device)) == "sdpa"
     assert SparseContext(backend="flex").resolve_backend(torch.device("cpu")) == "flex"
@@ -280,7 +360,7 @@ def test_all_frames_equals_dense(kind: str, backend: str, special: bool) -> None
     model = _model(kind)
     images = _images(6)
     dense_tokens, dense = _run(model, images)
-    make_sparse(model, backend=backend, special_tokens_global=special, memory_budget_mb=0.02)
+    model = _sparse_model(kind, backend=backend, special_tokens_global=special, memory_budget_mb=0.02)
     tokens, out = _run(model, images, neighbors=[list(range(6))] * 6)
     for a, b in zip(dense_tokens, tokens):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -305,25 +385,17 @@ class _MaskedDense(SparseGlobalAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
-def _swap_to_oracle(model: nn.Module) -> None:
-    for block in model.aggregator.global_blocks:
-        sparse = block.attn
-        block.attn = _MaskedDense(sparse.dense, sparse.context, sparse.num_special)
-
-
 @pytest.mark.parametrize("kind,seed,special", _cases(
     [(0, False), (0, True)], [(1, False), (1, True), (2, False), (2, True)]))
 def test_random_neighbors_equal_masked_dense(kind: str, seed: int, special: bool) -> None:
-    model = _model(kind)
     S = 7
     images = _images(S, seed)
     nbrs = _random_neighbors(S, seed)
     backends = ["sdpa", "flex"] if seed == 0 else ["sdpa"]
-    make_sparse(model, special_tokens_global=special)
-    _swap_to_oracle(model)
-    ref_tokens, ref = _run(model, images, neighbors=nbrs)
+    oracle = _sparse_model(kind, cls=_MaskedDense, special_tokens_global=special)
+    ref_tokens, ref = _run(oracle, images, neighbors=nbrs)
     for backend in backends:
-        make_sparse(model, backend=backend, special_tokens_global=special, memory_budget_mb=0.01)
+        model = _sparse_model(kind, backend=backend, special_tokens_global=special, memory_budget_mb=0.01)
         tokens, out = _run(model, images, neighbors=nbrs)
         for a, b in zip(ref_tokens, tokens):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -337,7 +409,7 @@ def test_random_neighbors_equal_masked_dense(kind: str, seed: int, special: bool
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_batch_of_sequences_equals_sequences_alone(backend: str) -> None:
     """B > 1: every sequence uses the same neighbour sets and gives what it gives on its own."""
-    model = make_sparse(_standin(), backend=backend, memory_budget_mb=0.01)
+    model = _sparse_model("standin", backend=backend, memory_budget_mb=0.01)
     S = 6
     nbrs = _random_neighbors(S, seed=5)
     batch = torch.stack([_images(S, 1), _images(S, 2)])
@@ -363,15 +435,14 @@ def _two_groups(S: int, split: int, seed: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("kind,seed", _cases([(0,), (1,)], [(2,)]))
 def test_second_group_cannot_change_first_group(kind: str, seed: int) -> None:
-    model = _model(kind)
     S, split = 8, 4 + seed % 2
     nbrs = _two_groups(S, split, seed)
     images = _images(S, seed)
     changed = images.clone()
     changed[split + seed % (S - split)] = torch.rand(3, H_IMG, W_IMG, generator=torch.Generator().manual_seed(99))
 
-    sparse_camera = hasattr(getattr(model, "camera_head", None), "trunk")
-    make_sparse(model, memory_budget_mb=0.01, sparse_camera_head=sparse_camera)
+    sparse_camera = hasattr(getattr(_model(kind), "camera_head", None), "trunk")
+    model = _sparse_model(kind, memory_budget_mb=0.01, sparse_camera_head=sparse_camera)
     t1, o1 = _run(model, images, neighbors=nbrs)
     t2, o2 = _run(model, changed, neighbors=nbrs)
     for a, b in zip(t1, t2):
@@ -381,43 +452,58 @@ def test_second_group_cannot_change_first_group(kind: str, seed: int) -> None:
         assert torch.equal(o1[key][:, :split], o2[key][:, :split]), key
 
     # Controls: the check can fail. Dense attention, or all frames' special tokens, leak group 2 into group 1.
-    make_sparse(model, memory_budget_mb=0.01, special_tokens_global=True)
+    model = _sparse_model(kind, memory_budget_mb=0.01, special_tokens_global=True)
     s1, _ = _run(model, images, neighbors=nbrs)
     s2, _ = _run(model, changed, neighbors=nbrs)
     assert not torch.equal(s1[-1][:, :split], s2[-1][:, :split])
-    make_dense(model)
+    model = _model(kind)
     d1, _ = _run(model, images)
     d2, _ = _run(model, changed)
     assert not torch.equal(d1[-1][:, :split], d2[-1][:, :split])
 
 
-# ---- make_sparse / make_dense ------------------------------------------------------------------------
+# ---- building sparse models -----------------------------------------------------------------------
 
 
-def test_make_dense_restores_original_modules(model: nn.Module) -> None:
-    images = _images(5)
-    originals = [b.attn for b in model.aggregator.global_blocks]
-    keys = list(model.state_dict())
-    _, before = _run(model, images)
-    assert make_sparse(model, k=2) is model and is_sparse(model)
-    assert all(isinstance(b.attn, SparseGlobalAttention) for b in model.aggregator.global_blocks)
-    assert list(model.state_dict()) == keys  # checkpoints load into a sparse model unchanged
-    make_sparse(model, k=3)  # idempotent re-conversion
-    assert make_dense(model) is model and not is_sparse(model)
-    assert [b.attn for b in model.aggregator.global_blocks] == originals
-    assert "forward" not in model.__dict__
-    _, after = _run(model, images)
-    for key, value in _outputs(before).items():
-        assert torch.equal(after[key], value)
+def test_sparse_model_has_the_dense_state_dict(model: nn.Module, request: pytest.FixtureRequest) -> None:
+    """A sparse model is built with sparse attention classes; its state dict has the dense model's keys and
+    shapes, so the same checkpoints load into either (strictly)."""
+    kind = request.node.callspec.params["model"]
+    sparse = _sparse_model(kind, sparse_camera_head=True)
+    dense_sd, sparse_sd = model.state_dict(), sparse.state_dict()
+    assert list(sparse_sd) == list(dense_sd)
+    assert all(sparse_sd[k].shape == v.shape for k, v in dense_sd.items())
+    assert all(isinstance(b.attn, SparseGlobalAttention) for b in sparse.aggregator.global_blocks)
+    assert not any(isinstance(b.attn, SparseGlobalAttention) for b in sparse.aggregator.frame_blocks)
+    assert all(isinstance(b.attn, SparseGlobalAttention) for b in sparse.camera_head.trunk)
+    contexts = {id(b.attn.context) for b in [*sparse.aggregator.global_blocks, *sparse.camera_head.trunk]}
+    assert contexts == {id(sparse.sparse)}  # one context per model: one place the neighbour sets are activated
+    model.load_state_dict(sparse_sd)  # strict both ways
 
 
-def test_make_sparse_rejects_other_models() -> None:
-    with pytest.raises(TypeError, match="does not look like VGGT"):
-        make_sparse(nn.Linear(3, 3))
+def test_our_vggt_builds_sparse_attention_only_where_asked() -> None:
+    from sparse_vggt.layers.attention import Attention
+    from sparse_vggt.layers.block import Block
+    from sparse_vggt.models import VGGT
+
+    ctx = SparseContext()
+    assert isinstance(Block(32, 4, attn_class=sparse_attention_class(ctx, 3)).attn, SparseGlobalAttention)
+    model = VGGT.from_preset("tiny", sparse=ctx)
+    assert model.sparse is ctx and model.aggregator.sparse is ctx
+    assert all(b.attn.num_special == model.aggregator.patch_start_idx for b in model.aggregator.global_blocks)
+    assert all(type(b.attn) is Attention for b in model.camera_head.trunk)  # dense trunk unless asked
+    assert all(type(b.attn) is Attention for b in model.aggregator.frame_blocks)
+    with pytest.raises(ValueError, match="sparse_camera_head=True needs sparse"):
+        VGGT.from_preset("tiny", sparse_camera_head=True)
+    images = _images(3)
+    with pytest.raises(ValueError, match="needs neighbors="):
+        model(images)
+    with pytest.raises(ValueError, match="dense global attention"):
+        VGGT.from_preset("tiny")(images, neighbors=[[1], [0], [1]])
 
 
 def test_sparse_attention_without_neighbors_is_an_error() -> None:
-    model = make_sparse(_standin())
+    model = _sparse_model("standin")
     x = torch.randn(1, 4 * 15, 32)
     with pytest.raises(RuntimeError, match="neighbors"):
         model.aggregator.global_blocks[0].attn(x, pos=torch.zeros(1, 4 * 15, 2, dtype=torch.long))
@@ -432,10 +518,10 @@ def test_neighbors_none_uses_retrieval_knn() -> None:
         calls.append(tuple(x.shape))
         return F.normalize(x.mean(dim=(2, 3)), dim=1)  # colour descriptor: deterministic, input-dependent
 
-    model = make_sparse(_standin(), k=2, retrieval=fake_megaloc)
-    tok_auto, _ = _run(model, images)
+    model = _sparse_model("ours")
+    retriever = Retriever(2, retrieval=fake_megaloc)
+    tok_auto, _ = _run(model, images, neighbors=retriever)
     assert calls == [(S, 3, 322, 322)]
-    from sparse_vggt.sparse import retrieve_neighbors
 
     nbrs = retrieve_neighbors(images, 2, retrieval=fake_megaloc)
     assert all(len(r) == 2 for r in nbrs)
@@ -443,7 +529,7 @@ def test_neighbors_none_uses_retrieval_knn() -> None:
     assert torch.equal(tok_auto[-1], tok_explicit[-1])
     # A batch of sequences shares one neighbour structure: retrieval on one of them would be wrong for the rest.
     with pytest.raises(ValueError, match="pass neighbors= explicitly"):
-        model(torch.stack([images, images]))
+        model(torch.stack([images, images]), neighbors=retriever)
     assert len(calls) == 2  # the two retrievals above, none for the batch
 
 
@@ -474,7 +560,7 @@ def _attention_peak_numel(attn: nn.Module, S: int, P: int, C: int, nbrs) -> int:
 
 @pytest.mark.parametrize("special", [False, True])
 def test_no_quadratic_allocation(special: bool) -> None:
-    model = make_sparse(_standin(), special_tokens_global=special, memory_budget_mb=0.25)
+    model = _sparse_model("standin", special_tokens_global=special, memory_budget_mb=0.25)
     attn = model.aggregator.global_blocks[0].attn
     P, C, H, k = 40, 32, 4, 3
     peaks = {}
@@ -488,7 +574,8 @@ def test_no_quadratic_allocation(special: bool) -> None:
     # Peak grows linearly (qkv), not quadratically, in S.
     assert peaks[192] <= 4 * peaks[48] * 1.05
     # The monitor does see quadratic tensors: the masked-dense oracle materialises an (S·P)² mask.
-    oracle = _MaskedDense(attn.dense, attn.context, attn.num_special)
+    oracle = _MaskedDense(C, H, qk_norm=True, rope=attn.rope, context=attn.context, num_special=attn.num_special)
+    oracle.load_state_dict(attn.state_dict())
     S = 24
     assert _attention_peak_numel(oracle, S, P, C, [[1]] * S) >= (S * P) ** 2
 
@@ -496,15 +583,13 @@ def test_no_quadratic_allocation(special: bool) -> None:
 def test_our_sparse_aggregator_has_no_quadratic_allocation() -> None:
     """Whole aggregator of our VGGT (DINO patch embed, frame and global blocks), sparse: no tensor it
     allocates is larger than the input pixels (O(S·H·W)); at S=96 that is well below (S·P)²."""
-    from sparse_vggt.sparse import neighbor_context
-
-    model = make_sparse(_ours(), memory_budget_mb=0.25)
+    model = _sparse_model("ours", memory_budget_mb=0.25)
     P = model.aggregator.patch_start_idx + (H_IMG // 14) * (W_IMG // 14)
     for S in (24, 96):
         nbrs = [[(i + d) % S for d in (1, 2, 3)] for i in range(S)]
         images = _images(S)[None]
-        with torch.no_grad(), neighbor_context(model, nbrs, S), _MaxNumel() as mode:
-            tokens, _ = model.aggregator(images)
+        with torch.no_grad(), _MaxNumel() as mode:
+            tokens, _ = model.aggregator(images, neighbors=nbrs)
         assert tokens[-1].shape[:3] == (1, S, P)
         assert mode.max_numel <= images.numel(), (S, mode.max_numel)
     assert images.numel() < (S * P) ** 2 / 3
@@ -540,19 +625,18 @@ def test_neighbors_none_with_megaloc_model() -> None:
     megaloc = pytest.importorskip("sparse_vggt.models.megaloc")
     torch.manual_seed(0)
     retrieval = megaloc.MegaLoc("tiny").eval()
-    model = make_sparse(_standin(), k=3, retrieval=retrieval)
+    model = _sparse_model("ours")
     images = _images(6)
-    from sparse_vggt.sparse import retrieve_neighbors
 
     nbrs = retrieve_neighbors(images, 3, retrieval=retrieval)
     assert len(nbrs) == 6 and all(len(r) == 3 and i not in r for i, r in enumerate(nbrs))
-    tok_auto, _ = _run(model, images)
+    tok_auto, _ = _run(model, images, neighbors=Retriever(3, retrieval=retrieval))
     tok_explicit, _ = _run(model, images, neighbors=nbrs)
     assert torch.equal(tok_auto[-1], tok_explicit[-1])
 
 
 def test_neighbors_none_loads_the_default_megaloc_checkpoint_once(monkeypatch) -> None:
-    """Without ``retrieval=``, the one-line usage loads MegaLoc from "gberton/MegaLoc" (once) and uses it."""
+    """Without ``retrieval=``, a `Retriever` loads MegaLoc from "gberton/MegaLoc" (once) and uses it."""
     megaloc = pytest.importorskip("sparse_vggt.models.megaloc")
     torch.manual_seed(0)
     tiny = megaloc.MegaLoc("tiny").eval()
@@ -563,12 +647,12 @@ def test_neighbors_none_loads_the_default_megaloc_checkpoint_once(monkeypatch) -
         return tiny
 
     monkeypatch.setattr(megaloc.MegaLoc, "from_pretrained", staticmethod(fake_from_pretrained))
-    model = make_sparse(_standin(), k=2)
+    model = _sparse_model("ours")
+    retriever = Retriever(2)
     images = _images(5)
-    first, _ = _run(model, images)
-    second, _ = _run(model, images)
+    first, _ = _run(model, images, neighbors=retriever)
+    second, _ = _run(model, images, neighbors=retriever)
     assert sources == ["gberton/MegaLoc"]  # loaded lazily, on first use, then cached
-    from sparse_vggt.sparse import retrieve_neighbors
 
     explicit, _ = _run(model, images, neighbors=retrieve_neighbors(images, 2, retrieval=tiny))
     assert torch.equal(first[-1], explicit[-1]) and torch.equal(second[-1], explicit[-1])
@@ -577,26 +661,23 @@ def test_neighbors_none_loads_the_default_megaloc_checkpoint_once(monkeypatch) -
 def test_auto_backend_probes_once_per_shape_bucket_and_records_the_choice() -> None:
     """``auto`` on a probed device times both kernels once per (device, shape bucket); CPU is not probed by
     default (its flex is unfused), so the test opts CPU in. Either choice must give the sparse result."""
-    from sparse_vggt.layers import sparse_attention as sa
-
-    sa._PROBED.clear()
-    model = make_sparse(_standin(), backend="sdpa", memory_budget_mb=0.01)
+    kernels._PROBED.clear()
+    model = _sparse_model("standin", backend="sdpa", memory_budget_mb=0.01)
     images = _images(6)
     nbrs = _random_neighbors(6, seed=3)
     expected, _ = _run(model, images, neighbors=nbrs)
-    model = make_sparse(model, backend="auto", memory_budget_mb=0.01)
-    ctx = model.__dict__["_sparse_state"].context
-    ctx.probe_devices = ("cpu",)
+    model = _sparse_model("standin", backend="auto", memory_budget_mb=0.01, probe_devices=("cpu",))
+    ctx = model.sparse
     tokens, _ = _run(model, images, neighbors=nbrs)
-    assert len(sa._PROBED) == 1 and len(ctx.backend_choices) == 1
+    assert len(kernels._PROBED) == 1 and len(ctx.backend_choices) == 1
     (choice,) = ctx.backend_choices.values()
     assert choice["backend"] in ("sdpa", "flex") and set(choice["seconds"]) <= {"sdpa", "flex"}
     for a, b in zip(expected, tokens):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     _run(model, _images(7), neighbors=_random_neighbors(7, seed=4))  # 7 frames: same bucket (<= 8), no probe
-    assert len(sa._PROBED) == 1
-    assert sa.SparseContext().resolve_backend(torch.device("cpu")) == "sdpa"
-    sa._PROBED.clear()
+    assert len(kernels._PROBED) == 1
+    assert SparseContext().resolve_backend(torch.device("cpu")) == "sdpa"
+    kernels._PROBED.clear()
 
 
 def test_compiled_flex_serves_several_frame_counts_without_recompiling() -> None:
@@ -604,24 +685,55 @@ def test_compiled_flex_serves_several_frame_counts_without_recompiling() -> None
     the chunked kernel for 4, 6 and 9 frames, one compiled graph for all of them."""
     import torch._dynamo as dynamo
 
-    from sparse_vggt.layers import sparse_attention as sa
+    from sparse_vggt.layers.kernels import flex, sdpa
 
-    saved = sa._COMPILED_FLEX
-    sa._COMPILED_FLEX = None
+    saved = flex._COMPILED_FLEX
+    flex._COMPILED_FLEX = None
     dynamo.reset()
     dynamo.utils.counters.clear()
     try:
-        ctx = sa.SparseContext(compile_cpu_flex=True)
+        ctx = SparseContext(compile_cpu_flex=True)
         H, D, P = 2, 16, 100
         for S in (4, 6, 9):
             sets = NeighborSets.build([[(i + 1) % S] for i in range(S)], S)
             q, k, v = torch.randn(3, 1, H, S * P, D, generator=torch.Generator().manual_seed(S)).unbind(0)
             with torch.no_grad():
-                flex = sa._flex_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
-                chunked = sa._chunked_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
-            torch.testing.assert_close(flex, chunked, rtol=1e-5, atol=1e-5)
+                flexed = flex.flex_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+                chunked = sdpa.chunked_sparse(q, k, v, sets, P, 0, D**-0.5, ctx)
+            torch.testing.assert_close(flexed, chunked, rtol=1e-5, atol=1e-5)
             ctx._cache.clear()
         assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     finally:
-        sa._COMPILED_FLEX = saved
+        flex._COMPILED_FLEX = saved
         dynamo.reset()
+
+
+# ---- kernel registry ----------------------------------------------------------------------------------
+
+
+def test_a_registered_kernel_is_selectable_by_name() -> None:
+    """Adding a kernel: one function plus one `register_kernel` line; it is then an ``attention_backend``
+    value and an ``auto`` candidate. Here a masked-dense kernel must give the chunked kernel's result."""
+
+    def masked_dense(q, k, v, sets, P, num_special, scale, ctx):
+        frame = torch.arange(sets.num_frames * P) // P
+        mask = sets.membership()[frame[:, None], frame[None, :]]
+        if num_special:
+            mask = mask | (torch.arange(sets.num_frames * P) % P < num_special)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    kernels.register_kernel(kernels.Kernel("test-masked", masked_dense, all_queries=True))
+    try:
+        assert "test-masked" in kernels.backend_names()
+        S = 6
+        images, nbrs = _images(S), _random_neighbors(S, seed=7)
+        expected, _ = _run(_sparse_model("standin", backend="sdpa", special_tokens_global=True), images,
+                           neighbors=nbrs)
+        tokens, _ = _run(_sparse_model("standin", backend="test-masked", special_tokens_global=True), images,
+                         neighbors=nbrs)
+        for a, b in zip(expected, tokens):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    finally:
+        kernels._LOADED.pop("test-masked", None)
+    with pytest.raises(ValueError, match="unknown sparse attention backend 'test-masked'"):
+        SparseContext(backend="test-masked")

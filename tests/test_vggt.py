@@ -212,11 +212,12 @@ def test_predict_autocast_runs_aggregator_in_low_precision_and_heads_in_fp32(tin
 def test_predict_passes_neighbors_to_a_sparse_model(tiny):
     import copy
 
-    from sparse_vggt.sparse import make_sparse
+    from sparse_vggt.layers.sparse_attention import SparseContext
 
     images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(4))
     dense = tiny.predict(images, device="cpu")
-    sparse = make_sparse(copy.deepcopy(tiny))
+    sparse = VGGT(**{**tiny.config, "sparse": SparseContext()})
+    sparse.load_state_dict(copy.deepcopy(tiny).state_dict())
     out = sparse.predict(images, device="cpu", neighbors=[[1, 2], [0, 2], [0, 1]])
     torch.testing.assert_close(out["depth"], dense["depth"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["pose_enc"], dense["pose_enc"], rtol=1e-5, atol=1e-5)
@@ -273,3 +274,21 @@ def test_dino_pos_embed_modes():
     out = vggt_style.forward_features(torch.rand(2, 3, 42, 98))
     assert out["x_norm_patchtokens"].shape == (2, 21, 384)
     torch.testing.assert_close(vggt_style.forward_patch_tokens(torch.rand(1, 3, 42, 98)).shape[1], 21)
+
+
+def test_with_sparse_attention_shares_the_weights(tiny):
+    """The sparse twin of a loaded model holds the same parameter tensors (no copy); with every frame listed as
+    a neighbour it gives the dense model's outputs."""
+    from sparse_vggt.layers.sparse_attention import SparseContext, SparseGlobalAttention
+
+    sparse = tiny.with_sparse_attention(SparseContext())
+    dense_params = dict(tiny.named_parameters())
+    assert all(p.data_ptr() == dense_params[n].data_ptr() for n, p in sparse.named_parameters())
+    assert all(isinstance(b.attn, SparseGlobalAttention) for b in sparse.aggregator.global_blocks)
+    assert not sparse.training
+    images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        dense_out = tiny(images)
+        sparse_out = sparse(images, neighbors=[[0, 1, 2]] * 3)
+    for key in ("pose_enc", "depth", "world_points"):
+        torch.testing.assert_close(sparse_out[key], dense_out[key], rtol=1e-5, atol=1e-5)

@@ -2,8 +2,8 @@
 DINOv2 backbone use the same module; the backbone has neither).
 
 Attribute names are the reference's (``qkv``, ``q_norm``, ``k_norm``, ``proj``, ``rope``, ``num_heads``,
-``head_dim``, ``scale``): checkpoints load unchanged, and ``sparse_vggt.layers.sparse_attention`` can wrap a
-global block's ``attn`` by reusing these submodules.
+``head_dim``, ``scale``): checkpoints load unchanged, and ``sparse_vggt.layers.sparse_attention`` subclasses it
+with the same constructor and submodules (blocks pick either through ``attn_class``).
 
 Besides ``forward`` (all tokens at once) there is a split interface used by `Block.forward_global`, which
 runs global attention over chunks of query tokens: `project` computes q, k or v for some rows only (weight

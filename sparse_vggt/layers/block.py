@@ -3,6 +3,10 @@
 Shared by the DINOv2 backbone (LayerNorm eps 1e-6, LayerScale init 1e-5/1.0) and VGGT's frame/global
 blocks and camera trunk (eps 1e-5, qk-norm + RoPE in the aggregator). Inference only: no drop-path.
 
+The attention module is built by ``attn_class`` (as the official VGGT's ``Block(..., attn_class=Attention)``):
+the aggregator passes a sparse attention class for its global blocks, so no module is swapped after
+construction. Any class with `Attention`'s constructor and submodule names works (same state-dict keys).
+
 Memory: `forward_frames` and `forward_global` update the aggregator's token tensor in place, one chunk of
 rows at a time, so attention and MLP temporaries are bounded by the chunk, not by the frame count. Every
 operation is per token (or per frame, for frame attention), so the numbers equal those of `forward` exactly.
@@ -14,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Callable
+
 from .attention import Attention, project
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -22,10 +28,11 @@ from .mlp import Mlp
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_bias: bool = True, ffn_bias: bool = True, init_values: float | None = None,
-                 norm_eps: float = 1e-5, qk_norm: bool = False, rope: nn.Module | None = None):
+                 norm_eps: float = 1e-5, qk_norm: bool = False, rope: nn.Module | None = None,
+                 attn_class: Callable[..., nn.Module] = Attention):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm,
+        self.attn = attn_class(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm,
                               norm_eps=1e-5, rope=rope)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)

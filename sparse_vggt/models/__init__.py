@@ -2,7 +2,7 @@
 
 
 def __getattr__(name: str):
-    if name == "MegaLoc":  # retrieval stage (issue 7)
+    if name == "MegaLoc":  # retrieval descriptor of the describe stage
         from .megaloc import MegaLoc
         return MegaLoc
     if name in ("VGGT", "PRESETS"):

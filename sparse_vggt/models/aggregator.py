@@ -11,8 +11,12 @@ Memory: only the rounds listed in ``keep_layers`` are stored (None elsewhere; th
 the compute dtype. One token tensor is updated in place: frame blocks and the patch embedder run over chunks
 of ``chunk_tokens // P`` frames, global blocks compute keys/values of all frames and then queries, residuals
 and MLP per chunk (`Block.forward_global`), so temporaries are bounded by the chunk and memory grows with S
-only through tokens, keys/values and kept layers (see sparse_vggt.memory). The global block's attention is
-reached through ``global_blocks[i].attn``, so ``sparse_vggt.sparse`` can swap it for a sparse version.
+only through tokens, keys/values and kept layers (see sparse_vggt.memory).
+
+Sparse global attention: ``Aggregator(sparse=SparseContext(...))`` builds the global blocks with
+`SparseGlobalAttention` (or the subclass ``sparse_attn_class``; same parameters and state-dict keys);
+``forward(images, neighbors=...)`` then runs
+with those per-frame neighbour lists (or inside an already active ``sparse.use(sets)``, as `VGGT` does).
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..layers.attention import compute_dtype
+from ..layers.attention import Attention, compute_dtype
 from ..layers.block import Block
+from ..layers.neighbor_sets import NeighborSets
 from ..layers.patch_embed import PatchEmbed
 from ..layers.rope import RotaryPositionEmbedding2D, patch_positions
+from ..layers.sparse_attention import SparseContext, sparse_attention_class
 from ..layers.vision_transformer import DINO_CONFIGS, DinoVisionTransformer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .inputs import VGGT_INPUT
 
 
 def build_patch_embed(spec: str | dict[str, Any], img_size: int, patch_size: int, embed_dim: int,
@@ -71,7 +75,8 @@ class Aggregator(nn.Module):
                  proj_bias: bool = True, ffn_bias: bool = True, patch_embed: str | dict = "dinov2_vitl14_reg",
                  aa_order: Sequence[str] = ("frame", "global"), aa_block_size: int = 1, qk_norm: bool = True,
                  rope_freq: float = 100.0, init_values: float = 0.01,
-                 keep_layers: Sequence[int] | None = None, chunk_tokens: int | None = 8192):
+                 keep_layers: Sequence[int] | None = None, chunk_tokens: int | None = 8192,
+                 sparse: SparseContext | None = None, sparse_attn_class: type | None = None):
         super().__init__()
         if depth % aa_block_size:
             raise ValueError(f"depth {depth} is not a multiple of aa_block_size {aa_block_size}")
@@ -83,12 +88,16 @@ class Aggregator(nn.Module):
         self.patch_embed = build_patch_embed(patch_embed, img_size, patch_size, embed_dim, num_register_tokens)
         self.rope = RotaryPositionEmbedding2D(rope_freq) if rope_freq > 0 else None
 
-        def block() -> Block:
+        def block(attn_class: Callable[..., nn.Module] = Attention) -> Block:
             return Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
-                         init_values=init_values, norm_eps=1e-5, qk_norm=qk_norm, rope=self.rope)
+                         init_values=init_values, norm_eps=1e-5, qk_norm=qk_norm, rope=self.rope,
+                         attn_class=attn_class)
 
+        self.sparse = sparse  # shared by every global attention module when sparse (not a submodule)
+        global_attn = Attention if sparse is None else sparse_attention_class(sparse, 1 + num_register_tokens,
+                                                                                 sparse_attn_class)
         self.frame_blocks = nn.ModuleList(block() for _ in range(depth))
-        self.global_blocks = nn.ModuleList(block() for _ in range(depth))
+        self.global_blocks = nn.ModuleList(block(global_attn) for _ in range(depth))
         self.depth = depth
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -118,14 +127,21 @@ class Aggregator(nn.Module):
             return 1 << 30
         return max(1, int(self.chunk_tokens) // max(1, tokens_per_frame))
 
-    def forward(self, images: torch.Tensor, keep_layers: Sequence[int] | None = None
+    def forward(self, images: torch.Tensor, keep_layers: Sequence[int] | None = None, neighbors: Any = None
                 ) -> tuple[list[torch.Tensor | None], int]:
         """images (B, S, 3, H, W) in [0, 1] -> (list of ``depth`` entries (B, S, P, 2C) or None, patch_start_idx).
 
         Kept entries are in the compute dtype (the autocast dtype under autocast, else the weights' dtype).
+        ``neighbors``: per-frame neighbour lists for sparse global attention (see `NeighborSets.build`).
         """
         if images.dim() != 5:
             raise ValueError(f"aggregator input must be (B, S, 3, H, W), got {tuple(images.shape)}")
+        if neighbors is not None:
+            if self.sparse is None:
+                raise ValueError("neighbors= given, but this aggregator has dense global attention "
+                                 "(build it with sparse=SparseContext(...))")
+            with self.sparse.use(NeighborSets.build(neighbors, images.shape[1])):
+                return self.forward(images, keep_layers)
         b, s, c, h, w = images.shape
         if c != 3:
             raise ValueError(f"expected 3 input channels (RGB), got {c}")
@@ -182,8 +198,8 @@ class Aggregator(nn.Module):
         ``chunk`` frames at a time (its activations are bounded by the chunk)."""
         b, s, c, h, w = images.shape
         flat = images.reshape(b * s, c, h, w)
-        mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        mean = torch.tensor(VGGT_INPUT.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(VGGT_INPUT.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         weight_dtype = self.camera_token.dtype
         specials = torch.cat([_first_and_rest(self.camera_token, b, s), _first_and_rest(self.register_token, b, s)],
                              dim=1)

@@ -5,8 +5,9 @@ Reproduces the published architecture (gmberton/MegaLoc) so that the ``gberton/M
 project's shared DINOv2 implementation (``sparse_vggt.layers.vision_transformer``), configured as MegaLoc's
 plain variant (no registers, no mask token, pos-embed resampled by scale factor with the +0.1 offset).
 
-Like the reference, the model does not normalise: callers pass ImageNet-normalised images (the describe stage
-does). Inputs whose sides are not multiples of 14 are resized inside, as the reference does.
+Like the reference, the model does not normalise: callers pass images prepared as `models.inputs.MEGALOC_INPUT`
+says (the describe stage does). Inputs whose sides are not multiples of 14 are resized inside, as the reference
+does.
 """
 
 from __future__ import annotations
@@ -109,41 +110,6 @@ def _backbone(p: MegaLocPreset) -> nn.Module:
     )
 
 
-def load_checkpoint(source: str | Path, filename: str = "model.safetensors", revision: str | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """State dict from a local file, a local directory holding ``filename``, or a Hugging Face repo id.
-
-    safetensors files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
-    """
-    path = Path(source)
-    if path.is_dir():
-        path = path / filename
-    elif not path.exists():
-        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
-            raise FileNotFoundError(f"MegaLoc checkpoint {source!r} is neither a file, a directory nor a hub "
-                                    "repo id like 'gberton/MegaLoc'")
-        from huggingface_hub import hf_hub_download
-
-        from ..provision import hub_cache_dir, pinned_revision
-
-        revision = revision or pinned_revision(str(source))  # what `sparse-vggt weights fetch` put in the cache
-        try:
-            path = Path(hf_hub_download(repo_id=str(source), filename=filename, revision=revision,
-                                        cache_dir=str(hub_cache_dir())))
-        except Exception as exc:
-            raise RuntimeError(f"could not download {filename} from the Hugging Face repo {source!r} ({exc}). "
-                               "Download it elsewhere and pass the local file or directory, or set "
-                               "describe.model=random with describe.allow_random_weights=true for tests.") from exc
-    if not path.is_file():
-        raise FileNotFoundError(f"MegaLoc checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
 class MegaLoc(nn.Module):
     """``MegaLoc()(images)`` -> (B, feat_dim) unit-norm descriptors; images (B,3,H,W) ImageNet-normalised."""
 
@@ -177,10 +143,17 @@ class MegaLoc(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | Path = "gberton/MegaLoc", preset: str = "megaloc",
                         filename: str = "model.safetensors", revision: str | None = None) -> "MegaLoc":
-        """Hub repo id (hf_hub_download of ``model.safetensors``), a local directory or a checkpoint file.
+        """Hub repo id (``model.safetensors`` from the cache or a download), a local directory or a checkpoint
+        file, through the project's one loader (`sparse_vggt.weights`).
 
-        Loads strictly: a checkpoint with missing or unexpected keys is an error, never a partial model.
+        Loads strictly: missing, unexpected or mis-shaped keys raise `CheckpointMismatchError` naming them,
+        never a partial model. Built on the meta device, so peak memory is one copy of the weights.
         """
-        model = cls(preset)
-        model.load_state_dict(load_checkpoint(source, filename, revision), strict=True)
+        from ..weights import load_checkpoint_into, resolve_checkpoint
+
+        path = resolve_checkpoint(source, (filename,), revision=revision, stage="describe")
+        with torch.device("meta"):
+            model = cls(preset)
+        load_checkpoint_into(model, path)
+        log.info("loaded MegaLoc weights from %s", path)
         return model.eval()

@@ -9,6 +9,17 @@ multiples of 14. Returns the reference's keys: pose_enc (B, S, 9), pose_enc_list
 depth_conf (B, S, H, W), world_points (B, S, H, W, 3), world_points_conf, images (eval mode) and, with
 query points (N, 2) / (B, N, 2) in frame-0 pixels, track (B, S, N, 2), vis and conf (B, S, N).
 
+Sparse global attention: ``VGGT(sparse=SparseContext(...))`` (or ``from_preset``/``from_pretrained`` with
+``sparse=``) builds the aggregator's global blocks, and with ``sparse_camera_head=True`` the camera trunk, with
+`SparseGlobalAttention` (or its subclass ``sparse_attn_class``); the state dict is the dense model's. Such a
+model takes ``neighbors=``: one list of frame indices per input frame, or a callable images -> lists (e.g.
+`sparse_vggt.neighbors.Retriever`). `VGGT.with_sparse_attention` builds the sparse twin of a loaded model.
+
+Note on the camera head: its trunk attends across frames, one camera token per frame (S tokens, so cost
+S², negligible next to the aggregator's (S·P)²). It stays dense by default, as in the trained model;
+``sparse_camera_head=True`` restricts it to the same neighbour sets, which makes a cluster's poses, not
+only its tokens and depth maps, independent of frames it does not list.
+
 Camera/depth/point heads run in fp32 with autocast disabled (as the reference); the track head under the
 caller's autocast. ``predict`` wraps inference (inference_mode, device autocast dtype, half-precision
 aggregator weights on CUDA/MPS, frame-chunked heads). Memory: see sparse_vggt.memory.
@@ -18,11 +29,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+import contextlib
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..layers.attention import Attention
+from ..layers.neighbor_sets import NeighborSets
+from ..layers.sparse_attention import SparseContext, sparse_attention_class
 from .aggregator import Aggregator
 from .heads.camera_head import CameraHead
 from .heads.dpt_head import DPTHead
@@ -54,16 +69,23 @@ class VGGT(nn.Module):
                  dpt_out_channels: Sequence[int] = (256, 512, 1024, 1024), track_features: int = 128,
                  track_hidden_size: int = 384, track_depth: int = 6, track_num_heads: int = 8,
                  track_num_virtual_tracks: int = 64, track_iters: int = 4, track_corr_levels: int = 7,
-                 head_chunk_frames: int | None = 8):
+                 head_chunk_frames: int | None = 8, sparse: SparseContext | None = None,
+                 sparse_camera_head: bool = False, sparse_attn_class: type | None = None):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if sparse_camera_head and sparse is None:
+            raise ValueError("sparse_camera_head=True needs sparse=SparseContext(...)")
+        self.sparse = sparse  # the neighbour-set context of every sparse attention module (not a submodule)
         dim = 2 * embed_dim
         idx = tuple(intermediate_layer_idx)
         self.aggregator = Aggregator(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                      num_heads=num_heads, mlp_ratio=mlp_ratio,
                                      num_register_tokens=num_register_tokens, patch_embed=patch_embed,
-                                     qk_norm=qk_norm, rope_freq=rope_freq, init_values=init_values)
-        self.camera_head = (CameraHead(dim, trunk_depth=camera_trunk_depth, num_heads=camera_num_heads)
+                                     qk_norm=qk_norm, rope_freq=rope_freq, init_values=init_values,
+                                     sparse=sparse, sparse_attn_class=sparse_attn_class)
+        trunk_attn = sparse_attention_class(sparse, 0, sparse_attn_class) if sparse_camera_head else Attention
+        self.camera_head = (CameraHead(dim, trunk_depth=camera_trunk_depth, num_heads=camera_num_heads,
+                                       attn_class=trunk_attn)
                             if enable_camera else None)
         dpt = dict(patch_size=patch_size, features=dpt_features, out_channels=dpt_out_channels,
                    intermediate_layer_idx=idx)
@@ -107,16 +129,49 @@ class VGGT(nn.Module):
         log.info("loaded VGGT weights from %s", path)
         return model.eval()
 
+    def with_sparse_attention(self, sparse: SparseContext | None, sparse_camera_head: bool = False) -> "VGGT":
+        """A new model of this configuration with sparse global attention (``sparse=None``: dense), sharing this
+        model's parameter tensors (no copy): for comparing dense and sparse on one set of weights."""
+        with torch.device("meta"):
+            twin = type(self)(**{**self.config, "sparse": sparse, "sparse_camera_head": sparse_camera_head})
+        twin.load_state_dict(self.state_dict(), assign=True)
+        return twin.train(self.training)
+
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, query_points: torch.Tensor | None = None,
-                head_chunk_frames: int | None = -1) -> dict[str, Any]:
+                head_chunk_frames: int | None = -1, neighbors: Any = None) -> dict[str, Any]:
         """See the module docstring. ``head_chunk_frames``: frames per DPT-head chunk (-1: the model default,
-        None: all frames at once)."""
-        if images.dim() == 4:
-            images = images.unsqueeze(0)
-        if images.dim() != 5:
+        None: all frames at once). ``neighbors``: required by (and only accepted by) a sparse model."""
+        if images.dim() not in (4, 5):
             raise ValueError(f"images must be (S, 3, H, W) or (B, S, 3, H, W), got {tuple(images.shape)}")
+        with self._neighbors(images, neighbors):
+            return self._forward(images.unsqueeze(0) if images.dim() == 4 else images, query_points,
+                                 head_chunk_frames)
+
+    def _neighbors(self, images: torch.Tensor, neighbors: Any) -> contextlib.AbstractContextManager:
+        """Activate the neighbour sets of this call on the sparse attention modules (nothing when dense)."""
+        if self.sparse is None:
+            if neighbors is not None:
+                raise ValueError("neighbors= given, but this VGGT has dense global attention "
+                                 "(build it with sparse=SparseContext(...))")
+            return contextlib.nullcontext()
+        if neighbors is None:
+            raise ValueError("a VGGT with sparse global attention needs neighbors=: one list of frame indices per "
+                             "frame, or a callable images -> lists such as sparse_vggt.neighbors.Retriever(k)")
+        if callable(neighbors):
+            if images.dim() == 5 and images.shape[0] > 1:
+                # One neighbour structure serves every sequence of the batch; retrieval on one sequence would
+                # silently impose its covisibility on the others.
+                raise ValueError(
+                    f"neighbors computed from the images with a batch of {images.shape[0]} sequences: neighbour "
+                    "sets are shared by the whole batch, so pass neighbors= explicitly or run the sequences one "
+                    "at a time")
+            neighbors = neighbors(images)
+        return self.sparse.use(NeighborSets.build(neighbors, images.shape[-4]))
+
+    def _forward(self, images: torch.Tensor, query_points: torch.Tensor | None,
+                 head_chunk_frames: int | None) -> dict[str, Any]:
         if query_points is not None and query_points.dim() == 2:
             query_points = query_points.unsqueeze(0)
         chunk = self.head_chunk_frames if head_chunk_frames == -1 else head_chunk_frames
@@ -165,7 +220,7 @@ class VGGT(nn.Module):
         autocast dtype (bf16 CUDA, fp16 MPS, fp32 CPU; see sparse_vggt.device). ``weights``: dtype of the
         aggregator's weights; ``auto`` = the compute dtype on CUDA/MPS (half the memory), fp32 on CPU;
         ``float32`` keeps full-precision weights. ``forward_kwargs`` go to the forward call, e.g.
-        ``neighbors=`` of a model converted with `sparse_vggt.make_sparse`."""
+        ``neighbors=`` of a model built with ``sparse=``."""
         from ..device import autocast, select_device, select_dtype, select_weights_dtype
 
         dev = select_device(device)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Callable
+
+from ...layers.attention import Attention
 from ...layers.block import Block
 from ...layers.mlp import Mlp
 from .activations import activate_pose
@@ -21,14 +24,16 @@ POSE_ENCODING_DIMS = {"absT_quaR_FoV": 9}
 class CameraHead(nn.Module):
     def __init__(self, dim_in: int = 2048, trunk_depth: int = 4, pose_encoding_type: str = "absT_quaR_FoV",
                  num_heads: int = 16, mlp_ratio: float = 4.0, init_values: float = 0.01,
-                 trans_act: str = "linear", quat_act: str = "linear", fl_act: str = "relu"):
+                 trans_act: str = "linear", quat_act: str = "linear", fl_act: str = "relu",
+                 attn_class: Callable[..., nn.Module] = Attention):
         super().__init__()
         if pose_encoding_type not in POSE_ENCODING_DIMS:
             raise ValueError(f"unsupported pose encoding {pose_encoding_type!r}")
         self.target_dim = POSE_ENCODING_DIMS[pose_encoding_type]
         self.trans_act, self.quat_act, self.fl_act = trans_act, quat_act, fl_act
         self.empty_pose_tokens = nn.Parameter(torch.zeros(1, 1, self.target_dim))
-        self.trunk = nn.Sequential(*[Block(dim_in, num_heads, mlp_ratio, init_values=init_values, norm_eps=1e-5)
+        self.trunk = nn.Sequential(*[Block(dim_in, num_heads, mlp_ratio, init_values=init_values, norm_eps=1e-5,
+                                           attn_class=attn_class)
                                      for _ in range(trunk_depth)])
         self.token_norm = nn.LayerNorm(dim_in)
         self.trunk_norm = nn.LayerNorm(dim_in)
