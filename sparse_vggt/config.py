@@ -18,8 +18,30 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+import logging
 
 from .models.inputs import MEGALOC_INPUT, VGGT_INPUT
+
+
+log = logging.getLogger(__name__)
+
+# old key -> new key: old configs and run.json files keep loading (with a warning)
+RENAMED = {"graph.k": "graph.retrieval_neighbors"}
+
+# fields whose value must be one of a fixed set (devices, dtypes and registries are checked where they are resolved)
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "graph.method": ("auto", "exact", "pca", "faiss"),
+    "graph.verify_features": ("sift", "orb"),
+    "reconstruct.preprocess_mode": ("crop", "pad"),
+    "reconstruct.attention": ("sparse", "dense"),
+    "reconstruct.weights_dtype": ("auto", "float32"),
+    "reconstruct.depth_dtype": ("float16", "float32"),
+    "export.images": ("link", "copy", "none"),
+    "export.camera_model": ("PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"),
+    "export.shared_camera": ("image", "folder", "size"),
+    "export.focal_prior": ("predicted", "exif"),
+    "orchestration.dispatch": ("local", "pool"),
+}
 
 
 def _runtime(default: Any, doc: str = "") -> Any:
@@ -104,6 +126,28 @@ class PartitionConfig:
     reconstruct_singletons: bool = False  # isolated images become 1-frame clusters (else reported, skipped)
     min_component_frames: int = 2  # components smaller than this are reported and not reconstructed
     seed: int = 0
+
+    def problems(self) -> list[str]:
+        """Why these settings cannot give bounded, overlapping clusters (empty: they can)."""
+        out = []
+        if self.min_overlap_frames < 1:
+            out.append(f"partition.min_overlap_frames={self.min_overlap_frames} must be >= 1: clusters that "
+                       "share no frame cannot be merged")
+        if isinstance(self.max_cluster_frames, str):
+            if self.max_cluster_frames != "auto":
+                out.append(f"partition.max_cluster_frames={self.max_cluster_frames!r}: use a number or 'auto'")
+        elif self.max_cluster_frames < 2 * self.min_overlap_frames:
+            out.append(f"partition.max_cluster_frames={self.max_cluster_frames} < 2 * min_overlap_frames="
+                       f"{self.min_overlap_frames}: a cluster could be all overlap. Raise max_cluster_frames or "
+                       "lower min_overlap_frames (e.g. --set partition.min_overlap_frames="
+                       f"{max(1, self.max_cluster_frames // 2)}).")
+        if self.k < 1:
+            out.append(f"partition.k={self.k} must be >= 1 (neighbours per frame inside a cluster)")
+        if not (0.0 < self.balance_tolerance <= 1.0):
+            out.append(f"partition.balance_tolerance={self.balance_tolerance} must be in (0, 1]")
+        if self.min_component_frames < 1:
+            out.append(f"partition.min_component_frames={self.min_component_frames} must be >= 1")
+        return out
 
 
 @dataclass
@@ -243,7 +287,8 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
+    def from_dict(cls, data: dict[str, Any], validate: bool = True) -> "PipelineConfig":
+        """A config from nested tables (a TOML file, ``run.json``, a flow parameter); checked unless told not."""
         cfg = cls()
         for section, values in (data or {}).items():
             if section not in _sections():
@@ -252,10 +297,10 @@ class PipelineConfig:
                 raise ConfigError(f"config section [{section}] must be a table, got {type(values).__name__}")
             for name, value in values.items():
                 cfg.set(f"{section}.{name}", value)
-        return cfg
+        return cfg.validate() if validate else cfg
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "PipelineConfig":
+    def from_toml(cls, path: str | Path, validate: bool = True) -> "PipelineConfig":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -263,7 +308,7 @@ class PipelineConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, validate=validate)
 
     def to_toml(self) -> str:
         import tomli_w
@@ -277,7 +322,11 @@ class PipelineConfig:
     def set(self, dotted: str, value: Any) -> None:
         """Set ``section.field`` to ``value``, coercing strings from the CLI to the field's type."""
         if "." not in dotted:
-            raise ConfigError(f"override {dotted!r} must look like section.field (e.g. partition.k)")
+            raise ConfigError(f"override {dotted!r} must look like section.field (e.g. graph.retrieval_neighbors)")
+        if dotted in RENAMED:
+            new = RENAMED[dotted]
+            log.warning("config key %s is now called %s; please rename it in your config", dotted, new)
+            dotted = new
         section, name = dotted.split(".", 1)
         if section not in _sections():
             raise ConfigError(f"unknown config section {section!r}; known: {', '.join(_sections())}")
@@ -293,6 +342,41 @@ class PipelineConfig:
                 raise ConfigError(f"--set {item!r} must look like section.field=value")
             key, raw = item.split("=", 1)
             self.set(key.strip(), raw.strip())
+        return self
+
+    def validate(self) -> "PipelineConfig":
+        """Reject values no stage can use, all at once, before any work starts; returns self.
+
+        Called whenever a config is loaded (file, ``--set``, flow parameter, run.json), so stages and flows do
+        not re-check. Values that depend on the machine (``max_cluster_frames="auto"``, device availability,
+        registered kernels and descriptors) are checked where they are resolved.
+        """
+        problems = [f"{key}={getattr(getattr(self, key.split('.')[0]), key.split('.')[1])!r}: use one of "
+                    f"{', '.join(repr(c) for c in choices)}"
+                    for key, choices in CHOICES.items()
+                    if getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) not in choices]
+        for section in ("describe", "reconstruct"):
+            sub = getattr(self, section)
+            own_file = section == "describe" and bool(sub.descriptors_file)
+            if sub.model == "random" and not sub.allow_random_weights and not own_file:
+                problems.append(f"{section}.model='random' needs {section}.allow_random_weights=true (tests, "
+                                f"demos); otherwise point {section}.model at a checkpoint")
+            if sub.image_size <= 0 or sub.image_size % 14:
+                problems.append(f"{section}.image_size={sub.image_size} must be a positive multiple of 14 "
+                                "(the ViT patch size)")
+        problems += self.partition.problems()
+        orch = self.orchestration
+        if orch.dispatch == "pool" and "/" not in orch.cluster_deployment:
+            problems.append(f"orchestration.cluster_deployment={orch.cluster_deployment!r} must be "
+                            "'FLOW/DEPLOYMENT' (see `sparse-vggt deploy`)")
+        if orch.retries < 0 or orch.retry_delay_s < 0 or orch.max_oom_splits < 0:
+            problems.append("orchestration.retries, retry_delay_s and max_oom_splits must be >= 0")
+        if orch.poll_interval_s <= 0:
+            problems.append("orchestration.poll_interval_s must be > 0")
+        if self.graph.retrieval_neighbors < 1:
+            problems.append(f"graph.retrieval_neighbors={self.graph.retrieval_neighbors} must be >= 1")
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
         return self
 
     def result_affecting(self) -> dict[str, dict[str, Any]]:
@@ -385,5 +469,5 @@ def _parse_literal(text: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Defaults, then the TOML file (if any), then ``--set`` overrides, in that order."""
-    cfg = PipelineConfig.from_toml(path) if path else PipelineConfig()
-    return cfg.apply_overrides(overrides)
+    cfg = PipelineConfig.from_toml(path, validate=False) if path else PipelineConfig()
+    return cfg.apply_overrides(overrides).validate()

@@ -141,3 +141,29 @@ def test_dtype_and_attention_backend_change_results() -> None:
     b.set("reconstruct.dtype", "bfloat16")
     b.set("reconstruct.attention_backend", "sdpa")
     assert a.diff(b) == ["reconstruct.dtype: 'auto' -> 'bfloat16'", "reconstruct.attention_backend: 'auto' -> 'sdpa'"]
+
+
+def test_config_is_validated_on_load_with_every_problem_at_once(tmp_path):
+    from sparse_vggt.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[graph]\nmethod = "annoy"\n[reconstruct]\nimage_size = 500\n[partition]\nmin_overlap_frames = 0\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "graph.method='annoy'" in msg and "reconstruct.image_size=500" in msg and "min_overlap_frames=0" in msg
+    # overrides are applied before the check: a file needing an override still loads
+    needs = tmp_path / "needs.toml"
+    needs.write_text('[reconstruct]\nmodel = "random"\n')
+    with pytest.raises(ConfigError, match="allow_random_weights"):
+        load_config(needs)
+    cfg = load_config(needs, ["reconstruct.allow_random_weights=true"])
+    assert cfg.reconstruct.model == "random"
+
+
+def test_renamed_keys_still_load_with_a_warning(caplog):
+    from sparse_vggt.config import PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"graph": {"k": 7}})
+    assert cfg.graph.retrieval_neighbors == 7
+    assert "graph.k is now called graph.retrieval_neighbors" in caplog.text

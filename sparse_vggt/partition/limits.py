@@ -81,18 +81,6 @@ def validate_config(cfg: PartitionConfig) -> None:
     if isinstance(cfg.max_cluster_frames, str):
         raise PartitionConfigError("partition.max_cluster_frames='auto' must be resolved first "
                              "(sparse_vggt.partition.resolve_max_cluster_frames)")
-    if cfg.min_overlap_frames < 1:
-        raise PartitionConfigError(f"partition.min_overlap_frames={cfg.min_overlap_frames} must be >= 1: clusters that "
-                             "share no frame cannot be merged")
-    if cfg.max_cluster_frames < 2 * cfg.min_overlap_frames:
-        raise PartitionConfigError(
-            f"partition.max_cluster_frames={cfg.max_cluster_frames} < 2 * min_overlap_frames="
-            f"{cfg.min_overlap_frames}: a cluster could be all overlap. Raise max_cluster_frames or lower "
-            "min_overlap_frames (e.g. --set partition.min_overlap_frames="
-            f"{max(1, cfg.max_cluster_frames // 2)}).")
-    if cfg.k < 1:
-        raise PartitionConfigError(f"partition.k={cfg.k} must be >= 1 (neighbours per frame inside a cluster)")
-    if not (0.0 < cfg.balance_tolerance <= 1.0):
-        raise PartitionConfigError(f"partition.balance_tolerance={cfg.balance_tolerance} must be in (0, 1]")
-    if cfg.min_component_frames < 1:
-        raise PartitionConfigError(f"partition.min_component_frames={cfg.min_component_frames} must be >= 1")
+    problems = cfg.problems()
+    if problems:
+        raise PartitionConfigError(problems[0])
