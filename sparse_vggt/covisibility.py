@@ -905,3 +905,4 @@ def build_graph(run_dir: Path, config: PipelineConfig | None = None, force: bool
     log.info("graph: %d images, %d edges, %d components (largest %d)", n, manifest["edges"],
              manifest["components"], manifest["largest_component"])
     return manifest
+run = lambda run_dir, config=None, *, force=False, units=None: build_graph(run_dir, config, force=force)  # noqa: E731  # TEMP r18-sched

@@ -457,3 +457,4 @@ def describe_units(run_dir: Path, chunk_ids: Iterable[int], per_unit: int = 1) -
         else:
             units.append(list(g))
     return units
+run = lambda run_dir, config=None, *, force=False, units=None: describe(run_dir, config, force=force, chunk_ids=units)  # noqa: E731  # TEMP r18-sched

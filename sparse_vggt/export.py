@@ -707,3 +707,4 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
     if "pairs" in export_manifest:
         lines.append(f"- `pairs.txt`: {export_manifest['pairs'].get('pairs', 0)} covisibility pairs")
     return "\n".join(lines) + "\n"
+run = lambda run_dir, config=None, *, force=False, units=None: export(run_dir, config)  # noqa: E731  # TEMP r18-sched

@@ -424,12 +424,27 @@ def _listing_fingerprint(root: Path, paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def scan(photos: Path, run_dir: Path, config: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    """Scan ``photos`` recursively into ``run_dir/tables/images.parquet``; returns the scan manifest.
+def run(run_dir: str | Path, config: PipelineConfig | None = None, *, force: bool = False,
+        units: Iterable[int] | None = None, photos: str | Path | None = None) -> dict[str, Any]:
+    """The scan stage: ``photos`` (recursively) -> ``run_dir/tables/images.parquet``; returns the scan manifest.
 
-    A finished scan of the same, unchanged folder is a no-op; a changed folder under a finished scan is an
-    error (start a new run directory) because image ids are row numbers that later stages depend on.
+    ``photos`` defaults to the folder the run's finished scan recorded (``photos_root`` of its manifest), so a
+    re-run needs only the run directory; a new run must name it. ``config`` defaults to the run's recorded one
+    (else the defaults). The scan has no units (``units`` must be None). A finished scan of the same, unchanged
+    folder is a no-op; a changed folder under a finished scan is an error (start a new run directory) because
+    image ids are row numbers that later stages depend on.
     """
+    if units is not None:
+        raise ValueError("the scan stage has no units: call it with units=None")
+    run_dir = Path(run_dir)
+    if photos is None or config is None:
+        known = RunStore(run_dir).meta() if (run_dir / "run.json").is_file() else {}
+        if config is None:
+            config = PipelineConfig.from_dict(known["config"]) if known.get("config") else PipelineConfig()
+        if photos is None:
+            photos = ((known.get("stages") or {}).get("scan") or {}).get("manifest", {}).get("photos_root")
+            if photos is None:
+                raise IngestError(f"{run_dir} records no photo folder yet: pass the folder that contains the photos")
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
         raise IngestError(f"{photos} is not a folder. Pass the folder that contains the photos.")

@@ -886,3 +886,4 @@ def _json(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+run = lambda run_dir, config=None, *, force=False, units=None: merge(run_dir, config)  # noqa: E731  # TEMP r18-sched

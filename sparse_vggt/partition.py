@@ -1420,3 +1420,4 @@ def symmetric_csr_with_components(rows: np.ndarray, cols: np.ndarray, weights: n
     rank = np.empty(ncomp, np.int64)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(ncomp)
     return A.indptr.astype(np.int64), A.indices.astype(np.int64), A.data.astype(np.float32), rank[lab]
+run = lambda run_dir, config=None, *, force=False, units=None: partition(run_dir, config, force=force)  # noqa: E731  # TEMP r18-sched
