@@ -119,7 +119,7 @@ class PrefectExecutor:
         return flow_run_name()
 
     def _task(self, t: Any, config: dict[str, Any], **options: Any) -> Any:
-        return stage_task("", t, **retry_options(config), **options)
+        return stage_task(t, **retry_options(config), **options)
 
     def call(self, step: str, run_dir: str, config: dict[str, Any], *args: Any) -> Any:
         t = STEP_TASKS[step]
