@@ -9,7 +9,7 @@ are retried (at most ``orchestration.max_oom_splits`` times per original cluster
 clusters.parquet). Skips, splits and failures are appended to ``<run>/orchestration/events.jsonl`` and end up
 in ``<run>/orchestration/report.json``.
 
-Executors: `LocalExecutor` (here: no Prefect; clusters in the persistent child process of
+Executors: `sparse_vggt.local_executor` (no Prefect; clusters in the persistent child process of
 `sparse_vggt.cluster_worker`) and the Prefect executor in ``flows/executor.py`` (tasks on this machine, or flow
 runs on a work pool). A Ray or Dask executor is one new file implementing `Executor` plus one line in
 `EXECUTORS`. The library never imports an executor's module except lazily through `load_runner`.
@@ -44,7 +44,7 @@ UNIT_KINDS = ("describe", "clusters")
 # runners the CLI loads lazily by name (`orchestration.executor`): "module:function(photos, run_dir, cfg, force)"
 EXECUTORS: dict[str, str] = {
     "prefect": "flows.reconstruct:run_pipeline",
-    "local": "sparse_vggt.scheduler:run_local",
+    "local": "sparse_vggt.local_executor:run_local",
 }
 
 
@@ -252,6 +252,18 @@ def describe_plan(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any]:
             "finished": finished, "manifest": manifest}
 
 
+def finish_stage(name: str, run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """Finish a unit stage after its units ran (``run(units=[])``): marks it finished once every unit is
+    complete, else raises (a re-run resumes the unfinished units)."""
+    from .pipeline import stage
+
+    manifest = stage(name).run(Path(run_dir), cfg, units=[])
+    if manifest.get("pending"):
+        what = "chunk(s)" if name == "describe" else "cluster(s)"
+        raise RuntimeError(f"{name}: {manifest['pending']} {what} unfinished in {run_dir}; re-run to resume")
+    return manifest
+
+
 def run_clusters(run_dir: str, cfg: PipelineConfig, executor: Executor) -> dict[str, Any]:
     """Every unfinished cluster, with OOM splitting; returns the failures, the splits and the rounds."""
     from .cluster_worker import shutdown
@@ -349,113 +361,6 @@ def run_pipeline(photos: str, run_dir: str, cfg: PipelineConfig, executor: Execu
     out = report()
     log.info("outputs in %s: %s", out["outputs"]["export_dir"], ", ".join(out["outputs"]["files"]))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the local executor (no Prefect)
-
-
-def _step_functions() -> dict[str, Callable[..., Any]]:
-    """Step name -> library call ``f(run_dir, cfg, *args)``; imported when a step runs."""
-    from . import describe as d, reconstruct as r
-    from .covisibility import build_graph
-    from .export import export
-    from .ingest import scan
-    from .merge import merge
-    from .partition import partition, split_cluster
-
-    return {
-        "scan": lambda run, cfg, photos, force=False: scan(Path(photos), Path(run), cfg, force=force),
-        "describe-plan": lambda run, cfg: describe_plan(Path(run), cfg),
-        "describe-finish": lambda run, cfg: d.describe(Path(run), cfg, chunk_ids=[]),
-        "graph": lambda run, cfg: build_graph(Path(run), cfg),
-        "partition": lambda run, cfg: partition(Path(run), cfg),
-        "split-cluster": lambda run, cfg, cid: split_cluster(Path(run), int(cid), cfg),
-        "reconstruct-finish": lambda run, cfg: r.reconstruct(Path(run), cfg, cluster_ids=[]),
-        "merge": lambda run, cfg: merge(Path(run), cfg),
-        "export": lambda run, cfg: export(Path(run), cfg),
-    }
-
-
-class LocalExecutor:
-    """Every step in this process, one unit at a time; cluster models in the persistent child process
-    (`sparse_vggt.cluster_worker`, ``orchestration.cluster_process``) so an out-of-memory kill costs one cluster.
-    Transient errors are retried ``orchestration.retries`` times with a doubling delay."""
-
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.work = Work()
-
-    def run_name(self) -> str | None:
-        return None
-
-    def notify(self, what: str, run_dir: str, **info: Any) -> None:
-        if what == "progress" and info.get("done") and info.get("total"):
-            log.debug("%s: %d of %d", info.get("kind"), info["done"], info["total"])
-
-    def _retrying(self, fn: Callable[[], Any]) -> Any:
-        orch = self.cfg.orchestration
-        for attempt in range(max(0, orch.retries) + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                if attempt >= orch.retries or not is_transient(exc):
-                    raise
-                delay = orch.retry_delay_s * 2 ** attempt
-                log.warning("transient error (%s); retrying in %.0f s", exc, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def call(self, step: str, run_dir: str, config: dict[str, Any], *args: Any) -> Any:
-        fn = _step_functions()[step]
-        cfg = PipelineConfig.from_dict(config)
-        result = self._retrying(lambda: fn(run_dir, cfg, *args))
-        self.work.add(step)
-        return result
-
-    def map(self, kind: str, run_dir: str, config: dict[str, Any], ids: list[int]) -> Iterator[tuple[Any, Outcome]]:
-        from .reconstruct import ClusterOutOfMemory
-
-        cfg = PipelineConfig.from_dict(config)
-        for uid in ids:
-            try:
-                if kind == "describe":
-                    from .describe import describe
-
-                    result: Any = self._retrying(lambda: describe(Path(run_dir), cfg, chunk_ids=[int(uid)]))
-                    self.work.add("describe-chunk")
-                else:
-                    result = self._retrying(lambda: run_cluster(run_dir, cfg, int(uid)))
-                    self.work.add("reconstruct-cluster")
-                yield uid, ("ok", result)
-            except ClusterOutOfMemory as exc:
-                yield uid, ("oom", str(exc))
-            except Exception as exc:  # noqa: BLE001 - the scheduler records it; the other units still run
-                yield uid, ("failed", exc)
-
-
-def run_cluster(run_dir: str | Path, cfg: PipelineConfig, cluster_id: int) -> dict[str, Any]:
-    """One cluster, in the persistent child process when ``orchestration.cluster_process`` (else here)."""
-    if cfg.orchestration.cluster_process:
-        from .cluster_worker import worker
-
-        return worker().run(Path(run_dir), int(cluster_id), cfg)
-    from .reconstruct import reconstruct_cluster
-
-    return reconstruct_cluster(Path(run_dir), int(cluster_id), cfg)
-
-
-def run_local(photos: Path, run_dir: Path, cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    """`sparse-vggt run` with ``orchestration.executor = "local"``: the whole pipeline in this process, no
-    Prefect (no server, no UI)."""
-    from .lock import writer_lock
-
-    photos_s, run_s = str(Path(photos).expanduser().resolve()), str(Path(run_dir).expanduser().resolve())
-    cfgd = cfg.to_dict()
-    validate_parameters(photos_s, run_s, cfgd, force, create=False)  # nothing is created for invalid parameters
-    with writer_lock(run_s, f"run {photos} {run_dir}"):
-        cfg, _ = validate_parameters(photos_s, run_s, cfgd, force)
-        return run_pipeline(photos_s, run_s, cfg, LocalExecutor(cfg), force)
 
 
 def load_runner(name: str) -> Callable[..., dict[str, Any]]:

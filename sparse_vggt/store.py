@@ -163,6 +163,20 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """(size, mtime_ns) of the file, or of the link itself when its target is missing; (0, 0) when neither.
+
+    How the run recognises an input file outside the run directory (photos, a descriptors file) as unchanged;
+    nanoseconds, so a rewrite within the same second is still seen."""
+    for fn in (os.stat, os.lstat):
+        try:
+            st = fn(path)
+            return int(st.st_size), int(st.st_mtime_ns)
+        except OSError:
+            continue
+    return 0, 0
+
+
 def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
     """Append one event (skip, split, redo, failure...) to <run>/orchestration/events.jsonl under a lock."""
     path = Path(run_dir) / "orchestration" / "events.jsonl"

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.scheduler import TransientError, is_transient  # noqa: F401 - TransientError: tasks.dispatch
+from sparse_vggt.scheduler import is_transient
 from sparse_vggt.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,9 @@ def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> 
 
 @task(name="describe-finish", task_run_name="describe-finish", **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = _run("describe", run_dir, config, units=[])
-    if manifest.get("pending"):
-        raise RuntimeError(f"describe: {manifest['pending']} chunk(s) still unfinished in {run_dir}; re-run to resume")
-    return manifest
+    from sparse_vggt.scheduler import finish_stage
+
+    return finish_stage("describe", run_dir, _cfg(config))
 
 
 @task(name="graph", task_run_name="covisibility-graph", **TASK_OPTIONS)
@@ -203,7 +202,7 @@ def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: i
 
     ``isolate``: run the model in this process's persistent cluster child process
     (`sparse_vggt.cluster_worker`), so an OOM kill costs this cluster only."""
-    from sparse_vggt.scheduler import run_cluster
+    from sparse_vggt.local_executor import run_cluster
 
     cfg = _cfg(config)
     cfg.orchestration.cluster_process = bool(isolate)
@@ -220,10 +219,10 @@ def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) ->
 @task(name="reconstruct-finish", task_run_name="reconstruct-finish", **TASK_OPTIONS)
 def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
-    manifest = _run("reconstruct", run_dir, config, units=[])
-    publish_clusters(run_dir, f"{manifest['clusters']} clusters, {manifest['pending']} not reconstructed")
-    if manifest["pending"]:
-        raise RuntimeError(f"reconstruct: {manifest['pending']} cluster(s) unfinished in {run_dir}; re-run to resume")
+    from sparse_vggt.scheduler import finish_stage
+
+    manifest = finish_stage("reconstruct", run_dir, _cfg(config))
+    publish_clusters(run_dir, f"{manifest['clusters']} clusters, all reconstructed")
     return manifest
 
 

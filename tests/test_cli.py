@@ -63,7 +63,7 @@ def test_console_script_is_installed() -> None:
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for cmd in ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo",
-                "eval", "status", "deploy"):
+                "evaluate", "eval", "status", "deploy"):
         assert cmd in out.stdout
 
 
