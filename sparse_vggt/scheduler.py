@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # A unit's outcome: ("ok", result) | ("oom", reason) | ("failed", exception or reason text)
 Outcome = tuple[str, Any]
 
-# the steps an executor's `call` runs (head side, one at a time); arguments after (run_dir, config)
+# the steps an executor's `call` runs (head side, one at a time); extra arguments after (run_dir, config):
+# scan (photos, force), split-cluster (cluster_id), none for the others
 STEPS = ("scan", "describe-plan", "describe-finish", "graph", "partition", "split-cluster", "reconstruct-finish",
          "merge", "export")
 # the unit kinds an executor's `map` runs: describe = ingest chunk ids, clusters = cluster ids

@@ -1,7 +1,8 @@
-"""One Prefect task per pipeline stage.
+"""One Prefect task per scheduler step: the Prefect executor's (flows/executor.py) view of the pipeline.
 
-Each task calls the library entry function with a run-directory path and a config dict, publishes a Prefect
-artifact describing what the stage produced, and returns the stage's small manifest. Tensors and arrays never
+Each task calls the stage's entry from the pipeline table (`sparse_vggt.pipeline`) with a run-directory path and
+a config dict, publishes a Prefect artifact describing what the stage produced, and returns the stage's small
+manifest; `STEP_TASKS` and `UNIT_TASKS` map the scheduler's step and unit names to the tasks. Tensors and arrays never
 cross a task boundary: the run directory is the data plane, Prefect only sees paths and counts.
 
 No Prefect caching and no result persistence: the run directory is the only truth. A Prefect cache
@@ -44,7 +45,6 @@ def stage_task(t: Any, **options: Any) -> Any:
     """``t`` configured for a stage: never cached by Prefect, result never persisted (the run directory decides
     what is done)."""
     return t.with_options(**TASK_OPTIONS, **options)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
