@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .store import RunStore, atomic_write_bytes
+from .store import RunStore, atomic_write_bytes, read_events
 
 
 def unit_records(run_dir: str, kind: str) -> list[dict[str, Any]]:
@@ -67,7 +67,6 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: Any, 
                  cluster_info: dict[str, Any], cfg: PipelineConfig, run_name: str | None = None) -> dict[str, Any]:
     """The report of one run; ``work`` is the executor's `scheduler.Work` (what ran)."""
     from .provenance import run_weights
-    from .scheduler import read_events
 
     store = RunStore.open(run_dir)
     scan = store.stage_manifest("scan")

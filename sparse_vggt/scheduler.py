@@ -17,9 +17,7 @@ runs on a work pool). A Ray or Dask executor is one new file implementing `Execu
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
 import logging
 import os
 import time
@@ -170,17 +168,6 @@ def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: 
 def record_event(run_dir: str | Path, kind: str, run_name: str | None = None, **info: Any) -> dict[str, Any]:
     """Append one skip/split/failure to <run>/orchestration/events.jsonl (locked: several workers may write)."""
     return append_event(run_dir, {"kind": kind, "flow_run": run_name, **info})
-
-
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "orchestration" / "events.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
 
 
 def _reason(info: Any) -> str:

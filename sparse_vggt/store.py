@@ -194,6 +194,18 @@ def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every event of <run>/orchestration/events.jsonl, oldest first (a torn last line is skipped)."""
+    path = Path(run_dir) / "orchestration" / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
 class UnitCheck:
     """Outcome of verifying one unit: ``ok`` or the reason it must be redone."""
 

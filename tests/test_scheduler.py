@@ -60,7 +60,8 @@ def test_scan_has_no_units_and_needs_a_photo_folder_for_a_new_run(tmp_path: Path
 def test_local_executor_runs_resumes_and_splits_out_of_memory_clusters(tmp_path: Path, monkeypatch):
     import sparse_vggt.reconstruct as recon
     from sparse_vggt.local_executor import run_local
-    from sparse_vggt.scheduler import ClusterFailures, read_events
+    from sparse_vggt.scheduler import ClusterFailures
+    from sparse_vggt.store import read_events
 
     run = tmp_path / "run"
     real = recon.reconstruct_cluster
