@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 import zarr
 
 from .config import PipelineConfig
+from .pipeline import NAMES as STAGES  # the stage order (run.json markers, status, invalidation) is the pipeline's
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export")
 # config section -> the stage whose results its result-affecting fields change
 SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
