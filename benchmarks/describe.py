@@ -50,7 +50,7 @@ def stage(args: argparse.Namespace) -> dict:
 
     from sparse_vggt.config import PipelineConfig
     from sparse_vggt import describe
-    from sparse_vggt.ingest import scan
+    from sparse_vggt.ingest import run as run_scan
 
     logging.getLogger("sparse_vggt").setLevel(logging.ERROR)
     photos = REPO / "sparse_vggt" / "data" / "sacre_coeur" / "images"
@@ -60,7 +60,7 @@ def stage(args: argparse.Namespace) -> dict:
         cfg.describe.model, cfg.describe.allow_random_weights = "random", True
         cfg.describe.preset, cfg.describe.image_size = args.preset, args.size
         cfg.describe.batch_size, cfg.describe.device, cfg.describe.dtype = args.batch, args.device, args.dtype
-        scan(photos, tmp / "run", cfg)
+        run_scan(tmp / "run", cfg, photos=photos)
         t0 = time.perf_counter()
         m = describe.run(tmp / "run", cfg)
         sec = time.perf_counter() - t0

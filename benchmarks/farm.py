@@ -150,7 +150,8 @@ def main() -> None:
             start_worker(name)
 
         from flows.deploy import register_deployments
-        from flows.reconstruct import demo_config, run_pipeline
+        from flows.reconstruct import run_pipeline
+        from sparse_vggt.demo import demo_config
 
         register_deployments(work_pool=POOL, apply=True)
         cfg = demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}", "ingest.chunk_size=64",
@@ -208,7 +209,7 @@ def main() -> None:
         for q in _residents("worker-a", resident_dir) + _residents("worker-b", resident_dir):
             q.kill()
 
-    from flows.reconstruct import unit_records
+    from sparse_vggt.report import unit_records
     from sparse_vggt.store import RunStore
 
     store = RunStore.open(run_dir)

@@ -51,6 +51,8 @@ def main() -> None:
     ephemeral_start = time.perf_counter() - t0
 
     import flows.reconstruct as fr
+    import sparse_vggt.scheduler as sch
+    from sparse_vggt.demo import DEMO_PHOTOS, demo_config
     import sparse_vggt.reconstruct as recon
 
     lib_seconds: list[float] = []
@@ -67,7 +69,7 @@ def main() -> None:
 
     recon.reconstruct_cluster = timed
     stage: dict[str, float] = {}
-    real_run_clusters = fr.run_clusters
+    real_run_clusters = sch.run_clusters
 
     def timed_clusters(*a, **k):
         t = time.perf_counter()
@@ -76,8 +78,8 @@ def main() -> None:
         finally:
             stage["seconds"] = time.perf_counter() - t
 
-    fr.run_clusters = timed_clusters
-    cfg = fr.demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}",
+    sch.run_clusters = timed_clusters
+    cfg = demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}",
                           "partition.min_overlap_frames=2", f"reconstruct.image_size={args.image_size}",
                           f"describe.image_size={args.image_size}"])
     # the library time is measured in this process, so clusters run here (orchestration.cluster_process=false);
@@ -86,13 +88,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         t = time.perf_counter()
-        first = fr.run_pipeline(fr.DEMO_PHOTOS, run, cfg)
+        first = fr.run_pipeline(DEMO_PHOTOS, run, cfg)
         first_s = time.perf_counter() - t
         n = first["clusters"]
         overhead = (stage["seconds"] - sum(lib_seconds)) / max(1, n)
         cluster_stage = stage["seconds"]
         t = time.perf_counter()
-        again = fr.run_pipeline(fr.DEMO_PHOTOS, run, cfg)
+        again = fr.run_pipeline(DEMO_PHOTOS, run, cfg)
         rerun_s = time.perf_counter() - t
     base = {"bench": "orchestration", "device": "cpu", "dispatch": "local", "photos": first["images_kept"],
             "clusters": n, "max_cluster_frames": args.max_cluster_frames, "image_size": args.image_size,

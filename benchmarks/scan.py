@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.ingest import scan
+from sparse_vggt.ingest import run as run_scan
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sparse_vggt" / "data" / "sacre_coeur" / "images"
 
@@ -59,7 +59,7 @@ def main() -> None:
             cfg = PipelineConfig()
             cfg.ingest.decode_check = decode
             t0 = time.perf_counter()
-            manifest = scan(photos, work / f"run_{int(decode)}", cfg)
+            manifest = run_scan(work / f"run_{int(decode)}", cfg, photos=photos)
             dt = time.perf_counter() - t0
             assert manifest["kept"] == args.images, manifest
             rows.append({"bench": "scan", "variant": variant, "images": args.images, "seconds": round(dt, 2),

@@ -1,10 +1,6 @@
-"""Prefect flows: the end-to-end reconstruction flow and the per-cluster flow used for farm dispatch."""
+"""Prefect flows: the end-to-end flow, the farm workers' unit flows, the scheduled flow and the deployments.
 
-import os
+``tasks`` is imported first: it sets Prefect's environment (library loggers, no telemetry) before prefect loads.
+"""
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sparse_vggt")
-# quiet by default (before prefect is imported; an explicit setting wins): no telemetry from this process or the
-# ephemeral server it starts, and no warning when a library logger logs outside a flow run
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+import tasks  # noqa: F401

@@ -30,6 +30,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from tasks import LIBRARY_LOGGERS
+
 HEAD_POOL = "sparse-vggt-head"
 WORK_POOL = "mac-mini"
 CRON_EXAMPLE = "0 2 * * *"  # every night at 02:00 (paused until an operator activates it)
@@ -44,7 +46,7 @@ EXAMPLE_PHOTOS = "/Volumes/sparse-vggt/photos/city"  # same path on every machin
 EXAMPLE_RUNS = "/Volumes/sparse-vggt/runs/city"
 BASE_ENV = {
     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "sparse_vggt",
+    **LIBRARY_LOGGERS,
     "HF_HUB_OFFLINE": "1",  # weights come from `sparse-vggt weights fetch`, never from the hub during a run
 }
 MPS_ENV = {

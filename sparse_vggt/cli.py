@@ -1,8 +1,10 @@
-"""`sparse-vggt`: one command per pipeline stage, plus run/demo/eval/status/config/deploy.
+"""`sparse-vggt`: one command per pipeline stage, plus run/demo/evaluate/status/config/weights/deploy.
 
 Every stage command takes the run directory, ``--config FILE.toml`` and repeated ``--set section.field=value``.
-Stage modules are imported lazily so ``sparse-vggt --help``, ``status`` and the re-run of a finished run stay
-fast (Prefect is imported only when a flow really has to run).
+The stage commands come from the pipeline table (`sparse_vggt.pipeline`); stage modules are imported lazily so
+``sparse-vggt --help``, ``status`` and the re-run of a finished run stay fast. ``run`` and ``demo`` load their
+executor through `sparse_vggt.scheduler.load_runner` (Prefect, in flows/, only when a run really has to happen);
+``deploy`` imports flows/ inside the command.
 
 Exit codes: 0 success, 1 failure, 2 usage error (bad arguments or config, wrong run directory, stages out of
 order), 3 partial (finished with skipped or failed units, listed in the report), 130 interrupted.
@@ -23,8 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, progress
+from . import __version__, pipeline, progress
 from .config import ConfigError, PipelineConfig, load_config
+from .scheduler import load_runner
 from .store import RunStore, RunStoreError
 
 console = Console(stderr=False)
@@ -32,8 +35,8 @@ err_console = Console(stderr=True)
 log = logging.getLogger("sparse_vggt")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-# errors that mean "the command was called wrongly" (exit 2); matched by class name where the class lives in
-# flows/ (not imported unless a flow runs)
+# errors that mean "the command was called wrongly" (exit 2) or a partial result (exit 3); also matched by class
+# name, so an executor's own error classes of the same name (sparse_vggt.scheduler's) count the same
 _USAGE_ERRORS = (ConfigError, RunStoreError)
 _USAGE_ERROR_NAMES = {"FlowParameterError", "ConfigMismatchError"}
 _PARTIAL_ERROR_NAMES = {"ClusterFailures"}
@@ -107,66 +110,26 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .ingest import scan
-
     cfg = _config(args)
-    manifest = scan(Path(args.photos), Path(args.run), cfg, force=args.force)
+    manifest = pipeline.stage("scan").run(Path(args.run), cfg, force=args.force, photos=Path(args.photos))
     print_manifest("scan", manifest)
     return 0
 
 
-def cmd_describe(args: argparse.Namespace) -> int:
-    from . import describe
-
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Any stage after scan: the run's recorded config plus --config/--set, then the stage's ``run``."""
     _, cfg = _open_with_config(args)
-    if args.descriptors:
+    units = None
+    if args.command == "describe" and args.descriptors:
         cfg.describe.descriptors_file = args.descriptors
-    _check_weights(cfg, ("describe",), args.run)
-    print_manifest("describe", describe.run(Path(args.run), cfg))
-    return 0
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    from .graph import run as build_graph
-
-    _, cfg = _open_with_config(args)
-    print_manifest("graph", build_graph(Path(args.run), cfg))
-    return 0
-
-
-def cmd_partition(args: argparse.Namespace) -> int:
-    from .partition import run as partition
-
-    _, cfg = _open_with_config(args)
-    print_manifest("partition", partition(Path(args.run), cfg))
-    return 0
-
-
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .reconstruct import reconstruct
-
-    _, cfg = _open_with_config(args)
-    _check_weights(cfg, ("reconstruct",), args.run)
-    ids = [int(c) for c in args.cluster] if args.cluster else None
-    print_manifest("reconstruct", reconstruct(Path(args.run), cfg, cluster_ids=ids))
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import run as merge
-
-    _, cfg = _open_with_config(args)
-    print_manifest("merge", merge(Path(args.run), cfg))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import run as export
-
-    _, cfg = _open_with_config(args)
-    if args.text:
+    if args.command == "export" and args.text:
         cfg.export.colmap_text = True
-    print_manifest("export", export(Path(args.run), cfg))
+    if args.command == "reconstruct" and args.cluster:
+        units = [int(c) for c in args.cluster]
+    if args.command in ("describe", "reconstruct"):  # the model stages: fail fast when weights are missing
+        _check_weights(cfg, (args.command,), args.run)
+    kwargs = {"units": units} if units is not None else {}
+    print_manifest(args.command, pipeline.stage(args.command).run(Path(args.run), cfg, **kwargs))
     return 0
 
 
@@ -314,8 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if code is not None:
             return code
     _check_weights(cfg, ("describe", "reconstruct"), args.run)
-    from flows.reconstruct import run_pipeline  # Prefect lives in flows/, never in the library
-
+    run_pipeline = load_runner(cfg.orchestration.executor)  # Prefect (flows/) is imported only here
     if not args.verbose:
         hide_log_tracebacks(quiet=args.quiet)
     result = run_pipeline(Path(args.photos), Path(args.run), cfg, force=args.force)
@@ -324,18 +286,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .runcheck import DEMO_PHOTOS
+    """The whole pipeline on the bundled photos, on this machine, small and (by default) random."""
+    from .demo import DEMO_PHOTOS, RANDOM_BANNER, demo_config, random_stages
 
     if not args.force and not args.set:  # the recorded config is the demo's own
         code = _finished(Path(args.run), DEMO_PHOTOS, None, "demo")
         if code is not None:
             return code
-    from flows.reconstruct import demo_config, run_demo
-
-    _check_weights(demo_config(args.set), ("describe", "reconstruct"), args.run)
+    cfg = demo_config(args.set)
+    cfg.orchestration.dispatch = "local"
+    _check_weights(cfg, ("describe", "reconstruct"), args.run)
+    run_pipeline = load_runner(cfg.orchestration.executor)
     if not args.verbose:
         hide_log_tracebacks(quiet=args.quiet)
-    result = run_demo(Path(args.run), overrides=args.set, force=args.force)
+    run_dir = Path(args.run)
+    random = random_stages(cfg)
+    if random:
+        err_console.print(f"[bold red]{RANDOM_BANNER}[/]", highlight=False)
+    err_console.print(f"demo: {len(list(DEMO_PHOTOS.iterdir()))} photos from {DEMO_PHOTOS} -> {run_dir.resolve()} "
+                      f"({cfg.orchestration.executor} executor; Prefect ephemeral mode unless PREFECT_API_URL is set)",
+                      highlight=False)
+    report = run_pipeline(DEMO_PHOTOS, run_dir, cfg, force=args.force)
+    out = report["outputs"]
+    err_console.print(f"\n[bold green]outputs[/] in {out['export_dir']}:", highlight=False)
+    for f in out["files"]:
+        err_console.print(f"  {f}", highlight=False)
+    err_console.print(f"report: {run_dir.resolve() / 'orchestration' / 'report.json'}", highlight=False)
+    if random:
+        err_console.print(f"[bold red]{RANDOM_BANNER}[/]", highlight=False)
+    result = {k: report[k] for k in ("run_dir", "seconds", "images_kept", "images_skipped", "clusters",
+                                     "oom_splits", "stages_executed", "random_weights")}
+    result |= {"export_dir": out["export_dir"], "outputs": out["files"]}
     print_manifest("demo", result)
     return _flow_exit(result)
 
@@ -418,6 +399,14 @@ class DeployError(RuntimeError):
 # parser
 
 
+# the stage commands' own flags (besides RUN, --config, --set, --force)
+STAGE_FLAGS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "describe": (("--descriptors", {"help": "bring-your-own descriptors (.npy with names, or .parquet)"}),),
+    "reconstruct": (("--cluster", {"action": "append", "help": "only this cluster id (repeatable)"}),),
+    "export": (("--text", {"action": "store_true", "help": "also write COLMAP text files"}),),
+}
+
+
 def _global_flags(p: argparse.ArgumentParser, top: bool) -> None:
     """-v/-q/--no-progress, accepted before and after the subcommand (SUPPRESS: a subcommand that does not
     get the flag keeps the value parsed before it)."""
@@ -449,34 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[flags], **k)  # type: ignore[method-assign]
 
-    p = sub.add_parser("scan", help="find, validate and index photos into a run directory")
-    p.add_argument("photos", help="folder of photos (scanned recursively)")
-    _common(p)
-    p.set_defaults(func=cmd_scan)
-
-    p = sub.add_parser("describe", help="global descriptors (MegaLoc) for every kept image")
-    _common(p)
-    p.add_argument("--descriptors", help="bring-your-own descriptors (.npy with names, or .parquet)")
-    p.set_defaults(func=cmd_describe)
-
-    for name, func, text in (
-        ("graph", cmd_graph, "covisibility graph from descriptors and priors"),
-        ("partition", cmd_partition, "cut the graph into connected, overlapping, bounded clusters"),
-        ("merge", cmd_merge, "align cluster reconstructions into one frame"),
-    ):
-        p = sub.add_parser(name, help=text)
+    for st in pipeline.STAGES:  # one command per stage, in pipeline order (sparse_vggt.pipeline)
+        p = sub.add_parser(st.name, help=st.help)
+        if st.name == "scan":
+            p.add_argument("photos", help="folder of photos (scanned recursively)")
         _common(p)
-        p.set_defaults(func=func)
-
-    p = sub.add_parser("reconstruct", help="run (sparse) VGGT on clusters")
-    _common(p)
-    p.add_argument("--cluster", action="append", help="only this cluster id (repeatable)")
-    p.set_defaults(func=cmd_reconstruct)
-
-    p = sub.add_parser("export", help="COLMAP, PLY, GLB and report")
-    _common(p)
-    p.add_argument("--text", action="store_true", help="also write COLMAP text files")
-    p.set_defaults(func=cmd_export)
+        for flag, options in STAGE_FLAGS.get(st.name, ()):
+            p.add_argument(flag, **options)
+        p.set_defaults(func=cmd_scan if st.name == "scan" else cmd_stage)
 
     p = sub.add_parser("run", help="the whole pipeline from a photo folder (Prefect flow)")
     p.add_argument("photos")
@@ -489,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="compare poses with a reference COLMAP model")
+    p = sub.add_parser("evaluate", aliases=["eval"], help="compare poses with a reference COLMAP model")
     p.add_argument("pred", help="run directory or COLMAP model directory")
     p.add_argument("--reference", required=True, help="reference COLMAP model directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -531,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITER_COMMANDS = {"scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo"}
+WRITER_COMMANDS = {*pipeline.NAMES, "run", "demo"}
 
 
 def exit_code(exc: BaseException) -> int:

@@ -241,9 +241,11 @@ class ExportConfig:
 
 @dataclass
 class OrchestrationConfig:
-    """How the Prefect flow runs the stages (never affects results)."""
+    """How the stages are run (never affects results): which executor, where its units go, retries, OOM splits."""
 
-    dispatch: str = _runtime("local", "local | pool")
+    executor: str = _runtime("prefect", "prefect (flows/, the UI and the farm) | local (this process, no Prefect)")
+    dispatch: str = _runtime("local", "prefect executor: local (tasks on this machine) | pool (flow runs on "
+                                      "the work pool)")
     work_pool: str = _runtime("mac-mini", "Prefect work pool for pool dispatch")
     cluster_deployment: str = _runtime("reconstruct-cluster/mac-mini", "deployment run per cluster in pool mode")
     retries: int = _runtime(2, "retries for transient task errors")

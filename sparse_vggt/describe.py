@@ -27,7 +27,7 @@ from . import retrieval
 from .config import PipelineConfig
 from .progress import track
 from .retrieval import DescribeError, DescribeInputs
-from .store import RunStore
+from .store import RunStore, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _settings(config: PipelineConfig) -> dict[str, Any]:
     f = s.get("descriptors_file")
     if f:
         p = Path(f)
-        s["descriptors_file_stat"] = [p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else None
+        s["descriptors_file_stat"] = list(file_identity(p)) if p.exists() else None
     return s
 
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from .config import PipelineConfig
 from .progress import track
-from .store import RunStore, atomic_write_bytes
+from .store import RunStore, atomic_write_bytes, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -335,17 +335,6 @@ def display_name(rel: str) -> str:
         return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def _stat_key(full: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of the file, or of the link itself when its target is missing; (0, 0) when neither."""
-    for fn in (os.stat, os.lstat):
-        try:
-            st = fn(full)
-            return int(st.st_size), int(st.st_mtime_ns)
-        except OSError:
-            continue
-    return 0, 0
-
-
 def _check_entry(root: Path, rel: str, follow_symlinks: bool) -> str | None:
     """Why this listed entry cannot be read as a photo (None when it can): name, link, file type."""
     full = root / rel
@@ -379,7 +368,7 @@ def _check_entry(root: Path, rel: str, follow_symlinks: bool) -> str | None:
 def _read_and_inspect(root: Path, rel: str, min_side: int, decode_check: bool,
                       max_pixels: int = PILLOW_MAX_IMAGE_PIXELS, follow_symlinks: bool = False) -> _Record:
     full = root / rel
-    size, mtime_ns = _stat_key(full)
+    size, mtime_ns = file_identity(full)
     problem = _check_entry(root, rel, follow_symlinks)
     if problem is not None:
         return _Record(display_name(rel), "", size, mtime_ns, status=problem)
@@ -411,7 +400,7 @@ def _load_progress(path: Path, root: Path) -> dict[str, _Record]:
         full = root / row["path"]
         if not os.path.lexists(full):
             continue  # gone, or an undecodable name stored as its stand-in: inspect again
-        if _stat_key(full) == (row["size"], row["mtime_ns"]):
+        if file_identity(full) == (row["size"], row["mtime_ns"]):
             kept[row["path"]] = _Record(**row)
     return kept
 
@@ -419,17 +408,32 @@ def _load_progress(path: Path, root: Path) -> dict[str, _Record]:
 def _listing_fingerprint(root: Path, paths: list[str]) -> str:
     h = hashlib.sha256()
     for rel in paths:
-        size, mtime_ns = _stat_key(root / rel)
+        size, mtime_ns = file_identity(root / rel)
         h.update(os.fsencode(rel) + f"\0{size}\0{mtime_ns}\n".encode())  # raw bytes: names need not be UTF-8
     return h.hexdigest()
 
 
-def scan(photos: Path, run_dir: Path, config: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    """Scan ``photos`` recursively into ``run_dir/tables/images.parquet``; returns the scan manifest.
+def run(run_dir: str | Path, config: PipelineConfig | None = None, *, force: bool = False,
+        units: Iterable[int] | None = None, photos: str | Path | None = None) -> dict[str, Any]:
+    """The scan stage: ``photos`` (recursively) -> ``run_dir/tables/images.parquet``; returns the scan manifest.
 
-    A finished scan of the same, unchanged folder is a no-op; a changed folder under a finished scan is an
-    error (start a new run directory) because image ids are row numbers that later stages depend on.
+    ``photos`` defaults to the folder the run's finished scan recorded (``photos_root`` of its manifest), so a
+    re-run needs only the run directory; a new run must name it. ``config`` defaults to the run's recorded one
+    (else the defaults). The scan has no units (``units`` must be None). A finished scan of the same, unchanged
+    folder is a no-op; a changed folder under a finished scan is an error (start a new run directory) because
+    image ids are row numbers that later stages depend on.
     """
+    if units is not None:
+        raise ValueError("the scan stage has no units: call it with units=None")
+    run_dir = Path(run_dir)
+    if photos is None or config is None:
+        known = RunStore(run_dir).meta() if (run_dir / "run.json").is_file() else {}
+        if config is None:
+            config = PipelineConfig.from_dict(known["config"]) if known.get("config") else PipelineConfig()
+        if photos is None:
+            photos = ((known.get("stages") or {}).get("scan") or {}).get("manifest", {}).get("photos_root")
+            if photos is None:
+                raise IngestError(f"{run_dir} records no photo folder yet: pass the folder that contains the photos")
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
         raise IngestError(f"{photos} is not a folder. Pass the folder that contains the photos.")

@@ -318,15 +318,23 @@ def _free(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def reconstruct(run_dir: str | Path, config: PipelineConfig, cluster_ids: Iterable[int] | None = None) -> dict[str, Any]:
-    """Reconstruct the given (default: all) clusters; the stage finishes once every cluster is complete."""
+def run(run_dir: str | Path, config: PipelineConfig | None = None, *, force: bool = False,
+        units: Iterable[int] | None = None) -> dict[str, Any]:
+    """The reconstruct stage: clusters ``units`` (default: all; complete ones are no-ops) through the model; the
+    stage finishes once every cluster is complete. ``units=[]`` only checks and finishes the stage; ``force``
+    recomputes the given clusters even when complete. ``config`` defaults to the run's recorded one."""
     store = RunStore.open(run_dir)
+    config = config or store.config()
     store.require_stage("partition", "reconstruct")
     all_ids = sorted({int(c) for c in store.read_table("clusters", columns=["cluster_id"]).column(0).to_pylist()})
-    todo = all_ids if cluster_ids is None else sorted({int(c) for c in cluster_ids})
+    todo = all_ids if units is None else sorted({int(c) for c in units})
     unknown = sorted(set(todo) - set(all_ids))
     if unknown:
         raise ReconstructError(f"clusters {unknown} are not in clusters.parquet (known: {len(all_ids)} clusters)")
+    if force and todo:
+        store.invalidate_from(STAGE, f"forced: clusters {todo} recomputed")
+        for cid in todo:
+            store.remove_group(_group(cid))
     cluster_status(run_dir, config)  # verifies every marker; a damaged or stale cluster reopens the stage
     if not store.is_stage_complete(STAGE):
         store.stage_started(STAGE)

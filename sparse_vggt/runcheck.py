@@ -14,14 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import sparse_vggt
-
 from .config import PipelineConfig
 from .store import STAGES, RunStore
 
 log = logging.getLogger(__name__)
-
-DEMO_PHOTOS = Path(sparse_vggt.__file__).parent / "data" / "sacre_coeur" / "images"
 
 
 def finished_run(run_dir: str | Path, photos: str | Path, config: PipelineConfig | None = None) -> dict[str, Any] | None:

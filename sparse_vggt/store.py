@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 import zarr
 
 from .config import PipelineConfig
+from .pipeline import NAMES as STAGES  # the stage order (run.json markers, status, invalidation) is the pipeline's
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export")
 # config section -> the stage whose results its result-affecting fields change
 SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
@@ -163,6 +163,20 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """(size, mtime_ns) of the file, or of the link itself when its target is missing; (0, 0) when neither.
+
+    How the run recognises an input file outside the run directory (photos, a descriptors file) as unchanged;
+    nanoseconds, so a rewrite within the same second is still seen."""
+    for fn in (os.stat, os.lstat):
+        try:
+            st = fn(path)
+            return int(st.st_size), int(st.st_mtime_ns)
+        except OSError:
+            continue
+    return 0, 0
+
+
 def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
     """Append one event (skip, split, redo, failure...) to <run>/orchestration/events.jsonl under a lock."""
     path = Path(run_dir) / "orchestration" / "events.jsonl"
@@ -178,6 +192,18 @@ def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return event
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every event of <run>/orchestration/events.jsonl, oldest first (a torn last line is skipped)."""
+    path = Path(run_dir) / "orchestration" / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
 
 
 class UnitCheck:

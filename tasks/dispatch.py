@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
-from .stages import TransientError
+from sparse_vggt.scheduler import TransientError
 
 _KILLED = re.compile(r"(status code|exit code|exited with code) (-9|137)\b|SIGKILL", re.IGNORECASE)
 OOM_MARK = "CLUSTER_OUT_OF_MEMORY"  # prefix of the failure message of a cluster flow run that ran out of memory

@@ -1,10 +1,11 @@
-"""One Prefect task per pipeline stage.
+"""One Prefect task per scheduler step: the Prefect executor's (flows/executor.py) view of the pipeline.
 
-Each task calls the library entry function with a run-directory path and a config dict, publishes a Prefect
-artifact describing what the stage produced, and returns the stage's small manifest. Tensors and arrays never
+Each task calls the stage's entry from the pipeline table (`sparse_vggt.pipeline`) with a run-directory path and
+a config dict, publishes a Prefect artifact describing what the stage produced, and returns the stage's small
+manifest; `STEP_TASKS` and `UNIT_TASKS` map the scheduler's step and unit names to the tasks. Tensors and arrays never
 cross a task boundary: the run directory is the data plane, Prefect only sees paths and counts.
 
-No Prefect caching and no result persistence (issue 15): the run directory is the only truth. A Prefect cache
+No Prefect caching and no result persistence: the run directory is the only truth. A Prefect cache
 record would let a task be skipped while the run directory says its unit is missing or corrupt, and a persisted
 result is deserialised with the serializer named *in the stored file* (pickle included), so anyone who can write
 the shared storage could run code in every worker. Instead every task runs, and the library's verified completion
@@ -26,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sparse_vggt.config import PipelineConfig
+from sparse_vggt.scheduler import is_transient
 from sparse_vggt.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -39,32 +41,14 @@ ARTIFACT_ROWS = 500  # rows shown per table artifact (the full tables are in the
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-def stage_task(run_dir: str | Path, t: Any, **options: Any) -> Any:
+def stage_task(t: Any, **options: Any) -> Any:
     """``t`` configured for a stage: never cached by Prefect, result never persisted (the run directory decides
-    what is done). ``run_dir`` is accepted for call-site symmetry with the old cached variant."""
+    what is done)."""
     return t.with_options(**TASK_OPTIONS, **options)
 
 
-cached = stage_task  # old name, kept for callers; nothing is cached any more
-
 # ---------------------------------------------------------------------------------------------------------
-# retries: only transient errors are retried
-
-
-class TransientError(RuntimeError):
-    """A failure worth retrying as is (e.g. the worker running a cluster flow died)."""
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """I/O hiccups (shared storage, network) and lost workers are retried; our own errors and OOM are not."""
-    from sparse_vggt.reconstruct import ClusterOutOfMemory
-
-    if exc is None or isinstance(exc, ClusterOutOfMemory):
-        return False
-    if isinstance(exc, TransientError):
-        return True
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not isinstance(
-        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+# retries: only transient errors are retried (which ones: sparse_vggt.scheduler.is_transient)
 
 
 def retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -149,80 +133,60 @@ def cluster_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stage tasks
+# stage tasks: each calls the stage's entry from the pipeline table (sparse_vggt.pipeline) and publishes an
+# artifact
 
 
-@task(name="scan", task_run_name="scan",
-      **TASK_OPTIONS)
+def _run(stage: str, run_dir: str, config: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    from sparse_vggt.pipeline import stage as pipeline_stage
+
+    return pipeline_stage(stage).run(Path(run_dir), _cfg(config), **kwargs)
+
+
+@task(name="scan", task_run_name="scan", **TASK_OPTIONS)
 def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    """Not Prefect-cached on purpose: its input is a folder outside the run directory; the library compares the
-    folder listing with the finished scan itself (and refuses a changed folder)."""
-    from sparse_vggt.ingest import scan
-
-    manifest = scan(Path(photos), Path(run_dir), _cfg(config), force=force)
+    """Its input is a folder outside the run directory; the library compares the folder listing with the
+    finished scan itself (and refuses a changed folder)."""
+    manifest = _run("scan", run_dir, config, force=force, photos=Path(photos))
     _publish_table(artifact_key(run_dir, "images"), images_rows(run_dir),
                    f"{manifest['kept']} images kept, {manifest['skipped']} skipped, {manifest['duplicates']} "
                    f"duplicates folded (skipped rows first; full table: tables/images.parquet)")
     return manifest
 
 
-@task(name="describe-plan", task_run_name="describe-plan",
-      **TASK_OPTIONS)
+@task(name="describe-plan", task_run_name="describe-plan", **TASK_OPTIONS)
 def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
-    from sparse_vggt import describe
+    from sparse_vggt.scheduler import describe_plan
 
-    store = RunStore.open(run_dir)
-    table = store.read_table("images", columns=["status", "chunk_id"])
-    chunk = np.asarray(table.column("chunk_id").to_numpy(zero_copy_only=False))
-    ok = np.asarray([s == "ok" for s in table.column("status").to_pylist()], bool)
-    chunks = sorted({int(c) for c in chunk[ok].tolist()})
-    cfg = _cfg(config)  # the farm head (pool dispatch) never loads MegaLoc: the workers do (issue 16)
-    manifest = describe.run(Path(run_dir), cfg, units=[], load_model=cfg.orchestration.dispatch != "pool")
-    done = {int(c) for c in store.complete_units("describe_chunks")}
-    finished = store.is_stage_complete("describe")
-    return {"chunks": chunks, "pending": [] if finished else [c for c in chunks if c not in done],
-            "finished": finished, "manifest": manifest}
+    return describe_plan(Path(run_dir), _cfg(config))
 
 
-@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}",
-      **TASK_OPTIONS)
+@task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}", **TASK_OPTIONS)
 def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
-    from sparse_vggt import describe
-
-    manifest = describe.run(Path(run_dir), _cfg(config), units=[int(chunk_id)])
+    manifest = _run("describe", run_dir, config, units=[int(chunk_id)])
     return {"chunk_id": int(chunk_id), "computed": int(manifest.get("chunks_computed", 0)),
             "images_per_s": manifest.get("images_per_s")}
 
 
-@task(name="describe-finish", task_run_name="describe-finish",
-      **TASK_OPTIONS)
+@task(name="describe-finish", task_run_name="describe-finish", **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt import describe
+    from sparse_vggt.scheduler import finish_stage
 
-    manifest = describe.run(Path(run_dir), _cfg(config), units=[])
-    if manifest.get("pending"):
-        raise RuntimeError(f"describe: {manifest['pending']} chunk(s) still unfinished in {run_dir}; re-run to resume")
-    return manifest
+    return finish_stage("describe", run_dir, _cfg(config))
 
 
-@task(name="graph", task_run_name="covisibility-graph",
-      **TASK_OPTIONS)
+@task(name="graph", task_run_name="covisibility-graph", **TASK_OPTIONS)
 def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.graph import run as build_graph
-
-    manifest = build_graph(Path(run_dir), _cfg(config))
+    manifest = _run("graph", run_dir, config)
     _publish_markdown(artifact_key(run_dir, "graph"), _md_kv("covisibility graph", manifest),
                       f"{manifest.get('edges')} edges, {manifest.get('components')} components")
     return manifest
 
 
-@task(name="partition", task_run_name="partition",
-      **TASK_OPTIONS)
+@task(name="partition", task_run_name="partition", **TASK_OPTIONS)
 def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.partition import run as partition
-
-    manifest = partition(Path(run_dir), _cfg(config))
+    manifest = _run("partition", run_dir, config)
     publish_clusters(run_dir, f"{manifest.get('clusters')} clusters after partition")
     return manifest
 
@@ -231,50 +195,40 @@ def publish_clusters(run_dir: str, description: str) -> None:
     _publish_table(artifact_key(run_dir, "clusters"), cluster_rows(run_dir), description)
 
 
-@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}",
-      **TASK_OPTIONS)
+@task(name="reconstruct-cluster", task_run_name="reconstruct-cluster-{cluster_id}", **TASK_OPTIONS)
 def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int,
                              isolate: bool = False) -> dict[str, Any]:
-    """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the flow splits.
+    """One cluster through (sparse) VGGT. ClusterOutOfMemory propagates (never retried): the scheduler splits.
 
     ``isolate``: run the model in this process's persistent cluster child process
     (`sparse_vggt.cluster_worker`), so an OOM kill costs this cluster only."""
-    from sparse_vggt import reconstruct as lib
+    from sparse_vggt.local_executor import run_cluster
 
-    if isolate:
-        from sparse_vggt.cluster_worker import worker
-
-        return worker().run(Path(run_dir), int(cluster_id), _cfg(config))
-    return lib.reconstruct_cluster(Path(run_dir), int(cluster_id), _cfg(config))
+    cfg = _cfg(config)
+    cfg.orchestration.cluster_process = bool(isolate)
+    return run_cluster(Path(run_dir), cfg, int(cluster_id))
 
 
-@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}",
-      **TASK_OPTIONS)
+@task(name="split-cluster", task_run_name="split-cluster-{cluster_id}", **TASK_OPTIONS)
 def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> list[int]:
     from sparse_vggt.partition import split_cluster
 
     return split_cluster(Path(run_dir), int(cluster_id), _cfg(config))
 
 
-@task(name="reconstruct-finish", task_run_name="reconstruct-finish",
-      **TASK_OPTIONS)
+@task(name="reconstruct-finish", task_run_name="reconstruct-finish", **TASK_OPTIONS)
 def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
-    from sparse_vggt.reconstruct import reconstruct
+    from sparse_vggt.scheduler import finish_stage
 
-    manifest = reconstruct(Path(run_dir), _cfg(config), cluster_ids=[])
-    publish_clusters(run_dir, f"{manifest['clusters']} clusters, {manifest['pending']} not reconstructed")
-    if manifest["pending"]:  # never cache an unfinished stage
-        raise RuntimeError(f"reconstruct: {manifest['pending']} cluster(s) unfinished in {run_dir}; re-run to resume")
+    manifest = finish_stage("reconstruct", run_dir, _cfg(config))
+    publish_clusters(run_dir, f"{manifest['clusters']} clusters, all reconstructed")
     return manifest
 
 
-@task(name="merge", task_run_name="merge",
-      **TASK_OPTIONS)
+@task(name="merge", task_run_name="merge", **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.merge import run as merge
-
-    manifest = merge(Path(run_dir), _cfg(config))
+    manifest = _run("merge", run_dir, config)
     rows = merge_residual_rows(run_dir)
     _publish_table(artifact_key(run_dir, "merge-residuals"), rows,
                    f"per-edge Sim(3) residuals of {len(rows)} cluster pairs (store.zarr/merge)")
@@ -296,9 +250,15 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@task(name="export", task_run_name="export",
-      **TASK_OPTIONS)
+@task(name="export", task_run_name="export", **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.export import run as export
+    return _run("export", run_dir, config)
 
-    return export(Path(run_dir), _cfg(config))
+
+# the scheduler's steps and unit kinds (sparse_vggt.scheduler.STEPS / UNIT_KINDS) -> their tasks
+STEP_TASKS: dict[str, Any] = {
+    "scan": scan_task, "describe-plan": describe_plan_task, "describe-finish": describe_finish_task,
+    "graph": graph_task, "partition": partition_task, "split-cluster": split_cluster_task,
+    "reconstruct-finish": reconstruct_finish_task, "merge": merge_task, "export": export_task,
+}
+UNIT_TASKS: dict[str, Any] = {"describe": describe_chunk_task, "clusters": reconstruct_cluster_task}

@@ -63,7 +63,7 @@ def test_console_script_is_installed() -> None:
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for cmd in ("scan", "describe", "graph", "partition", "reconstruct", "merge", "export", "run", "demo",
-                "eval", "status", "deploy"):
+                "evaluate", "eval", "status", "deploy"):
         assert cmd in out.stdout
 
 
@@ -175,7 +175,7 @@ def test_missing_weights_offline_is_one_message(tmp_path: Path, sample_photos: P
 
 
 def _demo_cfg():
-    from flows.reconstruct import demo_config
+    from sparse_vggt.demo import demo_config
 
     return demo_config()
 
@@ -185,10 +185,10 @@ def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
     from sparse_vggt.graph import run as build_graph
     from sparse_vggt.describe import run as describe
     from sparse_vggt.export import run as export
-    from sparse_vggt.ingest import scan
+    from sparse_vggt.ingest import run as run_scan
     from sparse_vggt.merge import run as merge
     from sparse_vggt.partition import run as partition
-    from sparse_vggt.reconstruct import reconstruct
+    from sparse_vggt.reconstruct import run as reconstruct
 
     photos = tmp_path / "photos"
     photos.mkdir(parents=True)
@@ -196,7 +196,7 @@ def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
         shutil.copy(p, photos / p.name)
     run = tmp_path / "run"
     cfg = _demo_cfg()
-    scan(photos, run, cfg)
+    run_scan(run, cfg, photos=photos)
     for stage in (describe, build_graph, partition, reconstruct, merge, export):
         stage(run, cfg)
     return photos, run
@@ -208,7 +208,7 @@ def test_rerun_of_a_finished_run_takes_the_fast_path_without_prefect(tmp_path: P
     code = ("import sys; from sparse_vggt.cli import main; rc = main(sys.argv[1:]); "
             "print('PREFECT_IMPORTED', 'prefect' in sys.modules, 'FLOWS_IMPORTED', 'flows.reconstruct' in sys.modules);"
             "sys.exit(rc)")
-    from flows.reconstruct import DEMO_SETTINGS
+    from sparse_vggt.demo import DEMO_SETTINGS
 
     sets = [a for k, v in DEMO_SETTINGS.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
     out = subprocess.run([sys.executable, "-c", code, "run", str(photos), str(run), *sets], capture_output=True, text=True,

@@ -157,9 +157,10 @@ def test_partial_match_subset_and_errors(fox_dir: Path, tmp_path: Path) -> None:
     assert table.row_count >= 10
 
 
-def test_cli_eval_json(fox_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("verb", ["evaluate", "eval"])  # the stage-style name, and the short alias
+def test_cli_eval_json(verb: str, fox_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ref = _ref(fox_dir)
-    assert main(["eval", str(ref), "--reference", str(ref), "--json"]) == 0
+    assert main([verb, str(ref), "--reference", str(ref), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images_matched"] == 50 and set(out["rra"]) == {"5", "15", "30"} and out["auc30"] == 1.0
 

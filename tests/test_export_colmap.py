@@ -16,7 +16,7 @@ from PIL import Image
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.export import ExportError, run as export
-from sparse_vggt.ingest import load_image, scan
+from sparse_vggt.ingest import load_image, run as run_scan
 from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
@@ -56,7 +56,7 @@ def photo_run(tmp_path_factory: pytest.TempPathFactory, fixtures_dir: Path, samp
     with Image.open(others[0]) as im:  # a phone's HEIC (COLMAP cannot decode HEIC)
         im.convert("RGB").resize((im.width // 2, im.height // 2)).save(photos / "phone.heic")
     run = tmp_path_factory.mktemp("run") / "run"
-    scan(photos, run, PipelineConfig())
+    run_scan(run, PipelineConfig(), photos=photos)
     store = RunStore.open(run)
     t = store.read_table("images")
     assert t.column("status").to_pylist() == ["ok"] * 4

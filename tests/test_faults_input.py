@@ -28,7 +28,7 @@ from sparse_vggt import ingest
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.export import run as export
-from sparse_vggt.ingest import IngestError, scan
+from sparse_vggt.ingest import IngestError, run as run_scan
 from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
@@ -77,7 +77,7 @@ def test_90mp_images_scanned_with_threads_are_all_too_large(
         assert probe.size == (side, side)
     _many_threads(monkeypatch)
     filters_before = list(warnings.filters)
-    manifest = scan(root, tmp_path / "run", PipelineConfig())
+    manifest = run_scan(tmp_path / "run", PipelineConfig(), photos=root)
     assert list(warnings.filters) == filters_before  # the scan leaves the process-global filters alone
     rows = _rows(tmp_path / "run")
     for i in range(12):
@@ -99,7 +99,7 @@ def test_pixel_limit_is_an_explicit_configurable_comparison(
     cfg = PipelineConfig()
     cfg.ingest.max_image_pixels = 1_000_000
     _many_threads(monkeypatch)
-    scan(root, tmp_path / "run", cfg)
+    run_scan(tmp_path / "run", cfg, photos=root)
     rows = _rows(tmp_path / "run")
     for name, pixels in sizes.items():
         if pixels > 1_000_000:
@@ -113,10 +113,10 @@ def test_pixel_limit_above_what_pillow_decodes_is_refused(tmp_path: Path, sample
     cfg = PipelineConfig()
     cfg.ingest.max_image_pixels = 2 * Image.MAX_IMAGE_PIXELS + 1
     with pytest.raises(IngestError, match="max_image_pixels"):
-        scan(sample_photos, tmp_path / "run", cfg)
+        run_scan(tmp_path / "run", cfg, photos=sample_photos)
     cfg.ingest.max_image_pixels = 0
     with pytest.raises(IngestError, match=">= 1"):
-        scan(sample_photos, tmp_path / "run2", cfg)
+        run_scan(tmp_path / "run2", cfg, photos=sample_photos)
 
 
 def test_undecodable_file_names_are_recorded_rows(tmp_path: Path, sample_photos: Path) -> None:
@@ -132,8 +132,8 @@ def test_undecodable_file_names_are_recorded_rows(tmp_path: Path, sample_photos:
     Path(os.fsdecode(os.fsencode(mixed) + b"/caf\xe9.jpg")).write_bytes(photos[3].read_bytes())
     Path(os.fsdecode(os.fsencode(mixed) + b"/dir\xff/x.jpg")).write_bytes(photos[4].read_bytes())
 
-    ref = scan(clean, tmp_path / "run_clean", PipelineConfig())
-    manifest = scan(mixed, tmp_path / "run", PipelineConfig())  # used to abort: "surrogates not allowed"
+    ref = run_scan(tmp_path / "run_clean", PipelineConfig(), photos=clean)
+    manifest = run_scan(tmp_path / "run", PipelineConfig(), photos=mixed)  # used to abort: "surrogates not allowed"
     rows = _rows(tmp_path / "run")
     for name in ("caf\\xe9.jpg", "dir\\xff/x.jpg"):  # a readable stand-in, stored as valid UTF-8
         assert rows[name]["status"].startswith("undecodable file name"), rows[name]
@@ -145,7 +145,7 @@ def test_undecodable_file_names_are_recorded_rows(tmp_path: Path, sample_photos:
         assert {k: rows[path][k] for k in ("image_id", "sha256", "width", "height", "chunk_id", "status")} == \
             {k: r[k] for k in ("image_id", "sha256", "width", "height", "chunk_id", "status")}
     # the listing fingerprint takes raw names: a re-scan of the unchanged folder is a no-op, not an abort
-    assert scan(mixed, tmp_path / "run", PipelineConfig()) == manifest
+    assert run_scan(tmp_path / "run", PipelineConfig(), photos=mixed) == manifest
 
 
 def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) -> None:
@@ -167,7 +167,7 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
     (root / "sub" / "back").symlink_to(root, target_is_directory=True)  # a folder loop
     os.mkfifo(root / "pipe.jpg")  # must be recorded, never opened (reading a FIFO would block the scan)
 
-    scan(root, tmp_path / "run", PipelineConfig())  # follow_symlinks=false (default)
+    run_scan(tmp_path / "run", PipelineConfig(), photos=root)  # follow_symlinks=false (default)
     rows = _rows(tmp_path / "run")
     assert rows["a.jpg"]["status"] == "ok" and rows["a.jpg"]["duplicates"] == ["inside_link.jpg"]
     assert rows["leaves.jpg"]["status"].startswith("symbolic link leaves the photo folder")
@@ -180,7 +180,7 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
 
     cfg = PipelineConfig()
     cfg.ingest.follow_symlinks = True
-    scan(root, tmp_path / "run_follow", cfg)  # the folder loop sub/back -> root must terminate
+    run_scan(tmp_path / "run_follow", cfg, photos=root)  # the folder loop sub/back -> root must terminate
     rows = _rows(tmp_path / "run_follow")
     assert rows["leaves.jpg"]["status"] == "ok"
     assert rows["linked_folder/in_linked_folder.jpg"]["status"] == "ok"
@@ -202,7 +202,7 @@ def test_malformed_exif_orientation_does_not_stop_the_scan(tmp_path: Path, sampl
     buf = io.BytesIO()
     Image.new("RGB", (100, 80), (10, 20, 30)).save(buf, format="JPEG", exif=b"Exif\0\0" + tiff)
     (root / "odd_exif.jpg").write_bytes(buf.getvalue())
-    scan(root, tmp_path / "run", PipelineConfig())
+    run_scan(tmp_path / "run", PipelineConfig(), photos=root)
     rows = _rows(tmp_path / "run")
     assert rows["good.jpg"]["status"] == "ok"
     assert rows["odd_exif.jpg"]["status"] == "ok" and rows["odd_exif.jpg"]["orientation"] == 1
@@ -258,7 +258,7 @@ def test_merge_and_export_use_only_kept_rows(tmp_path: Path) -> None:
 def test_full_flow_on_sample_photos_mixed_with_every_bad_and_edge_file(
         tmp_path: Path, sample_photos: Path, fixtures_dir: Path) -> None:
     """`sparse-vggt run` with the demo's tiny settings exits 0; report.md and `status` list each skipped file."""
-    from flows.reconstruct import DEMO_SETTINGS
+    from sparse_vggt.demo import DEMO_SETTINGS
 
     photos = tmp_path / "photos"
     photos.mkdir()

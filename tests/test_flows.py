@@ -35,7 +35,7 @@ def harness():
 
 
 def _cfg(**overrides):
-    from flows.reconstruct import demo_config
+    from sparse_vggt.demo import demo_config
 
     cfg = demo_config()
     # these tests patch sparse_vggt.reconstruct in this process: run clusters here, not in the child worker
@@ -142,7 +142,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import sparse_vggt.reconstruct as recon
-    from flows.reconstruct import demo_config, run_pipeline
+    from flows.reconstruct import run_pipeline
+    from sparse_vggt.demo import demo_config
 
     real, calls = recon.reconstruct_cluster, []
     ready = Path(sys.argv[2])
@@ -212,7 +213,9 @@ def test_injected_oom_splits_cluster_and_completes(harness, tmp_path, monkeypatc
     import pyarrow.parquet as pq
 
     import sparse_vggt.reconstruct as recon
-    from flows.reconstruct import ClusterFailures, read_events, run_pipeline
+    from flows.reconstruct import run_pipeline
+    from sparse_vggt.scheduler import ClusterFailures
+    from sparse_vggt.store import read_events
 
     real = recon.reconstruct_cluster
     run = tmp_path / "run"
@@ -254,7 +257,9 @@ def test_injected_oom_splits_cluster_and_completes(harness, tmp_path, monkeypatc
 
 
 def test_parameters_validated_before_any_work(tmp_path):
-    from flows.reconstruct import FlowParameterError, demo_config, run_pipeline
+    from flows.reconstruct import run_pipeline
+    from sparse_vggt.demo import demo_config
+    from sparse_vggt.scheduler import FlowParameterError
 
     cfg = demo_config()
     cfg.orchestration.dispatch = "farm"

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from sparse_vggt import ingest
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.ingest import IngestError, focal_from_exif, inspect_image, load_image, scan
+from sparse_vggt.ingest import IngestError, focal_from_exif, inspect_image, load_image, run as run_scan
 from sparse_vggt.store import RunStore
 
 
@@ -42,7 +42,7 @@ def _rows(run: Path) -> dict[str, dict]:
 
 
 def test_scan_keeps_converts_and_skips_with_reasons(tmp_path: Path, photo_tree: Path) -> None:
-    manifest = scan(photo_tree, tmp_path / "run", PipelineConfig())
+    manifest = run_scan(tmp_path / "run", PipelineConfig(), photos=photo_tree)
     rows = _rows(tmp_path / "run")
     skipped = {p: r["status"] for p, r in rows.items() if r["status"] != "ok"}
     assert set(skipped) == {"bad/empty.jpg", "bad/notes.jpg", "bad/truncated.jpg", "edge/tiny.jpg"}
@@ -73,7 +73,7 @@ def test_scan_keeps_converts_and_skips_with_reasons(tmp_path: Path, photo_tree: 
 def test_chunking_and_exif_orientation(tmp_path: Path, photo_tree: Path, sample_photos: Path) -> None:
     cfg = PipelineConfig()
     cfg.ingest.chunk_size = 4
-    scan(photo_tree, tmp_path / "run", cfg)
+    run_scan(tmp_path / "run", cfg, photos=photo_tree)
     rows = _rows(tmp_path / "run")
     ok = [r for r in sorted(rows.values(), key=lambda r: r["image_id"]) if r["status"] == "ok"]
     assert [r["chunk_id"] for r in ok] == [i // 4 for i in range(len(ok))]
@@ -111,24 +111,24 @@ def test_alpha_is_composited_on_white() -> None:
 
 def test_rescan_rewrites_nothing_and_changed_folder_is_refused(tmp_path: Path, photo_tree: Path) -> None:
     run = tmp_path / "run"
-    first = scan(photo_tree, run, PipelineConfig())
+    first = run_scan(run, PipelineConfig(), photos=photo_tree)
     table = run / "tables" / "images.parquet"
     before = (table.stat().st_mtime_ns, table.read_bytes(), (run / "run.json").read_bytes())
-    again = scan(photo_tree, run, PipelineConfig())
+    again = run_scan(run, PipelineConfig(), photos=photo_tree)
     assert again == first
     assert (table.stat().st_mtime_ns, table.read_bytes(), (run / "run.json").read_bytes()) == before
     shutil.copy(photo_tree / "edge" / "cmyk.jpg", photo_tree / "new.jpg")
     with pytest.raises(IngestError, match="changed since"):
-        scan(photo_tree, run, PipelineConfig())
+        run_scan(run, PipelineConfig(), photos=photo_tree)
     other = tmp_path / "other"
     shutil.copytree(photo_tree, other)
     with pytest.raises(IngestError, match="was scanned from"):
-        scan(other, run, PipelineConfig())
+        run_scan(run, PipelineConfig(), photos=other)
 
 
 def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
         tmp_path: Path, photo_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    scan(photo_tree, tmp_path / "ref", PipelineConfig())
+    run_scan(tmp_path / "ref", PipelineConfig(), photos=photo_tree)
     reference = pq.read_table(tmp_path / "ref" / "tables" / "images.parquet")
 
     cfg = PipelineConfig()
@@ -145,7 +145,7 @@ def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
     monkeypatch.setattr(ingest, "inspect_image", dying)
     monkeypatch.setattr(ingest.os, "cpu_count", lambda: 1)  # one worker: a deterministic kill point
     with pytest.raises(KeyboardInterrupt):
-        scan(photo_tree, tmp_path / "run", cfg)
+        run_scan(tmp_path / "run", cfg, photos=photo_tree)
     store = RunStore.open(tmp_path / "run")
     assert not store.is_stage_complete("scan") and not store.has_table("images")
     progress = pq.read_table(tmp_path / "run" / "tables" / ingest.PROGRESS_FILE)
@@ -153,7 +153,7 @@ def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
 
     calls.clear()
     monkeypatch.setattr(ingest, "inspect_image", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    scan(photo_tree, tmp_path / "run", cfg)
+    run_scan(tmp_path / "run", cfg, photos=photo_tree)
     assert len(calls) == len(ingest.find_photos(photo_tree, cfg.ingest.extensions)) - 6  # only the files without a flushed record were inspected again
     resumed = pq.read_table(tmp_path / "run" / "tables" / "images.parquet")
     assert resumed.to_pylist() == reference.to_pylist()
@@ -200,7 +200,7 @@ def test_heif_is_read(tmp_path: Path) -> None:
     photos.mkdir()
     img.save(photos / "a.HEIC", format="HEIF")
     cfg = PipelineConfig()
-    manifest = scan(photos, tmp_path / "run", cfg)
+    manifest = run_scan(tmp_path / "run", cfg, photos=photos)
     assert manifest["kept"] == 1
     arr = np.asarray(load_image(photos / "a.HEIC"), dtype=np.float32)
     assert np.abs(arr.mean(axis=(0, 1)) - [200, 30, 60]).max() < 8
@@ -209,15 +209,15 @@ def test_heif_is_read(tmp_path: Path) -> None:
 def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="no photos"):
-        scan(tmp_path / "empty", tmp_path / "run", PipelineConfig())
+        run_scan(tmp_path / "run", PipelineConfig(), photos=tmp_path / "empty")
     with pytest.raises(IngestError, match="is not a folder"):
-        scan(tmp_path / "nope", tmp_path / "run2", PipelineConfig())
+        run_scan(tmp_path / "run2", PipelineConfig(), photos=tmp_path / "nope")
 
 
 def test_min_side_is_configurable(tmp_path: Path, photo_tree: Path) -> None:
     cfg = PipelineConfig()
     cfg.ingest.min_side = 10
-    scan(photo_tree, tmp_path / "run", cfg)
+    run_scan(tmp_path / "run", cfg, photos=photo_tree)
     assert _rows(tmp_path / "run")["edge/tiny.jpg"]["status"] == "ok"
 
 

@@ -76,7 +76,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _config(dispatch: str):
-    from flows.reconstruct import demo_config
+    from sparse_vggt.demo import demo_config
 
     cfg = demo_config(["partition.max_cluster_frames=7"])
     cfg.orchestration.dispatch = dispatch

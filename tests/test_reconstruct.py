@@ -148,7 +148,7 @@ def test_cluster_frames_rejects_outside_neighbours() -> None:
 def test_stage_writes_complete_arrays_and_resumes(tmp_path, sample_photos, standin) -> None:
     cfg = _config()
     store, _ = _make_run(tmp_path, sample_photos, cfg)
-    manifest = rec.reconstruct(store.root, cfg)
+    manifest = rec.run(store.root, cfg)
     weights = manifest.pop("weights")
     assert manifest == {"clusters": 2, "reconstructed": 2, "skipped_complete": 0, "frames": 8, "pending": 0,
                         "reconstructed_now": 2, "frames_now": 8}
@@ -174,7 +174,7 @@ def test_stage_writes_complete_arrays_and_resumes(tmp_path, sample_photos, stand
             assert K[row, 1, 2] == pytest.approx(images.column("height")[img].as_py() / 2, rel=1e-5)
 
     # Re-run: a no-op (no forward), manifest says so.
-    again = rec.reconstruct(store.root, cfg)
+    again = rec.run(store.root, cfg)
     assert again["reconstructed_now"] == 0 and again["skipped_complete"] == 2
     # the stage's numbers stay the totals (what `status` and the reports show), not this call's zero
     assert again["reconstructed"] == 2 and again["frames"] == 8
@@ -186,14 +186,14 @@ def test_incomplete_cluster_is_cleaned_and_redone(tmp_path, sample_photos, stand
     store, _ = _make_run(tmp_path, sample_photos, cfg)
     grp = store.group("clusters/8")
     store.write_array(grp, "depth", np.zeros((9, 9), np.float16))  # leftover of a killed run, no marker
-    manifest = rec.reconstruct(store.root, cfg, cluster_ids=[8])
+    manifest = rec.run(store.root, cfg, units=[8])
     assert manifest["reconstructed"] == 1 and manifest["pending"] == 1
     assert not store.is_stage_complete("reconstruct")  # cluster 3 is still missing
     assert store.zarr["clusters/8/depth"].shape == (3, H, W)
-    rec.reconstruct(store.root, cfg, cluster_ids=[3])
+    rec.run(store.root, cfg, units=[3])
     assert store.is_stage_complete("reconstruct")
     with pytest.raises(rec.ReconstructError, match=r"clusters \[42\]"):
-        rec.reconstruct(store.root, cfg, cluster_ids=[42])
+        rec.run(store.root, cfg, units=[42])
 
 
 def test_out_of_memory_becomes_cluster_out_of_memory(tmp_path, sample_photos, standin, monkeypatch) -> None:
@@ -241,7 +241,7 @@ def test_stage_with_real_modules(tmp_path, sample_photos) -> None:
     cfg.reconstruct.image_size = 70
     store, _ = _make_run(tmp_path, sample_photos, cfg)
     rec._MODELS.clear()
-    manifest = rec.reconstruct(store.root, cfg)
+    manifest = rec.run(store.root, cfg)
     assert manifest["reconstructed"] == 2 and store.is_stage_complete("reconstruct")
     images = store.read_table("images")
     for cid, n in ((3, 5), (8, 3)):
@@ -256,7 +256,7 @@ def test_stage_with_real_modules(tmp_path, sample_photos) -> None:
             # The depth-map centre maps inside the original image.
             u, v = A[row] @ np.array([depth.shape[2] / 2, depth.shape[1] / 2, 1.0])
             assert 0 <= u <= images.column("width")[img].as_py() and 0 <= v <= images.column("height")[img].as_py()
-    assert rec.reconstruct(store.root, cfg)["reconstructed_now"] == 0
+    assert rec.run(store.root, cfg)["reconstructed_now"] == 0
 
 
 def test_layer_progress_reports_blocks_without_changing_outputs(caplog) -> None:

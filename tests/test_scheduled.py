@@ -35,7 +35,7 @@ def harness(tmp_path_factory):
 
 
 def _cfg() -> dict:
-    from flows.reconstruct import demo_config
+    from sparse_vggt.demo import demo_config
 
     cfg = demo_config()
     cfg.orchestration.cluster_process = False
