@@ -351,8 +351,15 @@ class PipelineConfig:
 
         Called whenever a config is loaded (file, ``--set``, flow parameter, run.json), so stages and flows do
         not re-check. Values that depend on the machine (``max_cluster_frames="auto"``, device availability,
-        registered kernels and descriptors) are checked where they are resolved.
+        registered kernels, descriptors and executors) are checked where they are resolved.
         """
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        return self
+
+    def problems(self) -> list[str]:
+        """Every reason `validate` would refuse this config (empty: none)."""
         problems = [f"{key}={getattr(getattr(self, key.split('.')[0]), key.split('.')[1])!r}: use one of "
                     f"{', '.join(repr(c) for c in choices)}"
                     for key, choices in CHOICES.items()
@@ -377,9 +384,7 @@ class PipelineConfig:
             problems.append("orchestration.poll_interval_s must be > 0")
         if self.graph.retrieval_neighbors < 1:
             problems.append(f"graph.retrieval_neighbors={self.graph.retrieval_neighbors} must be >= 1")
-        if problems:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-        return self
+        return problems
 
     def result_affecting(self) -> dict[str, dict[str, Any]]:
         """The config without runtime-only fields: what must match to reuse a run directory."""

@@ -118,7 +118,7 @@ def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: 
     """Check everything we can before any work starts; returns the config object and its dict."""
     problems: list[str] = []
     try:
-        cfg = PipelineConfig.from_dict(config or {})
+        cfg = PipelineConfig.from_dict(config or {}, validate=False)
     except ConfigError as exc:
         raise FlowParameterError(f"invalid config: {exc}") from exc
     if photos is not None and not Path(photos).expanduser().is_dir():
@@ -131,33 +131,12 @@ def validate_parameters(photos: str | Path | None, run_dir: str | Path, config: 
         problems.append(f"run_dir={run} exists and is not a folder")
     elif not os.access(parent, os.W_OK):
         problems.append(f"run_dir={run}: {parent} is not writable")
+    problems += cfg.problems()
     orch = cfg.orchestration
-    if orch.dispatch not in ("local", "pool"):
-        problems.append(f"orchestration.dispatch={orch.dispatch!r}: use 'local' or 'pool'")
     if orch.executor not in EXECUTORS:
         problems.append(f"orchestration.executor={orch.executor!r}: use one of {', '.join(EXECUTORS)}")
     elif orch.executor != "prefect" and orch.dispatch == "pool":
         problems.append("orchestration.dispatch='pool' needs orchestration.executor='prefect' (the work pool)")
-    if orch.dispatch == "pool" and "/" not in orch.cluster_deployment:
-        problems.append(f"orchestration.cluster_deployment={orch.cluster_deployment!r} must be 'FLOW/DEPLOYMENT' "
-                        "(see `sparse-vggt deploy`)")
-    if orch.retries < 0 or orch.retry_delay_s < 0 or orch.max_oom_splits < 0:
-        problems.append("orchestration.retries, retry_delay_s and max_oom_splits must be >= 0")
-    if orch.poll_interval_s <= 0:
-        problems.append("orchestration.poll_interval_s must be > 0")
-    for section in ("describe", "reconstruct"):
-        sub = getattr(cfg, section)
-        if sub.model == "random" and not sub.allow_random_weights and not (section == "describe" and sub.descriptors_file):
-            problems.append(f"{section}.model='random' needs {section}.allow_random_weights=true (tests, demos); "
-                            f"otherwise point {section}.model at a checkpoint")
-    if cfg.reconstruct.image_size % 14 or cfg.describe.image_size % 14:
-        problems.append("describe.image_size and reconstruct.image_size must be multiples of 14")
-    try:
-        from .partition import validate_config
-
-        validate_config(cfg.partition)
-    except ValueError as exc:
-        problems.append(str(exc))
     if problems:
         raise FlowParameterError("invalid flow parameters:\n  " + "\n  ".join(problems))
     if photos is not None and create:
