@@ -222,6 +222,11 @@ class OrchestrationConfig:
                                               "submission is cancelled and retried")
     resident_idle_s: float = _runtime(120.0, "pool mode: a worker's resident model process exits after this "
                                              "many idle seconds")
+    unit_timeout_s: float = _runtime(0.0, "a unit (cluster, describe chunks) running longer than this in its model "
+                                           "process is taken as hung: the process is killed and restarted and the "
+                                           "unit retried; 0 = derived: 600 s + unit_timeout_per_frame_s x frames")
+    unit_timeout_per_frame_s: float = _runtime(30.0, "per-frame part of the derived unit time limit (generous: a "
+                                                     "1B-model cluster frame takes seconds on a Mac)")
 
 
 @dataclass
