@@ -26,7 +26,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -644,7 +644,8 @@ def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None,
         return _reconstruct(photos, run_dir, config, force)
 
 
-def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force: bool) -> dict[str, Any]:
+def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force: bool,
+                 after_partition: Callable[[], Any] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     photos, run_dir = str(Path(photos).expanduser().resolve()), str(Path(run_dir).expanduser().resolve())
     cfg, cfgd = validate_parameters(photos, run_dir, config, force)
@@ -685,6 +686,8 @@ def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force
     manifests["describe"] = work.stage("describe", run_dir, force, cached(run_dir, describe_finish_task, **retry), cfgd)
     manifests["graph"] = work.stage("graph", run_dir, force, cached(run_dir, graph_task, **retry), cfgd)
     manifests["partition"] = work.stage("partition", run_dir, force, cached(run_dir, partition_task, **retry), cfgd)
+    if after_partition is not None:  # the scheduled flow copies clusters with unchanged inputs here
+        after_partition()
 
     cluster_info = run_clusters(run_dir, cfg, cfgd, work)
     if cluster_info["failures"]:

@@ -50,6 +50,27 @@ def _poses(run: Path) -> dict[str, np.ndarray]:
     return {paths[int(i)]: e for i, e in zip(ids, ext)}
 
 
+def _assert_copies(prev: Path, new: Path, mapping: dict[str, int]) -> None:
+    """Each copied cluster holds the previous cluster's arrays byte for byte, with the new run's image ids for
+    the same photos, and a marker that verifies in full."""
+    from sparse_vggt.reconstruct import check_cluster, cluster_frames, cluster_inputs_key
+
+    s1, s2 = RunStore.open(prev), RunStore.open(new)
+    sha1 = s1.read_table("images", ["sha256"]).column("sha256").to_pylist()
+    sha2 = s2.read_table("images", ["sha256"]).column("sha256").to_pylist()
+    table = s2.read_table("clusters")
+    for new_id, old_id in mapping.items():
+        g1, g2 = s1.zarr[f"clusters/{old_id}"], s2.zarr[f"clusters/{new_id}"]
+        for name in ("extrinsics", "intrinsics", "depth", "depth_conf", "depth_to_image"):
+            np.testing.assert_array_equal(np.asarray(g1[name][...]), np.asarray(g2[name][...]))
+        ids1, ids2 = np.asarray(g1["image_ids"][...]), np.asarray(g2["image_ids"][...])
+        assert [sha1[i] for i in ids1] == [sha2[i] for i in ids2]
+        frames, neighbors = cluster_frames(table, int(new_id))
+        assert np.array_equal(frames, ids2)
+        assert check_cluster(s2, int(new_id), cluster_inputs_key(s2.config(), frames, neighbors), full=True)[0]
+        assert g2.attrs["reused_from"] == {"run": str(prev.resolve()), "cluster_id": old_id}
+
+
 def test_grown_folder_new_dated_run_reuses_descriptors_and_equals_fresh_run(harness, tmp_path):
     from flows.reconstruct import reconstruct
     from flows.scheduled import scheduled_reconstruct
@@ -78,13 +99,16 @@ def test_grown_folder_new_dated_run_reuses_descriptors_and_equals_fresh_run(harn
     assert d["reason"] is None and d["chunks_total"] == 3 and d["chunks_reused"] == 1 and d["images_reused"] == 4
     assert d["images_new"] == 4 and d["images_recomputed_known"] == 2
     assert grown["stages_executed"]["describe-chunk"] == 2  # only the chunks with new photos were described
-    c = grown["reused"]["clusters"]  # reported (not reused): clusters with exactly a previous cluster's inputs
-    assert c["clusters"] == grown["clusters"] and 0 <= c["same_inputs_as_a_previous_cluster"] <= c["clusters"]
-    print("clusters with unchanged inputs:", c)
+    c = grown["reused"]["clusters"]  # copied: clusters whose inputs equal a finished previous cluster's
+    assert c["clusters"] == grown["clusters"] and c["reused"] == len(c["map"]) and c["reason"] is None
+    assert grown["stages_executed"].get("reconstruct-cluster", 0) == c["clusters"] - c["reused"]
+    print("clusters copied from the previous run:", c)
+    _assert_copies(run1, run2, c["map"])
     report = json.loads((run2 / "orchestration" / "report.json").read_text())
     assert report["reused"]["descriptors"]["images_reused"] == 4
     events = [json.loads(x) for x in (run2 / "orchestration" / "events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "reused_from_previous_run" for e in events)
+    assert [e["map"] for e in events if e["kind"] == "clusters_reused"] == [c["map"]]
 
     # the reused rows are the previous run's rows, byte for byte
     s1, s2 = RunStore.open(run1), RunStore.open(run2)
@@ -100,3 +124,42 @@ def test_grown_folder_new_dated_run_reuses_descriptors_and_equals_fresh_run(harn
     a, b = _poses(run2), _poses(fresh)
     assert a.keys() == b.keys() and len(a) == 10
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_same_photos_other_settings_copy_upstream_and_unaffected_clusters(harness, tmp_path):
+    """Same photos, changed settings: describe, graph and partition are copied whole; the clusters too while the
+    reconstruct settings are unchanged (only merge/export recomputed), none once they change."""
+    from flows.reconstruct import reconstruct
+    from flows.scheduled import scheduled_reconstruct
+
+    photos, runs = tmp_path / "photos", tmp_path / "runs"
+    shutil.copytree(PHOTOS, photos)
+    run1 = Path(scheduled_reconstruct(str(photos), str(runs), _cfg())["run_dir"])
+
+    cfg = _cfg()
+    cfg["merge"]["min_correspondences"] = 25  # result-affecting, downstream of the clusters
+    second = scheduled_reconstruct(str(photos), str(runs), cfg)
+    run2 = Path(second["run_dir"])
+    r = second["reused"]
+    assert run2 != run1 and r["settings_changed"] == ["merge.min_correspondences: 20 -> 25"]
+    assert r["upstream"]["stages"] == ["describe", "graph", "partition"] and r["upstream"]["reason"] is None
+    assert "descriptors" not in r  # the whole describe stage was copied instead
+    assert r["clusters"]["reused"] == r["clusters"]["clusters"] == second["clusters"] >= 2
+    executed = second["stages_executed"]
+    assert not {"describe-chunk", "graph", "partition", "reconstruct-cluster"} & set(executed), executed
+    assert r["recomputed"] == ["merge", "export"]
+    _assert_copies(run1, run2, r["clusters"]["map"])
+    s1, s2 = RunStore.open(run1), RunStore.open(run2)
+    for stage in ("describe", "graph", "partition"):
+        assert s2.stage_intact(stage) and s2.stage_manifest(stage)["reused_from"] == str(run1)
+    fresh = tmp_path / "fresh"
+    reconstruct(str(photos), str(fresh), cfg)
+    a, b = _poses(run2), _poses(fresh)
+    assert a.keys() == b.keys() and len(a) == 10
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+    cfg["reconstruct"]["depth_dtype"] = "float32"  # changes every cluster's stored result: no cluster is copied
+    third = scheduled_reconstruct(str(photos), str(runs), cfg)
+    r = third["reused"]
+    assert r["upstream"]["stages"] == ["describe", "graph", "partition"] and r["clusters"]["reused"] == 0
+    assert third["stages_executed"]["reconstruct-cluster"] == third["clusters"]
