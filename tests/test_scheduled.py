@@ -163,3 +163,47 @@ def test_same_photos_other_settings_copy_upstream_and_unaffected_clusters(harnes
     r = third["reused"]
     assert r["upstream"]["stages"] == ["describe", "graph", "partition"] and r["clusters"]["reused"] == 0
     assert third["stages_executed"]["reconstruct-cluster"] == third["clusters"]
+
+
+def test_grown_folder_copies_the_clusters_the_new_photos_leave_untouched(harness, tmp_path):
+    """Photos of a second place join the folder: with descriptors that keep the two places apart (a descriptor
+    file and graph.min_similarity), the old place's clusters keep their exact inputs and are copied, the new
+    place's are computed, and the result equals a fresh run on the grown folder."""
+    from flows.reconstruct import reconstruct
+    from flows.scheduled import scheduled_reconstruct
+
+    files = sorted(PHOTOS.iterdir())
+    photos, runs = tmp_path / "photos", tmp_path / "runs"
+    photos.mkdir()
+    names = [f"a_{f.name}" for f in files[:6]] + [f"b_{f.name}" for f in files[6:]]
+    rng = np.random.default_rng(0)
+    vectors = np.zeros((len(names), 16), np.float32)
+    vectors[:6, 0], vectors[6:, 1] = 1.0, 1.0  # two places, orthogonal
+    vectors += rng.normal(0, 0.05, vectors.shape).astype(np.float32)
+    np.savez(tmp_path / "desc.npz", names=np.array(names), descriptors=vectors)
+    cfg = _cfg()
+    cfg["describe"]["descriptors_file"] = str(tmp_path / "desc.npz")
+    cfg["graph"]["min_similarity"] = 0.5
+    for f, name in zip(files[:6], names):
+        shutil.copy(f, photos / name)
+    run1 = Path(scheduled_reconstruct(str(photos), str(runs), cfg)["run_dir"])
+    for f, name in zip(files[6:], names[6:]):
+        shutil.copy(f, photos / name)
+    grown = scheduled_reconstruct(str(photos), str(runs), cfg)
+    run2 = Path(grown["run_dir"])
+    c = grown["reused"]["clusters"]
+    print("clusters copied from the previous run:", c)
+    first = RunStore.open(run1).read_table("clusters", ["cluster_id"]).column(0).to_pylist()
+    assert c["reused"] == len(set(first)) >= 1 and c["clusters"] > c["reused"]  # every old cluster, not the new ones
+    assert grown["stages_executed"]["reconstruct-cluster"] == c["clusters"] - c["reused"]
+    _assert_copies(run1, run2, c["map"])
+    s2 = RunStore.open(run2)
+    rows = s2.read_table("images", ["path", "sha256"]).to_pylist()
+    for new_id in c["map"]:  # the copied clusters hold old photos only
+        ids = np.asarray(s2.zarr[f"clusters/{new_id}/image_ids"][...])
+        assert all(Path(rows[i]["path"]).name.startswith("a_") for i in ids)
+    fresh = tmp_path / "fresh"
+    reconstruct(str(photos), str(fresh), cfg)
+    a, b = _poses(run2), _poses(fresh)
+    assert a.keys() == b.keys() and len(a) == 10
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
