@@ -37,7 +37,6 @@ from prefect.states import Failed
 import sparse_vggt
 from sparse_vggt.config import ConfigError, PipelineConfig
 from sparse_vggt.lock import writer_lock
-from sparse_vggt.plots import plots_markdown
 from sparse_vggt.store import RunStore, append_event, atomic_write_bytes
 from tasks.dispatch import OOM_MARK, TRANSIENT_MARK, PoolDispatcher, PoolUnit, in_flight_limit, online_workers
 from tasks.stages import (
@@ -625,6 +624,8 @@ def _publish_report(run_dir: str, report: dict[str, Any]) -> None:
         create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=_report_markdown(report),
                                  description="final report with output paths")
     with contextlib.suppress(Exception):  # the export's plots (export/plots/*.png), inlined
+        from sparse_vggt.plots import plots_markdown  # imports torch: not in every farm flow-run process
+
         plots = plots_markdown(RunStore(run_dir).export_dir)
         if plots:
             create_markdown_artifact(key=artifact_key(run_dir, "plots"), markdown=plots,
@@ -724,7 +725,6 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
     (and appends to events.jsonl), so workers never touch each other's files. Out of memory: the flow ends
     Failed with ``OOM_MARK`` and a JSON map cluster -> reason (the head splits those clusters)."""
     from sparse_vggt import resident
-    from sparse_vggt.reconstruct import ClusterOutOfMemory
 
     _require_visible(run_dir)
     cfg = PipelineConfig.from_dict(config)
@@ -741,10 +741,11 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
         _write_unit_record(run_dir, "clusters", str(cid), answer, started,
                            {"cluster_id": cid, "frames": (answer.get("ok") or {}).get("frames", 0),
                             "skipped": bool((answer.get("ok") or {}).get("skipped")), "batch": len(ids)})
+        if answer.get("oom"):  # read from the answer: this process never imports torch (a shorter start)
+            oom[str(cid)] = answer.get("oom_message") or answer.get("message", "")
+            continue
         try:
             result = resident.raise_for(answer, "cluster", cid)
-        except ClusterOutOfMemory as exc:
-            oom[str(cid)] = exc.message
         except Exception as exc:  # noqa: BLE001 - the rest of the batch still runs; the flow fails at the end
             errors.append(exc)
     if errors:

@@ -213,7 +213,7 @@ class OrchestrationConfig:
     # each model resident per worker, and bounds the flow runs in flight
     describe_deployment: str = _runtime("describe-chunks/mac-mini", "pool mode: deployment run per describe unit")
     describe_chunks_per_run: int = _runtime(4, "pool mode: ingest chunks per describe flow run")
-    clusters_per_run: int = _runtime(4, "pool mode: clusters per flow run (amortises the flow run's process "
+    clusters_per_run: int = _runtime(8, "pool mode: clusters per flow run (amortises the flow run's process "
                                         "start; the model stays resident per worker either way)")
     max_in_flight: int = _runtime(0, "pool mode: most flow runs in flight; 0 = 2 per online worker (min 1)")
     run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run still running this long after it started is "

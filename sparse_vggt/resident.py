@@ -377,10 +377,10 @@ def call(kind: str, run_dir: str | Path, config: PipelineConfig, unit: Any, idle
 
 def raise_for(answer: dict[str, Any], kind: str, unit: Any) -> Any:
     """The answer's result, or the matching library exception (OOM -> ClusterOutOfMemory for clusters)."""
-    from .reconstruct import ClusterOutOfMemory, ReconstructError
-
     if "ok" in answer:
         return answer["ok"]
+    from .reconstruct import ClusterOutOfMemory, ReconstructError  # imports torch: only on a failure
+
     if answer.get("oom") and kind == "cluster":
         raise ClusterOutOfMemory(int(unit), answer.get("oom_message") or answer.get("message", ""))
     if answer.get("transient"):
