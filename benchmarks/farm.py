@@ -99,8 +99,13 @@ def _flow_run_timing(deployment: str) -> dict[str, float]:
 
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(deployment)
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                                     limit=1000)
+        runs: list = []
+        while True:  # the API answers at most 200 per call
+            page = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                         limit=200, offset=len(runs))
+            runs += page
+            if len(page) < 200:
+                break
     start = [(r.start_time - r.created).total_seconds() for r in runs if r.start_time and r.created]
     body = [(r.end_time - r.start_time).total_seconds() for r in runs if r.end_time and r.start_time]
     return {"flow_runs_seen": len(runs),
