@@ -113,6 +113,21 @@ def _flow_run_timing(deployment: str) -> dict[str, float]:
             "median_running_to_end_s": round(float(np.median(body)), 2) if body else None}
 
 
+def _batch_gaps(recs: list[dict]) -> dict[str, float | None]:
+    """Per worker, the idle time between one cluster flow run's last cluster and the next run's first (the flow
+    run's process exit and start, the worker's poll, the engine's API calls): the per-batch dead time."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in recs:
+        t1 = float(r.get("finished") or 0)
+        span = runs.setdefault((str(r.get("worker")), str(r.get("flow_run"))), [t1 - float(r.get("seconds") or 0), t1])
+        span[0], span[1] = min(span[0], t1 - float(r.get("seconds") or 0)), max(span[1], t1)
+    gaps = []
+    for worker in {w for w, _ in runs}:
+        spans = sorted(v for (w, _), v in runs.items() if w == worker)
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return {"median_gap_between_batches_s": round(float(np.median(gaps)), 2) if gaps else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=2000)
@@ -258,7 +273,7 @@ def main() -> None:
         # where a cluster's time goes beyond its model work (per cluster, from the unit records and the server)
         "in_flow_overhead_per_cluster_s": round(sum(float(r.get("seconds") or 0) - float(r.get("work_seconds") or 0)
                                                     for r in recs) / max(1, len(recs)), 3),
-        **timing,
+        **timing, **_batch_gaps(recs),
     }
     if args.json:
         print(json.dumps(row))
