@@ -73,8 +73,15 @@ def _family(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped
+        return ""
+
+
 def _residents(worker: str, folder: Path) -> list[psutil.Process]:
-    return [p for p in _worker_procs(worker, folder) if "sparse_vggt.resident" in " ".join(p.cmdline())]
+    return [p for p in _worker_procs(worker, folder) if "sparse_vggt.resident" in _cmdline(p)]
 
 
 def _worker_procs(worker: str, folder: Path) -> list[psutil.Process]:
@@ -210,12 +217,11 @@ def main() -> None:
 
                     n = len(set(pq.read_table(clusters, columns=["cluster_id"]).column(0).to_pylist()))
                     mine = _worker_procs("worker-b", resident_dir)
-                    flow_runs = [p for p in mine if "flow-run" in " ".join(p.cmdline()) or "flow_run" in
-                                 " ".join(p.cmdline()) or p.pid != procs["worker-b"].pid
-                                 and "sparse_vggt.resident" not in " ".join(p.cmdline())]
+                    flow_runs = [p for p in mine if "flow-run" in _cmdline(p) or "flow_run" in _cmdline(p)
+                                 or p.pid != procs["worker-b"].pid and "sparse_vggt.resident" not in _cmdline(p)]
                     if len(recs) >= args.kill_at * n and flow_runs:  # a flow run is in progress there
                         victims = mine
-                        what = [" ".join(p.cmdline()[1:4])[:60] for p in victims]
+                        what = [" ".join(_cmdline(p).split()[1:4])[:60] for p in victims]
                         for p in victims:
                             try:
                                 p.send_signal(signal.SIGKILL)
