@@ -108,3 +108,25 @@ def test_local_cluster_child_hang_is_killed_and_the_next_cluster_gets_a_new_chil
         assert worker.pid != first and worker.started == 2
     finally:
         worker.close()
+
+
+def test_cluster_flow_run_reports_a_sigkilled_resident_as_out_of_memory(faults, tmp_path):
+    """The worker-side cluster flow turns the resident's SIGKILL into a Failed state with the OOM mark and the
+    cluster's reason, which the head's classifier reads as "oom" (split), not "retry"."""
+    import json
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.reconstruct import reconstruct_cluster_flow
+    from tasks.dispatch import OOM_MARK, classify
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")  # visible to the worker; the fault fires before any store read
+    with prefect_test_harness(server_startup_timeout=120):
+        state = reconstruct_cluster_flow(str(run_dir), 3, _cfg().to_dict(), batch=[3], return_state=True)
+    assert state.is_failed() and OOM_MARK in state.message
+    outcome, message = classify(state)
+    assert outcome == "oom" and "SIGKILL" in json.loads(message)["3"]
+    record = json.loads((run_dir / "orchestration" / "clusters" / "3.json").read_text())
+    assert record["ok"] is False and record["pid"]
