@@ -148,6 +148,11 @@ def test_same_photos_other_settings_copy_upstream_and_unaffected_clusters(harnes
     executed = second["stages_executed"]
     assert not {"describe-chunk", "graph", "partition", "reconstruct-cluster"} & set(executed), executed
     assert r["recomputed"] == ["merge", "export"]
+    from flows.scheduled import _reuse_markdown  # the UI artifact's text
+
+    md = _reuse_markdown(str(run2), r)
+    assert "copied whole: describe, graph, partition" in md and f"{second['clusters']} of {second['clusters']}" in md
+    assert "merge.min_correspondences: 20 -> 25" in md
     _assert_copies(run1, run2, r["clusters"]["map"])
     s1, s2 = RunStore.open(run1), RunStore.open(run2)
     for stage in ("describe", "graph", "partition"):
