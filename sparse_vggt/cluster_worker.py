@@ -18,8 +18,8 @@ Errors inside the child come back as JSON (type, message, whether it was out of 
 
 Fault injection for tests and drills (real faults, not mocks): ``SPARSE_VGGT_INJECT_FAULTS="sigkill@3,alloc@5"``
 makes the child SIGKILL itself when asked for cluster 3, or request an impossible CPU allocation (a real
-``DefaultCPUAllocator`` failure) for cluster 5; ``hang@4`` makes it sleep (never answer) on cluster 4. With ``SPARSE_VGGT_INJECT_ONCE_DIR`` set, each fault fires once
-(a file per fired fault is left there).
+``DefaultCPUAllocator`` failure) for cluster 5; ``hang@4`` makes it sleep (never answer) on cluster 4.
+With ``SPARSE_VGGT_INJECT_ONCE_DIR`` set, each fault fires once (a file per fired fault is left there).
 """
 
 from __future__ import annotations

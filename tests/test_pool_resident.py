@@ -21,8 +21,7 @@ from sparse_vggt.reconstruct import ClusterOutOfMemory, ReconstructError
 def faults(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_VGGT_RESIDENT_DIR", str(tmp_path / "resident"))
     monkeypatch.setenv("SPARSE_VGGT_INJECT_FAULTS", "sigkill@3,hang@4")
-    started: list[int] = []
-    yield tmp_path / "no-run", started
+    yield tmp_path / "no-run"
     for proc in resident._STARTED.values():  # the servers this test started (own sessions)
         if proc.poll() is None:
             proc.kill()
@@ -50,7 +49,7 @@ def test_unit_time_limit_is_derived_from_frames_unless_set():
 
 
 def test_resident_sigkill_answers_out_of_memory_and_a_new_process_takes_over(faults):
-    run_dir, _ = faults
+    run_dir = faults
     cfg = _cfg()
     # a unit on a missing run fails inside the server: an error answer, the server lives on
     first = resident.call("cluster", run_dir, cfg, 1, idle_s=60)
@@ -69,7 +68,7 @@ def test_resident_sigkill_answers_out_of_memory_and_a_new_process_takes_over(fau
 
 
 def test_resident_stopped_in_order_is_retried_not_split(faults):
-    run_dir, _ = faults
+    run_dir = faults
     cfg = _cfg()
     pid = _pid(resident.call("cluster", run_dir, cfg, 1, idle_s=60))
     resident._STARTED.clear()  # judged by the exit note, as from a later flow run on the worker
@@ -80,7 +79,7 @@ def test_resident_stopped_in_order_is_retried_not_split(faults):
 
 
 def test_hung_resident_is_killed_by_the_watchdog_and_replaced(faults):
-    run_dir, _ = faults
+    run_dir = faults
     cfg = _cfg()  # the derived limit for the units that start a process (imports take seconds on a busy machine)
     pid = _pid(resident.call("cluster", run_dir, cfg, 1, idle_s=60))
     t0 = time.monotonic()
