@@ -73,8 +73,15 @@ def _family(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped
+        return ""
+
+
 def _residents(worker: str, folder: Path) -> list[psutil.Process]:
-    return [p for p in _worker_procs(worker, folder) if "sparse_vggt.resident" in " ".join(p.cmdline())]
+    return [p for p in _worker_procs(worker, folder) if "sparse_vggt.resident" in _cmdline(p)]
 
 
 def _worker_procs(worker: str, folder: Path) -> list[psutil.Process]:
@@ -91,13 +98,51 @@ def _worker_procs(worker: str, folder: Path) -> list[psutil.Process]:
     return out
 
 
+def _flow_run_timing(deployment: str) -> dict[str, float]:
+    """Medians over the cluster flow runs (from the server): submission -> Running (the worker's poll, its
+    process start and the flow module import) and Running -> end (the batch's body)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        runs: list = []
+        while True:  # the API answers at most 200 per call
+            page = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                         limit=200, offset=len(runs))
+            runs += page
+            if len(page) < 200:
+                break
+    start = [(r.start_time - r.created).total_seconds() for r in runs if r.start_time and r.created]
+    body = [(r.end_time - r.start_time).total_seconds() for r in runs if r.end_time and r.start_time]
+    return {"flow_runs_seen": len(runs),
+            "median_submit_to_running_s": round(float(np.median(start)), 2) if start else None,
+            "median_running_to_end_s": round(float(np.median(body)), 2) if body else None}
+
+
+def _batch_gaps(recs: list[dict]) -> dict[str, float | None]:
+    """Per worker, the idle time between one cluster flow run's last cluster and the next run's first (the flow
+    run's process exit and start, the worker's poll, the engine's API calls): the per-batch dead time."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in recs:
+        t1 = float(r.get("finished") or 0)
+        span = runs.setdefault((str(r.get("worker")), str(r.get("flow_run"))), [t1 - float(r.get("seconds") or 0), t1])
+        span[0], span[1] = min(span[0], t1 - float(r.get("seconds") or 0)), max(span[1], t1)
+    gaps = []
+    for worker in {w for w, _ in runs}:
+        spans = sorted(v for (w, _), v in runs.items() if w == worker)
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return {"median_gap_between_batches_s": round(float(np.median(gaps)), 2) if gaps else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=2000)
     ap.add_argument("--max-cluster-frames", type=int, default=14)
     ap.add_argument("--image-size", type=int, default=56)
     ap.add_argument("--kill-at", type=float, default=0.3, help="kill worker-b after this fraction of clusters")
-    ap.add_argument("--per-run", type=int, default=4, help="orchestration.clusters_per_run")
+    ap.add_argument("--per-run", type=int, default=None, help="orchestration.clusters_per_run (default: the "
+                                                                "config's)")
     ap.add_argument("--timeout", type=float, default=30.0, help="orchestration.run_timeout_s")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
@@ -159,7 +204,8 @@ def main() -> None:
         o = cfg.orchestration
         o.dispatch, o.work_pool = "pool", POOL
         o.cluster_deployment, o.describe_deployment = f"reconstruct-cluster/{POOL}", f"describe-chunks/{POOL}"
-        o.clusters_per_run = args.per_run
+        if args.per_run:
+            o.clusters_per_run = args.per_run
         o.retries, o.run_timeout_s, o.poll_interval_s, o.resident_idle_s = 3, args.timeout, 0.5, 60
         time.sleep(3)  # both workers online before the bound is computed
 
@@ -172,12 +218,11 @@ def main() -> None:
 
                     n = len(set(pq.read_table(clusters, columns=["cluster_id"]).column(0).to_pylist()))
                     mine = _worker_procs("worker-b", resident_dir)
-                    flow_runs = [p for p in mine if "flow-run" in " ".join(p.cmdline()) or "flow_run" in
-                                 " ".join(p.cmdline()) or p.pid != procs["worker-b"].pid
-                                 and "sparse_vggt.resident" not in " ".join(p.cmdline())]
+                    flow_runs = [p for p in mine if "flow-run" in _cmdline(p) or "flow_run" in _cmdline(p)
+                                 or p.pid != procs["worker-b"].pid and "sparse_vggt.resident" not in _cmdline(p)]
                     if len(recs) >= args.kill_at * n and flow_runs:  # a flow run is in progress there
                         victims = mine
-                        what = [" ".join(p.cmdline()[1:4])[:60] for p in victims]
+                        what = [" ".join(_cmdline(p).split()[1:4])[:60] for p in victims]
                         for p in victims:
                             try:
                                 p.send_signal(signal.SIGKILL)
@@ -199,6 +244,7 @@ def main() -> None:
         time.sleep(1.2)
         requests = int(count_file.read_text() or 0) - req0
         kill_info["done"] = True
+        timing = _flow_run_timing(f"reconstruct-cluster/{POOL}")
     finally:
         for p in procs.values():
             for q in _family(p.pid):
@@ -230,7 +276,11 @@ def main() -> None:
         "api_requests": requests, "api_requests_per_s": round(requests / wall, 1),
         "head_cpu_s": round(cpu, 1), "in_flight_limit": disp["limit"], "max_in_flight": disp["max_in_flight"],
         "cluster_flow_runs_submitted": disp["submitted"], "polls": disp["polls"], "killed": kill_info,
-        "model_loads": loads, "failures": len(report["failures"]),
+        "model_loads": loads, "failures": len(report["failures"]), "clusters_per_run": o.clusters_per_run,
+        # where a cluster's time goes beyond its model work (per cluster, from the unit records and the server)
+        "in_flow_overhead_per_cluster_s": round(sum(float(r.get("seconds") or 0) - float(r.get("work_seconds") or 0)
+                                                    for r in recs) / max(1, len(recs)), 3),
+        **timing, **_batch_gaps(recs),
     }
     if args.json:
         print(json.dumps(row))

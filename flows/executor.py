@@ -18,7 +18,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run as runtime_flow_run
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.export.plots import plots_markdown
 from sparse_vggt.report import report_markdown
 from sparse_vggt.scheduler import Outcome, Work
 from sparse_vggt.store import RunStore
@@ -177,6 +176,8 @@ class PrefectExecutor:
             create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=report_markdown(report),
                                      description="final report with output paths")
         with contextlib.suppress(Exception):  # the export's plots (export/plots/*.png), inlined
+            from sparse_vggt.export.plots import plots_markdown  # imports torch: not in every farm flow run
+
             plots = plots_markdown(RunStore(run_dir).export_dir)
             if plots:
                 create_markdown_artifact(key=artifact_key(run_dir, "plots"), markdown=plots,

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
 from prefect.runtime import flow_run as runtime_flow_run
@@ -64,10 +64,11 @@ def reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None = None,
         return _reconstruct(photos, run_dir, config, force)
 
 
-def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force: bool) -> dict[str, Any]:
+def _reconstruct(photos: str, run_dir: str, config: dict[str, Any] | None, force: bool,
+                 after_partition: Callable[[], Any] | None = None) -> dict[str, Any]:
     photos, run_dir = str(Path(photos).expanduser().resolve()), str(Path(run_dir).expanduser().resolve())
     cfg, _ = validate_parameters(photos, run_dir, config, force)
-    return scheduler.run_pipeline(photos, run_dir, cfg, PrefectExecutor(cfg), force)
+    return scheduler.run_pipeline(photos, run_dir, cfg, PrefectExecutor(cfg), force, after_partition)
 
 
 def _cluster_run_name() -> str:
@@ -87,8 +88,6 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
     (and appends to events.jsonl), so workers never touch each other's files. Out of memory: the flow ends
     Failed with ``OOM_MARK`` and a JSON map cluster -> reason (the head splits those clusters)."""
     from sparse_vggt import resident
-    from sparse_vggt.reconstruct import ClusterOutOfMemory
-
     _require_visible(run_dir)
     cfg = PipelineConfig.from_dict(config)
     ids = [int(c) for c in batch] if batch else [int(cluster_id)]
@@ -104,10 +103,11 @@ def reconstruct_cluster_flow(run_dir: str, cluster_id: int, config: dict[str, An
         _write_unit_record(run_dir, "clusters", str(cid), answer, started,
                            {"cluster_id": cid, "frames": (answer.get("ok") or {}).get("frames", 0),
                             "skipped": bool((answer.get("ok") or {}).get("skipped")), "batch": len(ids)})
+        if answer.get("oom"):  # read from the answer: this process never imports torch (a shorter start)
+            oom[str(cid)] = answer.get("oom_message") or answer.get("message", "")
+            continue
         try:
             result = resident.raise_for(answer, "cluster", cid)
-        except ClusterOutOfMemory as exc:
-            oom[str(cid)] = exc.message
         except Exception as exc:  # noqa: BLE001 - the rest of the batch still runs; the flow fails at the end
             errors.append(exc)
     if errors:

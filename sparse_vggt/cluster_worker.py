@@ -9,12 +9,17 @@ not per cluster. When the child dies while a cluster is in flight:
   splits the cluster and retries the halves; the next cluster gets a fresh child;
 * by any other signal or exit -> :class:`ClusterProcessDied` (an ``OSError``: retried as a transient error).
 
+A child that does not answer within the unit's time limit (:func:`unit_time_limit`: ``orchestration.
+unit_timeout_s``, or derived from the cluster's frames) is taken as hung (a deadlocked driver, a stuck
+accelerator): it is killed, :class:`ClusterProcessHung` (transient) is raised and the next cluster gets a fresh
+child. The farm's resident model processes (`sparse_vggt.resident`) use the same limit and the same rules.
+
 Errors inside the child come back as JSON (type, message, whether it was out of memory), never as pickles.
 
 Fault injection for tests and drills (real faults, not mocks): ``SPARSE_VGGT_INJECT_FAULTS="sigkill@3,alloc@5"``
 makes the child SIGKILL itself when asked for cluster 3, or request an impossible CPU allocation (a real
-``DefaultCPUAllocator`` failure) for cluster 5. With ``SPARSE_VGGT_INJECT_ONCE_DIR`` set, each fault fires once
-(a file per fired fault is left there).
+``DefaultCPUAllocator`` failure) for cluster 5; ``hang@4`` makes it sleep (never answer) on cluster 4.
+With ``SPARSE_VGGT_INJECT_ONCE_DIR`` set, each fault fires once (a file per fired fault is left there).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .config import PipelineConfig
 
@@ -40,6 +48,42 @@ ONCE_ENV = "SPARSE_VGGT_INJECT_ONCE_DIR"
 
 class ClusterProcessDied(ChildProcessError):
     """The cluster child process ended without an answer (not by SIGKILL); transient, the cluster is retried."""
+
+
+class ClusterProcessHung(ClusterProcessDied):
+    """The cluster child did not answer within the unit's time limit; it was killed (transient: retried)."""
+
+
+UNIT_TIMEOUT_BASE_S = 600.0  # the derived limit's fixed part: model load, warm-up, a slow first batch
+
+
+def unit_time_limit(config: PipelineConfig, frames: int) -> float:
+    """Seconds a unit of ``frames`` frames may take in its model process before it is taken as hung."""
+    o = config.orchestration
+    if o.unit_timeout_s and o.unit_timeout_s > 0:
+        return float(o.unit_timeout_s)
+    return UNIT_TIMEOUT_BASE_S + float(o.unit_timeout_per_frame_s) * max(int(frames), 1)
+
+
+_FRAMES: dict[tuple[str, int], dict[int, int]] = {}
+
+
+def cluster_frame_count(run_dir: str | Path, cluster_id: int) -> int:
+    """Frames of one cluster from the run's clusters table (read once per table version); 0 if unknown."""
+    from .store import RunStore
+
+    try:
+        store = RunStore.open(run_dir)
+        path = store.table_path("clusters")
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _FRAMES:
+            ids = store.read_table("clusters", ["cluster_id"]).column("cluster_id").to_numpy()
+            values, counts = np.unique(ids, return_counts=True)
+            _FRAMES.clear()
+            _FRAMES[key] = {int(v): int(c) for v, c in zip(values, counts)}
+        return _FRAMES[key].get(int(cluster_id), 0)
+    except Exception:  # noqa: BLE001 - no table (yet): the limit falls back to its fixed part
+        return 0
 
 
 def _inject(cluster_id: int) -> None:
@@ -57,6 +101,9 @@ def _inject(cluster_id: int) -> None:
             flag.write_text(str(os.getpid()))
         if kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "hang":
+            while True:
+                time.sleep(3600)
         elif kind == "alloc":
             import torch
 
@@ -142,6 +189,9 @@ class ClusterWorker:
             request = json.dumps({"run_dir": str(run_dir), "cluster_id": int(cluster_id),
                                   "config": config.to_dict()}).encode() + b"\n"
             answer = None
+            limit = unit_time_limit(config, cluster_frame_count(run_dir, cluster_id))
+            deadline = time.monotonic() + limit
+            hung = False
             try:
                 self._req.write(request)
                 while answer is None:
@@ -153,8 +203,20 @@ class ClusterWorker:
                         answer = json.loads(line)
                     elif self._proc.poll() is not None:
                         break
+                    elif time.monotonic() > deadline:
+                        hung = True
+                        break
             except (BrokenPipeError, OSError, ValueError):
                 answer = None
+            if hung:
+                log.warning("cluster %s: no answer from the cluster process %s within %.0f s: killed as hung",
+                            cluster_id, self._proc.pid, limit)
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+                self.close()
+                raise ClusterProcessHung(f"cluster {cluster_id}: the cluster process did not answer within "
+                                         f"{limit:.0f} s (orchestration.unit_timeout_s); it was killed and the "
+                                         "cluster is retried in a new one")
             if answer is None:
                 try:
                     code = self._proc.wait(timeout=10)

@@ -262,7 +262,7 @@ class OrchestrationConfig:
     # each model resident per worker, and bounds the flow runs in flight
     describe_deployment: str = _runtime("describe-chunks/mac-mini", "pool mode: deployment run per describe unit")
     describe_chunks_per_run: int = _runtime(4, "pool mode: ingest chunks per describe flow run")
-    clusters_per_run: int = _runtime(4, "pool mode: clusters per flow run (amortises the flow run's process "
+    clusters_per_run: int = _runtime(8, "pool mode: clusters per flow run (amortises the flow run's process "
                                         "start; the model stays resident per worker either way)")
     max_in_flight: int = _runtime(0, "pool mode: most flow runs in flight; 0 = 2 per online worker (min 1)")
     run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run still running this long after it started is "
@@ -271,6 +271,11 @@ class OrchestrationConfig:
                                               "submission is cancelled and retried")
     resident_idle_s: float = _runtime(120.0, "pool mode: a worker's resident model process exits after this "
                                              "many idle seconds")
+    unit_timeout_s: float = _runtime(0.0, "a unit (cluster, describe chunks) running longer than this in its model "
+                                           "process is taken as hung: the process is killed and restarted and the "
+                                           "unit retried; 0 = derived: 600 s + unit_timeout_per_frame_s x frames")
+    unit_timeout_per_frame_s: float = _runtime(30.0, "per-frame part of the derived unit time limit (generous: a "
+                                                     "1B-model cluster frame takes seconds on a Mac)")
 
 
 @dataclass

@@ -6,12 +6,21 @@ photos. So every scheduled run is a fresh ``<runs_root>/<YYYY-MM-DD_HHMMSS>/`` a
 the descriptor rows of photos the newest earlier run already described (same sha256, same describe settings)
 are copied across.
 
-What is reused, and why no more: descriptors are a per-photo function of the photo's bytes and the describe
-settings, so they carry over by content hash. The covisibility graph is a k-nearest-neighbour graph over *all*
-photos: an added photo can enter the neighbour list of any old photo, which changes the partition, so cluster
-membership, the sparse attention masks and hence every cluster's VGGT output may change; the graph, partition,
-clusters and merge are therefore recomputed when the photo set changed. When it did not change at all, nothing
-is recomputed: the run reports that the previous run is still current.
+What is reused:
+
+* descriptors: a per-photo function of the photo's bytes and the describe settings, so they carry over by
+  content hash (:func:`reuse_descriptors`);
+* graph and partition: only when the scan lists the same photos in the same rows (image ids are row numbers)
+  and the settings of those stages and every earlier one are unchanged (:func:`reuse_upstream`); the graph is
+  a k-nearest-neighbour graph over *all* photos, so an added photo can enter any old photo's neighbour list
+  and the partition of a grown folder is recomputed;
+* clusters: after the new run's partition, every cluster whose inputs (the photos by content hash, their
+  order, their neighbours, the reconstruct settings) equal a finished cluster of the previous run is copied
+  with a new, verified marker instead of recomputed (:func:`reuse_clusters`); on a grown folder this is the
+  clusters the re-partition left untouched, on an unchanged one all of them.
+
+When neither the photos nor the result-affecting settings changed, nothing is recomputed: the run reports that
+the previous run is still current.
 
 Reuse is per ingest chunk (the describe stage's unit of work and completion marker): a chunk whose photos were
 all described before is copied and marked complete; a chunk holding a new photo is computed whole.
@@ -20,15 +29,17 @@ all described before is copied and marked complete; a chunk holding a new photo 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import PipelineConfig
-from .store import RunStore
+from .store import RunStore, atomic_write_bytes, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +149,12 @@ def reuse_descriptors(prev_dir: str | Path, new_dir: str | Path, config: Pipelin
     return out
 
 
-def _cluster_content_keys(store: RunStore, config: PipelineConfig) -> dict[str, int]:
+def _cluster_content_keys(store: RunStore, config: PipelineConfig
+                          ) -> dict[str, tuple[int, np.ndarray, list[list[int]]]]:
     """Per cluster, a key of what its VGGT output depends on, in content terms: the ordered sha256 of its frames,
     their neighbour positions and the result-affecting reconstruct settings (`reconstruct.cluster_inputs_key`
-    with sha256 instead of run-specific image ids)."""
+    with sha256 instead of run-specific image ids, which are row numbers). Key -> (cluster id, image ids,
+    neighbours)."""
     import hashlib
     import json
 
@@ -156,17 +169,115 @@ def _cluster_content_keys(store: RunStore, config: PipelineConfig) -> dict[str, 
         ids, neighbors = cluster_frames(table, cid)
         payload = {"frames": [sha[int(i)] for i in ids], "neighbors": neighbors,
                    "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.k)}
-        out[hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()] = cid
+        out[hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()] = (cid, ids, neighbors)
     return out
 
 
-def clusters_with_unchanged_inputs(prev_dir: str | Path, new_dir: str | Path,
-                                   config: PipelineConfig | None = None) -> dict[str, Any]:
-    """How many of the new run's clusters have exactly the inputs of a previous cluster (same photos in the same
-    order, same neighbour sets, same settings): what reusing clusters could save after a re-partition. Reported,
-    not reused: the partition of the grown graph is recomputed globally, so on a grown folder this is usually
-    small (see the module docstring)."""
+def _copy_unit(prev: RunStore, src: str, new: RunStore, dst: str) -> Path:
+    """Copy a Zarr group from ``prev`` to ``new`` (replacing what is there); returns the new group's folder."""
+    new.remove_group(dst)
+    parent = dst.rpartition("/")[0]
+    if parent:
+        new.group(parent)  # Zarr v3 needs each parent group's metadata
+    target = new.zarr_path / dst
+    shutil.copytree(prev.zarr_path / src, target)
+    fsync_tree(target)
+    new._zarr = None
+    return target
+
+
+def reuse_clusters(prev_dir: str | Path, new_dir: str | Path, config: PipelineConfig | None = None
+                   ) -> dict[str, Any]:
+    """Copy every finished cluster of the previous run whose inputs equal one of the new run's clusters (by
+    content: see `_cluster_content_keys`) into the new run, so the cluster stage finds it complete.
+
+    A previous cluster qualifies only if its unit verifies in full (CRC of every byte) and its recorded
+    ``inputs`` key equals the one the new settings give for it (so it was computed with these reconstruct
+    settings), and the scan settings of both runs agree. The copy gets the new run's image ids and inputs key and
+    a fresh marker (written last, so an interrupted copy is simply redone). Returns ``{"clusters", "reused",
+    "map": {new id: previous id}, "reason"}``.
+    """
+    from .reconstruct import _group, check_cluster, cluster_inputs_key
+
     prev, new = RunStore.open(prev_dir), RunStore.open(new_dir)
     config = config or new.config()
-    a, b = _cluster_content_keys(prev, config), _cluster_content_keys(new, config)
-    return {"clusters": len(b), "same_inputs_as_a_previous_cluster": len(set(a) & set(b))}
+    new_keys = _cluster_content_keys(new, config)
+    out: dict[str, Any] = {"from": str(prev.root), "clusters": len(new_keys), "reused": 0, "map": {},
+                           "reason": None}
+    if prev.config().result_affecting()["ingest"] != config.result_affecting()["ingest"]:
+        out["reason"] = "scan (ingest) settings differ from the previous run's"
+        return out
+    prev_keys = _cluster_content_keys(prev, config)
+    for key, (cid, ids, neighbors) in new_keys.items():
+        if key not in prev_keys:
+            continue
+        if check_cluster(new, cid, cluster_inputs_key(config, ids, neighbors), full=False)[0]:
+            continue  # already there (a resumed scheduled run)
+        pcid, pids, pneighbors = prev_keys[key]
+        done, _ = check_cluster(prev, pcid, cluster_inputs_key(config, pids, pneighbors), full=True)
+        if not done or prev.unit_attrs(_group(pcid)).get("inputs") is None:
+            continue
+        target = _copy_unit(prev, _group(pcid), new, _group(cid))
+        meta_path = target / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        attrs = {k: v for k, v in meta.get("attributes", {}).items()
+                 if k not in ("complete", "completed_at", "arrays", "inputs", "reused_from")}
+        meta["attributes"] = {}  # no marker until the copy is adapted
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+        new._zarr = None
+        new.write_array(new.group(_group(cid)), "image_ids", np.asarray(ids, np.int64), chunks=(len(ids),))
+        new.mark_unit_complete(_group(cid), **attrs, inputs=cluster_inputs_key(config, ids, neighbors),
+                               reused_from={"run": str(prev.root), "cluster_id": int(pcid)})
+        out["map"][str(cid)] = int(pcid)
+        out["reused"] += 1
+    if out["reused"]:
+        log.info("reused %d of %d clusters from %s", out["reused"], len(new_keys), prev.root)
+    return out
+
+
+def _same_rows(prev: RunStore, new: RunStore) -> bool:
+    cols = ["path", "sha256", "status"]
+    a, b = prev.read_table("images", cols), new.read_table("images", cols)
+    return all(a.column(c).to_pylist() == b.column(c).to_pylist() for c in cols)
+
+
+def reuse_upstream(prev_dir: str | Path, new_dir: str | Path, config: PipelineConfig | None = None
+                   ) -> dict[str, Any]:
+    """Same photos (same rows in the same order) but other settings: copy the previous run's finished describe,
+    graph and partition outputs, each as long as its own and every earlier stage's result-affecting settings are
+    unchanged and its output verifies. Returns ``{"stages": [...copied], "reason": why the next one was not}``.
+
+    The copies are byte-for-byte (descriptors with their version attribute, which the graph unit records), with
+    the previous run's stage manifests, so the flow treats those stages as finished and intact."""
+    prev, new = RunStore.open(prev_dir), RunStore.open(new_dir)
+    config = config or new.config()
+    out: dict[str, Any] = {"from": str(prev.root), "stages": [], "reason": None}
+    if not _same_rows(prev, new):
+        out["reason"] = "the scans differ (photos or their order)"
+        return out
+    if any(new.is_stage_complete(s) or (new.zarr_path / g).exists()
+           for s, g in (("describe", "descriptors"), ("graph", "graph"), ("partition", "clusters"))):
+        out["reason"] = "the new run already has descriptors, a graph or a partition"
+        return out
+    old, now = prev.config().result_affecting(), config.result_affecting()
+    what = {"describe": (["descriptors", "describe_chunks"], None), "graph": (["graph"], None),
+            "partition": ([], "clusters")}
+    for stage, sections in (("describe", ("ingest", "describe")), ("graph", ("graph",)),
+                            ("partition", ("partition",))):
+        if any(old[s] != now[s] for s in sections):
+            out["reason"] = f"{stage} settings differ from the previous run's"
+            break
+        if not prev.stage_intact(stage):
+            out["reason"] = f"the previous run's {stage} output is not finished or fails verification"
+            break
+        groups, table = what[stage]
+        for g in groups:
+            if (prev.zarr_path / g).exists():
+                _copy_unit(prev, g, new, g)
+        if table:
+            atomic_write_bytes(new.table_path(table), prev.table_path(table).read_bytes())
+        new.stage_finished(stage, {**prev.stage_manifest(stage), "reused_from": str(prev.root)})
+        out["stages"].append(stage)
+    if out["stages"]:
+        log.info("reused the %s stage(s) of %s", ", ".join(out["stages"]), prev.root)
+    return out

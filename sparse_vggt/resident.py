@@ -13,18 +13,32 @@ Each answer carries the server's pid, its model loads so far (``{"reconstruct": 
 request's peak resident memory (sampled) plus the accelerator's peak where torch reports one: the farm report
 lists model loads per worker (host/pid) from these.
 
-If the server dies while answering (killed by the OS, the worker machine's OOM killer), the client gets EOF and
-raises :class:`ResidentDied` (an OSError: transient, the unit is retried; the next request starts a new server).
+When the server dies while answering, the client tells how, as local mode's cluster child does
+(`sparse_vggt.cluster_worker`):
+
+* killed by SIGKILL (the Linux OOM killer, macOS jetsam) while the worker lives: a cluster answers as out of
+  memory (``oom``), so the head splits it like an out-of-memory error; a describe unit raises
+  :class:`ResidentDied` (transient: retried);
+* any other end (SIGTERM, an exit, a failed start, a lost connection): :class:`ResidentDied` (transient);
+* no answer within the unit's time limit (`cluster_worker.unit_time_limit`): the client SIGKILLs the server
+  (hung) and raises :class:`ResidentHung` (transient); the next request starts a new server.
+
+How it ended is known exactly when this process started the server (its exit status); otherwise the server's
+exit note tells: a server that exits in an orderly way (idle, SIGTERM, an error) leaves ``<key>.<pid>.exit``;
+one that is gone without a note was SIGKILLed. If the worker itself is gone too (the flow run's parent
+process died: the whole machine or worker was killed), the unit is retried, not split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +57,14 @@ WORKER_ENV = "SPARSE_VGGT_WORKER_NAME"
 
 class ResidentDied(ConnectionError):
     """The resident process ended before answering; transient (the unit is retried on a new process)."""
+
+
+class ResidentHung(ResidentDied):
+    """The resident process did not answer within the unit's time limit; it was killed (transient)."""
+
+
+_STARTED: dict[str, subprocess.Popen] = {}  # servers this process started: their exit status is known exactly
+_PARENT = os.getppid()  # the worker that started this flow run; another parent later means it died
 
 
 def worker_name() -> str:
@@ -154,8 +176,22 @@ def serve(sock_path: str, idle_s: float) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     srv.bind(str(tmp))
     srv.listen(16)
+    pid = os.getpid()
+    note = _exit_note(path, pid)
+    for old in path.parent.glob("*.exit"):  # notes nobody asked for (servers that ended idle) older than a day
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 86400:
+                old.unlink()
+    _pid_file(path).write_text(str(pid))
     os.replace(tmp, path)  # appears only once it accepts connections
     ino = os.stat(path).st_ino
+
+    def _terminated(signum: int, frame: Any) -> None:  # an orderly stop: say so, so it is not taken for an OOM kill
+        note.write_text(f"signal {signum}")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    reason = "error"
     srv.settimeout(idle_s)
     log.info("resident process %d serving %s (idle exit after %.0f s)", os.getpid(), path, idle_s)
     try:
@@ -163,6 +199,7 @@ def serve(sock_path: str, idle_s: float) -> None:
             try:
                 conn, _ = srv.accept()
             except socket.timeout:
+                reason = "idle"
                 break
             with conn, conn.makefile("rwb") as fh:
                 line = fh.readline()
@@ -181,6 +218,75 @@ def serve(sock_path: str, idle_s: float) -> None:
         except OSError:
             pass
         srv.close()
+        note.write_text(reason)
+
+
+def _pid_file(path: Path) -> Path:
+    return path.with_suffix(".pid")
+
+
+def _exit_note(path: Path, pid: int) -> Path:
+    return path.with_suffix(f".{pid}.exit")
+
+
+def _server_pid(path: Path) -> int | None:
+    try:
+        return int(_pid_file(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _how_it_ended(path: Path, pid: int | None, wait_s: float = 10.0) -> str:
+    """"sigkill", "alive", or the orderly end's reason (exit code, signal, idle, error, unknown)."""
+    if pid is None:
+        return "unknown"
+    proc = _STARTED.get(str(path))
+    if proc is not None and proc.pid == pid:
+        try:
+            code = proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return "alive"
+        _exit_note(path, pid).unlink(missing_ok=True)
+        return "sigkill" if code == -signal.SIGKILL else f"exit code {code}"
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:  # not our child: wait until it is gone (a zombie is gone), then read its exit note
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() > deadline:
+            return "alive"
+        time.sleep(0.05)
+    note = _exit_note(path, pid)
+    try:
+        reason = note.read_text().strip() or "unknown"
+    except OSError:
+        return "sigkill"  # no exit handler ran: only SIGKILL (or a hard crash) ends a server like that
+    note.unlink(missing_ok=True)
+    return reason
+
+
+def _kill(path: Path, pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    proc = _STARTED.get(str(path))
+    if proc is not None and proc.pid == pid:
+        proc.wait(timeout=10)
+
+
+def _unit_frames(kind: str, run_dir: str | Path, config: PipelineConfig, unit: Any) -> int:
+    from .cluster_worker import cluster_frame_count
+
+    if kind == "cluster":
+        return cluster_frame_count(run_dir, int(unit))
+    return len(unit) * max(1, int(config.ingest.chunk_size))
 
 
 # ---- client -------------------------------------------------------------------------------------------
@@ -214,6 +320,7 @@ def _start(path: Path, idle_s: float, timeout: float = 120.0) -> socket.socket:
         proc = subprocess.Popen([sys.executable, "-m", "sparse_vggt.resident", str(path), str(idle_s)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # outlives this flow run; exits when idle
+        _STARTED[str(path)] = proc
         deadline = time.time() + timeout
         while time.time() < deadline:
             s = _connect(path)
@@ -231,28 +338,49 @@ def call(kind: str, run_dir: str | Path, config: PipelineConfig, unit: Any, idle
          ) -> dict[str, Any]:
     """Run one unit (``kind`` "cluster": a cluster id; "describe": a list of ingest chunk ids) in this worker's
     resident process; returns the raw answer (``ok`` or ``error`` plus pid/loads/peak memory)."""
+    from .cluster_worker import unit_time_limit
+
     path = socket_dir() / f"{resident_key(run_dir, config)}.sock"
     s = _connect(path) or _start(path, idle_s)
+    pid = _server_pid(path)
+    limit = unit_time_limit(config, _unit_frames(kind, run_dir, config, unit))
     request = {"kind": kind, "run_dir": str(run_dir), "config": config.to_dict(), "unit": unit}
+    s.settimeout(limit)
     with s, s.makefile("rwb") as fh:
         try:
             fh.write(json.dumps(request).encode() + b"\n")
             fh.flush()
             line = fh.readline()
+        except TimeoutError as exc:  # socket.timeout: the watchdog
+            log.warning("%s %s: no answer from resident process %s within %.0f s: killed as hung", kind, unit, pid,
+                        limit)
+            _kill(path, pid)
+            raise ResidentHung(f"{kind} {unit}: the resident process on {worker_name()} did not answer within "
+                               f"{limit:.0f} s (orchestration.unit_timeout_s); it was killed, the unit is retried on "
+                               "a new one") from exc
         except OSError as exc:
             raise ResidentDied(f"{kind} {unit}: resident process connection failed ({exc}); retried") from exc
-    if not line:
-        raise ResidentDied(f"{kind} {unit}: the resident process on {worker_name()} ended before answering "
-                           "(killed?); the unit is retried on a new process")
-    return json.loads(line)
+    if line:
+        return json.loads(line)
+    how = _how_it_ended(path, pid)
+    worker_alive = os.getppid() == _PARENT
+    if how == "sigkill" and kind == "cluster" and worker_alive:
+        message = (f"the resident model process {pid} on {worker_name()} was killed with SIGKILL (the OS "
+                   "out-of-memory killer)")
+        log.warning("cluster %s: %s", unit, message)
+        return {"error": "ResidentKilled", "message": message, "oom": True, "oom_message": message,
+                "transient": False, "pid": pid, "host": socket.gethostname(), "worker": worker_name()}
+    raise ResidentDied(f"{kind} {unit}: the resident process {pid} on {worker_name()} ended before answering "
+                       f"({how}{'' if worker_alive else '; its worker is gone too'}); the unit is retried on a new "
+                       "process")
 
 
 def raise_for(answer: dict[str, Any], kind: str, unit: Any) -> Any:
     """The answer's result, or the matching library exception (OOM -> ClusterOutOfMemory for clusters)."""
-    from .reconstruct import ClusterOutOfMemory, ReconstructError
-
     if "ok" in answer:
         return answer["ok"]
+    from .reconstruct import ClusterOutOfMemory, ReconstructError  # imports torch: only on a failure
+
     if answer.get("oom") and kind == "cluster":
         raise ClusterOutOfMemory(int(unit), answer.get("oom_message") or answer.get("message", ""))
     if answer.get("transient"):

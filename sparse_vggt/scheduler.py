@@ -288,8 +288,8 @@ def run_clusters(run_dir: str, cfg: PipelineConfig, executor: Executor) -> dict[
     return {"failures": failures, "splits": splits, "rounds": rounds}
 
 
-def run_pipeline(photos: str, run_dir: str, cfg: PipelineConfig, executor: Executor, force: bool = False
-                 ) -> dict[str, Any]:
+def run_pipeline(photos: str, run_dir: str, cfg: PipelineConfig, executor: Executor, force: bool = False,
+                 after_partition: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Photos folder -> run directory with COLMAP/PLY/GLB exports, every step through ``executor``.
 
     The caller holds the writer lock and has validated the parameters (`validate_parameters`). Raises
@@ -306,6 +306,8 @@ def run_pipeline(photos: str, run_dir: str, cfg: PipelineConfig, executor: Execu
     manifests["describe"] = _stage(executor, "describe", "describe-finish", run_dir, cfgd)
     manifests["graph"] = _stage(executor, "graph", "graph", run_dir, cfgd)
     manifests["partition"] = _stage(executor, "partition", "partition", run_dir, cfgd)
+    if after_partition is not None:  # a scheduled run copies the previous run's clusters with unchanged inputs
+        after_partition()
 
     cluster_info = run_clusters(run_dir, cfg, executor)
 

@@ -97,6 +97,9 @@ def test_limit_defaults_and_classification():
     assert classify(None, timed_out=True)[0] == "retry"
     assert classify(Failed(message="SPARSE_VGGT_TRANSIENT: resident process ended"))[0] == "retry"
     assert classify(Failed(message="ValueError: bad"))[0] == "failed"
+    assert classify(Failed(message="CLUSTER_OUT_OF_MEMORY: MPS backend out of memory")) == (
+        "oom", "MPS backend out of memory")
+    assert classify(Crashed(message="worker heartbeat missed"))[0] == "retry"  # a dead worker: resubmitted
 
 
 def test_running_run_past_its_timeout_is_cancelled():
