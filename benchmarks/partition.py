@@ -41,7 +41,7 @@ def _child(variant: str, path: str, args: argparse.Namespace) -> dict:
             "max_cluster_frames": args.max_cluster_frames, "min_overlap_frames": args.min_overlap_frames,
             "cores": os.cpu_count()}
     cfg = PartitionConfig(max_cluster_frames=args.max_cluster_frames, min_overlap_frames=args.min_overlap_frames,
-                          k=args.k)
+                          attention_neighbors=args.k)
     if variant == "metis":
         from sparse_vggt.partition import partition_graph
 
@@ -114,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--louvain-frames", type=int, default=100_000, help="0 = skip the Louvain baseline")
-    ap.add_argument("--k", type=int, default=10, help="graph k-NN and partition.k")
+    ap.add_argument("--k", type=int, default=10, help="graph.retrieval_neighbors and partition.attention_neighbors")
     ap.add_argument("--max-cluster-frames", type=int, default=128)
     ap.add_argument("--min-overlap-frames", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

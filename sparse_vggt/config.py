@@ -26,7 +26,7 @@ from .models.inputs import MEGALOC_INPUT, VGGT_INPUT
 log = logging.getLogger(__name__)
 
 # old key -> new key: old configs and run.json files keep loading (with a warning)
-RENAMED = {"graph.k": "graph.retrieval_neighbors"}
+RENAMED = {"graph.k": "graph.retrieval_neighbors", "partition.k": "partition.attention_neighbors"}
 
 # fields whose value must be one of a fixed set (devices, dtypes and registries are checked where they are resolved)
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -121,7 +121,9 @@ class PartitionConfig:
     max_cluster_frames: int | str = 128  # core + overlap frames per cluster; never exceeded. "auto": the largest
     # cluster whose predicted forward peak (sparse_vggt.memory) fits reconstruct.memory_gb
     min_overlap_frames: int = 8  # shared frames between touching clusters
-    k: int = 10  # sparse-attention neighbours per frame inside a cluster
+    # neighbours each frame attends to in sparse global attention (its strongest graph edges inside the cluster;
+    # the clusters.parquet "neighbors" column)
+    attention_neighbors: int = 10
     balance_tolerance: float = 0.15  # allowed core size imbalance (METIS ufactor-style)
     reconstruct_singletons: bool = False  # isolated images become 1-frame clusters (else reported, skipped)
     min_component_frames: int = 2  # components smaller than this are reported and not reconstructed
@@ -141,8 +143,9 @@ class PartitionConfig:
                        f"{self.min_overlap_frames}: a cluster could be all overlap. Raise max_cluster_frames or "
                        "lower min_overlap_frames (e.g. --set partition.min_overlap_frames="
                        f"{max(1, self.max_cluster_frames // 2)}).")
-        if self.k < 1:
-            out.append(f"partition.k={self.k} must be >= 1 (neighbours per frame inside a cluster)")
+        if self.attention_neighbors < 1:
+            out.append(f"partition.attention_neighbors={self.attention_neighbors} must be >= 1 (frames each "
+                       "frame attends to inside a cluster)")
         if not (0.0 < self.balance_tolerance <= 1.0):
             out.append(f"partition.balance_tolerance={self.balance_tolerance} must be in (0, 1]")
         if self.min_component_frames < 1:

@@ -168,7 +168,7 @@ def _cluster_content_keys(store: RunStore, config: PipelineConfig
     for cid in sorted({int(c) for c in table.column("cluster_id").to_pylist()}):
         ids, neighbors = cluster_frames(table, cid)
         payload = {"frames": [sha[int(i)] for i in ids], "neighbors": neighbors,
-                   "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.k)}
+                   "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.attention_neighbors)}
         out[hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()] = (cid, ids, neighbors)
     return out
 

@@ -73,7 +73,7 @@ def cluster_inputs_key(config: PipelineConfig, image_ids: np.ndarray, neighbors:
     """What a cluster's result depends on: its frames in order, their neighbours and the result-affecting
     reconstruct settings. Stored on the unit; a mismatch means the unit is stale and is redone."""
     payload = {"image_ids": [int(i) for i in image_ids], "neighbors": neighbors,
-               "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.k)}
+               "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.attention_neighbors)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -271,7 +271,7 @@ def reconstruct_cluster(run_dir: str | Path, cluster_id: int, config: PipelineCo
     dtype = select_dtype(device, cfg.dtype)
     try:
         images, to_image = _load_frames(store, image_ids, cfg)
-        model = load_model(cfg, device, k=config.partition.k)
+        model = load_model(cfg, device, k=config.partition.attention_neighbors)
         if hasattr(model, "head_chunk_frames"):  # DPT heads in frame chunks: bounded activation memory
             model.head_chunk_frames = cfg.head_chunk_frames or None
         log.info("cluster %d: %d frames through VGGT on %s (%s)", cluster_id, len(image_ids), device.type,

@@ -44,9 +44,9 @@ def test_bad_overrides_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown config section"):
         cfg.set("bogus.k", 1)
     with pytest.raises(ConfigError, match="section.field=value"):
-        cfg.apply_overrides(["partition.k"])
+        cfg.apply_overrides(["partition.attention_neighbors"])
     with pytest.raises(ConfigError):
-        cfg.set("partition.k", "ten")
+        cfg.set("partition.attention_neighbors", "ten")
     bad = tmp_path / "bad.toml"
     bad.write_text("[partition\nk=1")
     with pytest.raises(ConfigError, match="not valid TOML"):

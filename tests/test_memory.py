@@ -71,7 +71,7 @@ def test_partition_auto_cluster_size_from_reconstruct_memory():
     large = resolve_max_cluster_frames(cfg).max_cluster_frames
     assert isinstance(small, int) and 2 <= small < large
     side = cfg.reconstruct.image_size
-    assert memory.estimate(small, side, side, cfg.partition.k, "bfloat16", "cuda").peak <= 24 * 2**30
+    assert memory.estimate(small, side, side, cfg.partition.attention_neighbors, "bfloat16", "cuda").peak <= 24 * 2**30
     cfg.set("partition.max_cluster_frames", "64")  # an explicit number wins
     assert resolve_max_cluster_frames(cfg).max_cluster_frames == 64
     cfg.partition.max_cluster_frames = "big"

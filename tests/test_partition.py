@@ -131,7 +131,7 @@ def check_invariants(graph, cfg: PartitionConfig, cl: Clusters, report: dict, af
     connectivity, sizes, connectivity, core-once, order and neighbour sets are still checked."""
     indptr, indices, weights, comp = graph
     n = comp.size
-    M, m, k = cfg.max_cluster_frames, cfg.min_overlap_frames, cfg.k
+    M, m, k = cfg.max_cluster_frames, cfg.min_overlap_frames, cfg.attention_neighbors
     adj: dict[int, dict[int, float]] = defaultdict(dict)
     for g in range(n):
         for j in range(indptr[g], indptr[g + 1]):
@@ -267,7 +267,7 @@ def graphs(draw):
 def configs(draw):
     m = draw(st.integers(1, 6))
     return PartitionConfig(
-        max_cluster_frames=draw(st.integers(2 * m, 2 * m + 60)), min_overlap_frames=m, k=draw(st.integers(1, 6)),
+        max_cluster_frames=draw(st.integers(2 * m, 2 * m + 60)), min_overlap_frames=m, attention_neighbors=draw(st.integers(1, 6)),
         balance_tolerance=draw(st.sampled_from([0.05, 0.15, 0.5])),
         reconstruct_singletons=draw(st.booleans()), min_component_frames=draw(st.sampled_from([1, 2, 3])),
         seed=draw(st.integers(0, 3)))
@@ -302,7 +302,7 @@ def test_invariants_random_graphs(graph, cfg):
 def test_invariants_single_structures(kind, n, seed, m):
     """Stars (capacity), chains (bridging), cliques (huge boundaries), grid/city (balance) with small clusters."""
     graph = build_graph([(kind, n if kind != "clique" else min(n, 70))], 0, seed)
-    cfg = PartitionConfig(max_cluster_frames=max(2 * m, 24), min_overlap_frames=m, k=4)
+    cfg = PartitionConfig(max_cluster_frames=max(2 * m, 24), min_overlap_frames=m, attention_neighbors=4)
     cl, report = partition_graph(*graph, cfg)
     check_invariants(graph, cfg, cl, report)
     assert report["clusters"] > 1
@@ -310,7 +310,7 @@ def test_invariants_single_structures(kind, n, seed, m):
 
 def test_chain_needs_bridging_and_stays_linked():
     graph = build_graph([("chain", 400)], 0, 3)
-    cfg = PartitionConfig(max_cluster_frames=40, min_overlap_frames=8, k=2)
+    cfg = PartitionConfig(max_cluster_frames=40, min_overlap_frames=8, attention_neighbors=2)
     cl, report = partition_graph(*graph, cfg)
     check_invariants(graph, cfg, cl, report)
     # a chain's cut boundary is 2 frames, so the 8-frame links can only come from bridging
@@ -320,7 +320,7 @@ def test_chain_needs_bridging_and_stays_linked():
 
 def test_star_respects_size_bound_and_reports_capacity_limit():
     graph = build_graph([("star", 400)], 0, 5)
-    cfg = PartitionConfig(max_cluster_frames=32, min_overlap_frames=4, k=3)
+    cfg = PartitionConfig(max_cluster_frames=32, min_overlap_frames=4, attention_neighbors=3)
     cl, report = partition_graph(*graph, cfg)
     check_invariants(graph, cfg, cl, report)
     assert report["cluster_frames"]["max"] <= 32
@@ -340,7 +340,7 @@ def test_city_cut_is_balanced_and_cheap():
 
 def test_deterministic():
     graph = build_graph([("grid", 300), ("random", 200)], 2, 11)
-    cfg = PartitionConfig(max_cluster_frames=40, min_overlap_frames=4, k=3)
+    cfg = PartitionConfig(max_cluster_frames=40, min_overlap_frames=4, attention_neighbors=3)
     a, _ = partition_graph(*graph, cfg)
     b, _ = partition_graph(*graph, cfg)
     for f in ("cluster_id", "image_id", "core", "position", "nbr_offsets", "nbr_values"):
@@ -349,7 +349,7 @@ def test_deterministic():
 
 def test_table_roundtrip():
     graph = build_graph([("grid", 200)], 1, 4)
-    cfg = PartitionConfig(max_cluster_frames=30, min_overlap_frames=3, k=4)
+    cfg = PartitionConfig(max_cluster_frames=30, min_overlap_frames=3, attention_neighbors=4)
     cl, _ = partition_graph(*graph, cfg)
     back = Clusters.from_table(cl.to_table({"x": 1}))
     for f in ("cluster_id", "image_id", "core", "component_id", "position", "nbr_offsets", "nbr_values"):
@@ -377,8 +377,8 @@ def test_config_errors():
     g = _csr(3, [(0, 1), (1, 2)], [0, 0, 0])
     with pytest.raises(PartitionError, match="2 \\* min_overlap_frames"):
         partition_graph(*g, PartitionConfig(max_cluster_frames=10, min_overlap_frames=6))
-    with pytest.raises(PartitionError, match="k="):
-        partition_graph(*g, PartitionConfig(k=0))
+    with pytest.raises(PartitionError, match="attention_neighbors="):
+        partition_graph(*g, PartitionConfig(attention_neighbors=0))
 
 
 def test_malformed_graphs():
@@ -430,7 +430,7 @@ def _dense(graph):
        pick=st.integers(0, 99))
 def test_split_keeps_invariants(kind, seed, pick):
     graph = build_graph([(kind, 300)], 0, seed)
-    cfg = PartitionConfig(max_cluster_frames=48, min_overlap_frames=4, k=3)
+    cfg = PartitionConfig(max_cluster_frames=48, min_overlap_frames=4, attention_neighbors=3)
     cl, _ = partition_graph(*graph, cfg)
     cid = pick % cl.n_clusters
     old = {c: set(cl.image_id[cl.cluster_id == c].tolist()) for c in range(cl.n_clusters)}
@@ -484,7 +484,7 @@ def test_partition_stage_and_split(tmp_path):
     cfg = PipelineConfig()
     cfg.partition.max_cluster_frames = 40
     cfg.partition.min_overlap_frames = 4
-    cfg.partition.k = 5
+    cfg.partition.attention_neighbors = 5
     graph = synthetic_city_graph(900, k=8, seed=7)
     store = _make_run(tmp_path, graph, cfg)
     with pytest.raises(Exception, match="partition"):

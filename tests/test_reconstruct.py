@@ -30,7 +30,7 @@ def _config() -> PipelineConfig:
     cfg.reconstruct.preset = "tiny"
     cfg.reconstruct.image_size = 56
     cfg.reconstruct.device = "cpu"
-    cfg.partition.k = 2
+    cfg.partition.attention_neighbors = 2
     return cfg
 
 

@@ -187,7 +187,7 @@ def partition_graph(indptr: Any, indices: Any, weights: Any, component: Any,
     # --- cluster ids ordered by (component, part) -----------------------------------------------------------
     new_id = np.empty(nparts, np.int64)
     new_id[np.lexsort((np.arange(nparts), comp_of_part))] = np.arange(nparts)
-    clusters = order_and_neighbors(new_id[mc], mg, core_flag, comp, A, cfg.k)
+    clusters = order_and_neighbors(new_id[mc], mg, core_flag, comp, A, cfg.attention_neighbors)
 
     report = build_report(clusters, graph, part, new_id, cand, selected, comp_ids, comp_sizes, clustered_comp,
                      cut_info, stats, cfg, u, v, w)

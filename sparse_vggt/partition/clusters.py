@@ -50,7 +50,7 @@ class Clusters:
 
     def to_table(self, metadata: dict[str, Any] | None = None) -> pa.Table:
         if self.nbr_values.size >= 2**31:
-            raise PartitionError("too many neighbour entries for one table; lower partition.k")
+            raise PartitionError("too many neighbour entries for one table; lower partition.attention_neighbors")
         nbrs = pa.ListArray.from_arrays(pa.array(self.nbr_offsets.astype(np.int32)),
                                         pa.array(self.nbr_values.astype(np.int64), type=pa.int64()))
         role = pa.DictionaryArray.from_arrays(pa.array(np.where(self.core, 0, 1).astype(np.int8)),

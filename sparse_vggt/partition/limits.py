@@ -31,7 +31,7 @@ def resolve_max_cluster_frames(config: PipelineConfig) -> PartitionConfig:
     rc = config.reconstruct
     device, dtype, gb = _reconstruct_device(rc)
     side = int(rc.image_size)
-    neighbors = cfg.k if rc.attention == "sparse" else None
+    neighbors = cfg.attention_neighbors if rc.attention == "sparse" else None
     try:
         frames = memory.max_frames(gb, side, side, neighbors, dtype, device,
                                    config=_preset_config(rc.preset), head_chunk_frames=rc.head_chunk_frames or 8,

@@ -135,7 +135,7 @@ def build_report(clusters: Clusters, graph: Graph, part: np.ndarray, new_id: np.
                    "bridged_pairs": int(stats.get("bridged_pairs", 0)), "tree_links": int(stats.get("tree_links", 0)),
                    "capacity_limited_components": int(stats.get("tight_components", 0))},
         "metis_seconds": round(float(stats.get("metis_seconds", 0.0)), 3),
-        "max_cluster_frames": M, "min_overlap_frames": m, "k": cfg.k,
+        "max_cluster_frames": M, "min_overlap_frames": m, "k": cfg.attention_neighbors,
         "reference_frame": "core frame with the largest in-cluster weighted degree",
         "warnings": warnings,
     }

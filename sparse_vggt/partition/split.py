@@ -107,7 +107,7 @@ def split_clusters_in_memory(clusters: Clusters, cluster_id: int, A: sp.csr_matr
     mg = np.concatenate([r[1] for r in rows_new])
     cflag = np.concatenate([r[2] for r in rows_new])
     comp_arr = np.full(n, comp_id, np.int64)
-    new_rows = order_and_neighbors(mc, mg, cflag, comp_arr, A, cfg.k)
+    new_rows = order_and_neighbors(mc, mg, cflag, comp_arr, A, cfg.attention_neighbors)
     kept = clusters.select(np.flatnonzero(clusters.cluster_id != cluster_id))
     return Clusters.concat([kept, new_rows]), new_ids
 
