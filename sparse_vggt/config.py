@@ -66,16 +66,28 @@ class IngestConfig:
 
 
 @dataclass
-class DescribeConfig:
+class ModelConfig:
+    """The model block both model stages share: which checkpoint, which architecture, where it runs.
+
+    ``describe`` and ``reconstruct`` inherit it, so the same keys mean the same thing in both sections (each
+    section sets its own defaults).
+    """
+
+    model: str = ""  # hub repo id, local dir/file, or "random" (tests, demo)
+    preset: str = ""  # architecture preset of the model
+    device: str = _runtime("auto", "auto | cuda[:i] | mps | cpu")
+    allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
+
+
+@dataclass
+class DescribeConfig(ModelConfig):
     """Global descriptors for retrieval (`sparse-vggt describe`)."""
 
     model: str = "gberton/MegaLoc"  # hub repo id, local dir/file, or "random" (tests, demo)
     image_size: int = MEGALOC_INPUT.size  # square resize side before the backbone (multiple of 14)
     batch_size: int = 16
-    device: str = _runtime("auto", "auto | cuda | mps | cpu")
     dtype: str = _runtime("auto", "auto | float32 | float16 | bfloat16")
     descriptors_file: str = ""  # bring-your-own descriptors: .npy (+ names) or .parquet keyed by image name
-    allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     preset: str = "megaloc"  # architecture preset: "megaloc" (ViT-B/14 + SALAD) or "tiny" for tests
     descriptor: str = "megaloc"  # retrieval descriptor (sparse_vggt.retrieval): megaloc | file (= descriptors_file)
 
@@ -154,7 +166,7 @@ class PartitionConfig:
 
 
 @dataclass
-class ReconstructConfig:
+class ReconstructConfig(ModelConfig):
     """Per-cluster VGGT inference (`sparse-vggt reconstruct`)."""
 
     model: str = "facebook/VGGT-1B"  # hub repo id, local dir/file, or "random" (tests, demo)
@@ -163,7 +175,6 @@ class ReconstructConfig:
     preprocess_mode: str = "crop"  # crop | pad (as the reference load_and_preprocess_images)
     attention: str = "sparse"  # sparse | dense global attention
     special_tokens_global: bool = False  # every frame also attends to all frames' camera/register tokens
-    device: str = _runtime("auto", "auto | cuda | mps | cpu")
     # dtype and the attention kernel change the numbers a cluster produces (bf16 vs fp32, flex vs sdpa rounding),
     # so they are result-affecting: changing them on a finished reconstruct stage needs --force
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
@@ -173,7 +184,6 @@ class ReconstructConfig:
     # | sdpa | flex | any kernel registered in sparse_vggt.layers.kernels. Result-affecting: kernels differ in
     # rounding.
     attention_backend: str = "auto"
-    allow_random_weights: bool = False  # must be true to run without a real checkpoint (a loud warning is logged)
     depth_dtype: str = "float16"  # storage dtype of depth / depth_conf
     # memory of one reconstruct worker (its GPU, or RAM for CPU/MPS), in GB; sizes clusters
     # when partition.max_cluster_frames = "auto". 0: the memory of the machine running the partition stage.
@@ -256,13 +266,12 @@ class OrchestrationConfig:
     oom_split: bool = _runtime(True, "split a cluster in two and retry on out-of-memory")
     max_oom_splits: int = _runtime(4, "how many times a cluster may be halved")
     accelerator_tag: str = _runtime("accelerator", "tag concurrency-limited to one model per accelerator")
-    # added by the orchestration issue (10):
     poll_interval_s: float = _runtime(1.0, "pool mode: seconds between state polls of a dispatched cluster run")
-    # added by issue 15: local dispatch runs each cluster's model in a child process (one persistent worker that
-    # keeps the model loaded), so an out-of-memory SIGKILL costs that cluster (split and retried), not the run
+    # local dispatch runs each cluster's model in a child process (one persistent worker that keeps the model
+    # loaded), so an out-of-memory SIGKILL costs that cluster (split and retried), not the run
     cluster_process: bool = _runtime(True, "local dispatch: run cluster models in a child worker process")
-    # added by issue 16 (the farm does the heavy work): pool mode runs describe units on the workers too, keeps
-    # each model resident per worker, and bounds the flow runs in flight
+    # pool mode runs describe units on the workers too, keeps each model resident per worker, and bounds the flow
+    # runs in flight
     describe_deployment: str = _runtime("describe-chunks/mac-mini", "pool mode: deployment run per describe unit")
     describe_chunks_per_run: int = _runtime(4, "pool mode: ingest chunks per describe flow run")
     clusters_per_run: int = _runtime(8, "pool mode: clusters per flow run (amortises the flow run's process "

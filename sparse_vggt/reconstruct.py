@@ -183,7 +183,7 @@ def load_model(cfg: ReconstructConfig, device: torch.device, k: int = 10) -> nn.
 
 
 def _lean_weights(model: nn.Module, cfg: ReconstructConfig, device: torch.device) -> None:
-    """Half-precision aggregator weights on CUDA/MPS (issue 17); on MPS also cap the allocator at
+    """Half-precision aggregator weights on CUDA/MPS (the memory budget of large clusters); on MPS also cap the allocator at
     ``reconstruct.memory_gb`` so a cluster sized for that budget fails fast instead of swapping."""
     from .device import select_weights_dtype
 
