@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, defaultdict, deque
+from fractions import Fraction
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -178,13 +179,14 @@ def check_invariants(graph, cfg: PartitionConfig, cl: Clusters, report: dict, af
             assert len(cs) == 1
             (c,) = cs
             assert cores[c] == sets[c] and len(sets[c]) == comp_size[cid]
-    # balance: every core within (1 + tol) of the ideal core size METIS was asked for
+    # balance: every core within (1 + tol) of the ideal core size METIS was asked for. Exact arithmetic on the
+    # tolerance as written (0.15 = 3/20): in floats, 1.15 * 180 / 69 is just below 3 although the bound is 3
     info = {b["component"]: b for b in report["balance"]}
     for cid, cs in by_comp.items():
         if comp_size[cid] > M and not after_split:
             b = info[cid]
-            cap = math.floor((1 + cfg.balance_tolerance) * comp_size[cid] / b["parts_requested"])
-            assert max(len(cores[c]) for c in cs) <= min(cap, M)
+            bound = (1 + Fraction(repr(cfg.balance_tolerance))) * comp_size[cid] / b["parts_requested"]
+            assert max(len(cores[c]) for c in cs) <= min(math.floor(bound), M)
     # order, reference frame, neighbour sets
     for c, rows in rows_of.items():
         fs = sets[c]
@@ -306,6 +308,18 @@ def test_invariants_single_structures(kind, n, seed, m):
     cl, report = partition_graph(*graph, cfg)
     check_invariants(graph, cfg, cl, report)
     assert report["clusters"] > 1
+
+
+def test_balance_bound_is_exact_when_it_is_a_whole_number():
+    """Found by hypothesis: 180 frames, M=5, m=1, tol=0.15 -> 69 parts, ideal 180/69, and (1 + tol) * ideal is
+    exactly 3. Cores of 3 frames are within the bound; a float evaluation (1.15 * 180 / 69 = 2.99...) is not."""
+    graph = build_graph([("random", 180)], 0, 0)
+    cfg = PartitionConfig(max_cluster_frames=5, min_overlap_frames=1, k=1, balance_tolerance=0.15,
+                          min_component_frames=1, seed=0)
+    cl, report = partition_graph(*graph, cfg)
+    check_invariants(graph, cfg, cl, report)
+    (b,) = report["balance"]
+    assert b["parts_requested"] == 69 and b["core_cap"] == 3 and b["max_core"] == 3
 
 
 def test_chain_needs_bridging_and_stays_linked():

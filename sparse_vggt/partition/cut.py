@@ -165,6 +165,15 @@ def _enforce_cap(A: sp.csr_matrix, labels: np.ndarray, cap: int, wmax: float, to
 
 def cut_component(A: sp.csr_matrix, core_target: float, cfg: PartitionConfig, wmax: float,
                    stats: dict[str, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cut a connected component of ``n`` frames into connected core parts (labels 0..p-1) and report the cut.
+
+    Guarantee: every part has at most ``core_cap = min(M, floor((1 + tol) * n / parts_requested))`` frames, with
+    ``parts_requested = max(2, ceil(n / core_target))``, i.e. no core exceeds ``(1 + tol)`` times the ideal core
+    size. Both are computed in floating point: where ``(1 + tol) * n / parts`` (or ``n / core_target``) is exactly
+    a whole number, rounding can make ``core_cap`` one smaller (or ``parts_requested`` one larger) than the exact
+    value; for a tolerance written with a few decimals it is never larger, so the bound holds in exact arithmetic.
+    More parts than requested may come back (repair orphans, re-cuts of parts above the cap); they obey the cap too.
+    """
     n = A.shape[0]
     nparts = max(2, math.ceil(n / core_target))
     ideal = n / nparts
