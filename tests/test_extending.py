@@ -241,3 +241,12 @@ def test_an_executor_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
     for cid in store.zarr["clusters"].group_keys():
         np.testing.assert_array_equal(store.zarr["clusters"][cid]["extrinsics"][:],
                                       local.zarr["clusters"][cid]["extrinsics"][:])
+
+
+def test_the_guide_shows_exactly_the_files_these_tests_run():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "EXTENDING.md").read_text()
+    blocks = {b.split("\n", 1)[0][2:].strip(): b.split("\n", 1)[1]
+              for b in guide.split("```python\n")[1:] for b in [b.split("```", 1)[0]]}
+    for name, source in (("colour_histogram.py", RETRIEVAL_PLUGIN), ("masked_dense.py", KERNEL_PLUGIN),
+                         ("cameras_json.py", FORMAT_PLUGIN), ("thread_executor.py", EXECUTOR_PLUGIN)):
+        assert blocks[name].strip() == textwrap.dedent(source).strip(), f"docs/EXTENDING.md {name} differs"

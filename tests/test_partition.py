@@ -314,7 +314,7 @@ def test_balance_bound_is_exact_when_it_is_a_whole_number():
     """Found by hypothesis: 180 frames, M=5, m=1, tol=0.15 -> 69 parts, ideal 180/69, and (1 + tol) * ideal is
     exactly 3. Cores of 3 frames are within the bound; a float evaluation (1.15 * 180 / 69 = 2.99...) is not."""
     graph = build_graph([("random", 180)], 0, 0)
-    cfg = PartitionConfig(max_cluster_frames=5, min_overlap_frames=1, k=1, balance_tolerance=0.15,
+    cfg = PartitionConfig(max_cluster_frames=5, min_overlap_frames=1, attention_neighbors=1, balance_tolerance=0.15,
                           min_component_frames=1, seed=0)
     cl, report = partition_graph(*graph, cfg)
     check_invariants(graph, cfg, cl, report)
