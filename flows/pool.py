@@ -22,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.report import unit_records, worker_rows
 from sparse_vggt.scheduler import Outcome, Work
-from sparse_vggt.store import RunStore, atomic_write_bytes
+from sparse_vggt.durable import atomic_write_bytes
+from sparse_vggt.store import RunStore
 from tasks.dispatch import PoolDispatcher, PoolUnit, in_flight_limit, online_workers
 from tasks.stages import artifact_key
 

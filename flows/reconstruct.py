@@ -31,7 +31,7 @@ from sparse_vggt import scheduler
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.lock import writer_lock
 from sparse_vggt.scheduler import FlowParameterError, validate_parameters
-from sparse_vggt.store import atomic_write_bytes
+from sparse_vggt.durable import atomic_write_bytes
 from tasks.dispatch import OOM_MARK, TRANSIENT_MARK
 
 from .executor import PrefectExecutor, flow_run_name

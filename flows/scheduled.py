@@ -27,7 +27,8 @@ from flows.reconstruct import _reconstruct, record_event, validate_parameters
 from sparse_vggt.grow import (dated_run_dir, previous_runs, reuse_clusters, reuse_descriptors, reuse_upstream,
                               same_photo_set)
 from sparse_vggt.lock import writer_lock
-from sparse_vggt.store import RunStore, atomic_write_bytes
+from sparse_vggt.durable import atomic_write_bytes
+from sparse_vggt.store import RunStore
 from tasks.stages import artifact_key, scan_task
 
 

@@ -27,7 +27,8 @@ from . import retrieval
 from .config import PipelineConfig
 from .progress import track
 from .retrieval import DescribeError, DescribeInputs
-from .store import RunStore, file_identity
+from .durable import file_identity
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def run(run_dir: Path, config: PipelineConfig | None = None, *, force: bool = Fa
         return manifest
     version = _dt.datetime.now(_dt.timezone.utc).isoformat()
     arr.attrs.update({"complete": True, "version": version})
-    from .store import fsync_tree
+    from .durable import fsync_tree
 
     fsync_tree(store.zarr_path / "descriptors")
     manifest["integrity"] = store.array_integrity("descriptors")  # verified by RunStore.stage_intact

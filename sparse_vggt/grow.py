@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from .config import PipelineConfig
-from .store import RunStore, atomic_write_bytes, fsync_tree
+from .durable import atomic_write_bytes, fsync_tree
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from PIL import Image, ImageOps
 
 from .config import PipelineConfig
 from .progress import track
-from .store import RunStore, atomic_write_bytes, file_identity
+from .durable import atomic_write_bytes, file_identity
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 

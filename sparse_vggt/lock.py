@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .store import FILE_MODE, RunStoreError, atomic_write_bytes
+from .durable import FILE_MODE, atomic_write_bytes
+from .store import RunStoreError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class RunLock:
                                      f"{self.stale_s:.0f} s for its heartbeat to go stale, then re-run.")
             log.warning("taking over the stale writer lock of %s: %s", _describe(owner), reason)
             with contextlib.suppress(Exception):
-                from .store import append_event
+                from .durable import append_event
 
                 if (self.root / "run.json").exists():
                     append_event(self.root, {"kind": "stale_lock_taken_over", "owner": owner, "reason": reason})

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .store import RunStore, atomic_write_bytes, read_events
+from .durable import atomic_write_bytes, read_events
+from .store import RunStore
 
 
 def unit_records(run_dir: str, kind: str) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import ConfigError, PipelineConfig
-from .store import RunStore, append_event
+from .durable import append_event
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,12 @@ with the process umask (group/world-readable like the rest of a shared run), nev
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fcntl
 import json
 import logging
 import os
 import platform
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,6 +38,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from .config import PipelineConfig
+from .durable import append_event, atomic_write_bytes, fsync_dir, fsync_tree, now as _now, temp_file
+from .integrity import UnitCheck, array_manifest as _array_manifest
 from .pipeline import NAMES as STAGES  # the stage order (run.json markers, status, invalidation) is the pipeline's
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,6 @@ class ConfigMismatchError(RunStoreError):
     """An existing run was opened with a config that would change its results."""
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -100,125 +96,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def _read_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is process-global)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-FILE_MODE = 0o666 & ~_read_umask()  # what open() would give: shared runs stay readable by the group/others
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation in ``path`` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_file(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600: other users of a shared run could not read it
-    return fd, tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a fsynced temp file in the same directory + rename + directory fsync: readers never see half a
-    file, and after return the new content survives a crash or power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory below ``root`` (unit data before its completion marker)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def file_identity(path: str | Path) -> tuple[int, int]:
-    """(size, mtime_ns) of the file, or of the link itself when its target is missing; (0, 0) when neither.
-
-    How the run recognises an input file outside the run directory (photos, a descriptors file) as unchanged;
-    nanoseconds, so a rewrite within the same second is still seen."""
-    for fn in (os.stat, os.lstat):
-        try:
-            st = fn(path)
-            return int(st.st_size), int(st.st_mtime_ns)
-        except OSError:
-            continue
-    return 0, 0
-
-
-def append_event(run_dir: str | Path, event: dict[str, Any]) -> dict[str, Any]:
-    """Append one event (skip, split, redo, failure...) to <run>/orchestration/events.jsonl under a lock."""
-    path = Path(run_dir) / "orchestration" / "events.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    event = {"time": _now(), **event}
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-    with os.fdopen(fd, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            fh.write(json.dumps(event, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    return event
-
-
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every event of <run>/orchestration/events.jsonl, oldest first (a torn last line is skipped)."""
-    path = Path(run_dir) / "orchestration" / "events.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-class UnitCheck:
-    """Outcome of verifying one unit: ``ok`` or the reason it must be redone."""
-
-    __slots__ = ("ok", "reason", "marked")
-
-    def __init__(self, ok: bool, reason: str = "", marked: bool = False):
-        self.ok, self.reason, self.marked = ok, reason, marked  # marked: a marker said complete, the data disagrees
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __repr__(self) -> str:
-        return f"UnitCheck(ok={self.ok}, reason={self.reason!r})"
 
 
 class RunStore:
@@ -479,7 +356,7 @@ class RunStore:
     def write_table(self, name: str, table: pa.Table) -> Path:
         path = self.table_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_file(path)
+        fd, tmp = temp_file(path)
         try:
             try:
                 pq.write_table(table, tmp)
@@ -664,33 +541,6 @@ class RunStore:
 
 
 _FULLY_VERIFIED: dict[str, tuple[Any, ...]] = {}  # unit dir -> (dir, completed_at, marker mtime) checksummed OK
-
-
-def _array_manifest(gdir: Path, checksum: bool) -> dict[str, dict[str, Any]]:
-    """Per array below ``gdir`` (key: path relative to it): shape, dtype, stored file count and bytes, CRC-32."""
-    out: dict[str, dict[str, Any]] = {}
-    for dirpath, dirs, files in os.walk(gdir):
-        dirs.sort()
-        here = Path(dirpath)
-        if here == gdir or "zarr.json" not in files:
-            continue
-        try:
-            meta = json.loads((here / "zarr.json").read_text())
-        except ValueError:
-            meta = {}
-        if meta.get("node_type") != "array":
-            continue
-        dirs[:] = []  # an array's chunks are below it; no nested nodes
-        stored = sorted(p for p in here.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
-        entry: dict[str, Any] = {"shape": list(meta.get("shape", [])), "dtype": str(meta.get("data_type")),
-                                 "files": len(stored), "nbytes": sum(p.stat().st_size for p in stored)}
-        if checksum:
-            crc = 0
-            for p in stored:
-                crc = zlib.crc32(p.read_bytes(), crc)
-            entry["crc32"] = crc
-        out[str(here.relative_to(gdir))] = entry
-    return out
 
 
 def _jsonable(obj: Any) -> Any:

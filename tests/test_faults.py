@@ -371,7 +371,7 @@ def test_damaged_stage_unit_invalidates_stage_and_later(tmp_path):
 
 
 def test_files_are_group_and_world_readable(tmp_path):
-    from sparse_vggt.store import FILE_MODE, append_event, atomic_write_bytes
+    from sparse_vggt.durable import FILE_MODE, append_event, atomic_write_bytes
 
     old = os.umask(0o022)
     try:

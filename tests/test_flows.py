@@ -215,7 +215,7 @@ def test_injected_oom_splits_cluster_and_completes(harness, tmp_path, monkeypatc
     import sparse_vggt.reconstruct as recon
     from flows.reconstruct import run_pipeline
     from sparse_vggt.scheduler import ClusterFailures
-    from sparse_vggt.store import read_events
+    from sparse_vggt.durable import read_events
 
     real = recon.reconstruct_cluster
     run = tmp_path / "run"

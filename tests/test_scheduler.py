@@ -61,7 +61,7 @@ def test_local_executor_runs_resumes_and_splits_out_of_memory_clusters(tmp_path:
     import sparse_vggt.reconstruct as recon
     from sparse_vggt.local_executor import run_local
     from sparse_vggt.scheduler import ClusterFailures
-    from sparse_vggt.store import read_events
+    from sparse_vggt.durable import read_events
 
     run = tmp_path / "run"
     real = recon.reconstruct_cluster
