@@ -142,12 +142,12 @@ def _handle(req: dict[str, Any]) -> dict[str, Any]:
     from . import reconstruct as recon
     from .cluster_worker import _inject, failure_answer
 
-    cfg = PipelineConfig.from_dict(req["config"])
     run_dir = Path(req["run_dir"])
     _accelerator_peak_reset()
     t0 = time.perf_counter()
     with _PeakSampler() as peak:
         try:
+            cfg = PipelineConfig.from_dict(req["config"])  # an invalid config is answered, not fatal to the server
             if req["kind"] == "cluster":
                 cid = int(req["unit"])
                 _inject(cid)

@@ -32,6 +32,7 @@ def faults(tmp_path, monkeypatch):
 def _cfg(timeout: float = 0.0) -> PipelineConfig:
     cfg = PipelineConfig()
     cfg.describe.model = cfg.reconstruct.model = "random"
+    cfg.describe.allow_random_weights = cfg.reconstruct.allow_random_weights = True
     cfg.orchestration.unit_timeout_s = timeout
     return cfg
 
