@@ -50,7 +50,7 @@ def stage(args: argparse.Namespace) -> dict:
 
     from sparse_vggt.config import PipelineConfig
     from sparse_vggt import describe
-    from sparse_vggt.ingest import run as run_scan
+    from sparse_vggt.scan import run as run_scan
 
     logging.getLogger("sparse_vggt").setLevel(logging.ERROR)
     photos = REPO / "sparse_vggt" / "data" / "sacre_coeur" / "images"

@@ -42,7 +42,7 @@ POOL = "farm-bench"
 
 
 def make_photos(folder: Path, n: int, seed: int = 0) -> None:
-    """``n`` small JPEGs: a gradient, random rectangles and noise (distinct, decodable, above ingest.min_side)."""
+    """``n`` small JPEGs: a gradient, random rectangles and noise (distinct, decodable, above scan.min_side)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -199,7 +199,7 @@ def main() -> None:
         from sparse_vggt.demo import demo_config
 
         register_deployments(work_pool=POOL, apply=True)
-        cfg = demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}", "ingest.chunk_size=64",
+        cfg = demo_config([f"partition.max_cluster_frames={args.max_cluster_frames}", "scan.chunk_size=64",
                            f"describe.image_size={args.image_size}", f"reconstruct.image_size={args.image_size}"])
         o = cfg.orchestration
         o.dispatch, o.work_pool = "pool", POOL

@@ -2,7 +2,7 @@
 
 Each image is a bundled photo with a random crop and re-encode, so every file has its own bytes (no duplicate
 folding) and real photo statistics. Variants in one run: full decode validation (default) vs header-only
-(`ingest.decode_check=false`), so the cost of decoding is a ratio on the same machine state.
+(`scan.decode_check=false`), so the cost of decoding is a ratio on the same machine state.
 
     python benchmarks/scan.py --images 1000 [--json]
 """
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.ingest import run as run_scan
+from sparse_vggt.scan import run as run_scan
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sparse_vggt" / "data" / "sacre_coeur" / "images"
 
@@ -57,7 +57,7 @@ def main() -> None:
         rows = []
         for variant, decode in (("full decode", True), ("header only", False)):
             cfg = PipelineConfig()
-            cfg.ingest.decode_check = decode
+            cfg.scan.decode_check = decode
             t0 = time.perf_counter()
             manifest = run_scan(work / f"run_{int(decode)}", cfg, photos=photos)
             dt = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from .models.inputs import MEGALOC_INPUT, VGGT_INPUT
 log = logging.getLogger(__name__)
 
 # old key -> new key: old configs and run.json files keep loading (with a warning)
+RENAMED_SECTIONS = {"ingest": "scan"}
 RENAMED = {"graph.k": "graph.retrieval_neighbors", "partition.k": "partition.attention_neighbors"}
 
 # fields whose value must be one of a fixed set (devices, dtypes and registries are checked where they are resolved)
@@ -49,7 +50,7 @@ def _runtime(default: Any, doc: str = "") -> Any:
 
 
 @dataclass
-class IngestConfig:
+class ScanConfig:
     """Photo discovery and validation (`sparse-vggt scan`)."""
 
     extensions: list[str] = field(
@@ -224,7 +225,7 @@ class MergeConfig:
     voxel_size: float = 0.0  # 0 = automatic (scene extent / 1000)
     depth_consistency: bool = True  # drop overlap-frame pixels whose depths disagree across clusters
     depth_consistency_tolerance: float = 0.05  # relative depth disagreement tolerated (vs the median over clusters)
-    colors: bool = True  # colour points from the photos (sparse_vggt.ingest.load_image)
+    colors: bool = True  # colour points from the photos (sparse_vggt.scan.load_image)
     seed: int = 0  # RANSAC sampling
 
 
@@ -292,7 +293,7 @@ class OrchestrationConfig:
 
 @dataclass
 class PipelineConfig:
-    ingest: IngestConfig = field(default_factory=IngestConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -310,6 +311,7 @@ class PipelineConfig:
         """A config from nested tables (a TOML file, ``run.json``, a flow parameter); checked unless told not."""
         cfg = cls()
         for section, values in (data or {}).items():
+            section = _section_name(section)
             if section not in _sections():
                 raise ConfigError(f"unknown config section [{section}]; known: {', '.join(_sections())}")
             if not isinstance(values, dict):
@@ -342,6 +344,9 @@ class PipelineConfig:
         """Set ``section.field`` to ``value``, coercing strings from the CLI to the field's type."""
         if "." not in dotted:
             raise ConfigError(f"override {dotted!r} must look like section.field (e.g. graph.retrieval_neighbors)")
+        if dotted.split(".", 1)[0] in RENAMED_SECTIONS:
+            old, rest = dotted.split(".", 1)
+            dotted = f"{_section_name(old)}.{rest}"
         if dotted in RENAMED:
             new = RENAMED[dotted]
             log.warning("config key %s is now called %s; please rename it in your config", dotted, new)
@@ -428,6 +433,15 @@ class PipelineConfig:
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which field and why."""
+
+
+def _section_name(section: str) -> str:
+    """The current name of a config section (old names load with a warning)."""
+    if section in RENAMED_SECTIONS:
+        log.warning("config section [%s] is now called [%s]; please rename it in your config", section,
+                    RENAMED_SECTIONS[section])
+        return RENAMED_SECTIONS[section]
+    return section
 
 
 def _sections() -> list[str]:

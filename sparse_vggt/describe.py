@@ -128,7 +128,7 @@ def run(run_dir: Path, config: PipelineConfig | None = None, *, force: bool = Fa
     else:
         dim, model_id, weights = entry.plan(cfg)
 
-    chunk_rows = max(1, config.ingest.chunk_size)
+    chunk_rows = max(1, config.scan.chunk_size)
     if arr is not None and (force or arr.shape != (n_rows, dim) or arr.attrs.get("settings") != settings):
         if arr.shape[1] != dim and not force:
             log.warning("replacing descriptors of dimension %d (%s) by dimension %d (%s)",

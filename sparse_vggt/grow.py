@@ -122,7 +122,7 @@ def reuse_descriptors(prev_dir: str | Path, new_dir: str | Path, config: Pipelin
     sha = table.column("sha256").to_pylist()
     known = {int(r) for r in ok if sha[r] in prev_row}
     n_rows, dim = table.num_rows, int(parr.shape[1])
-    chunk_rows = max(1, config.ingest.chunk_size)
+    chunk_rows = max(1, config.scan.chunk_size)
     arr = new.zarr.create_array("descriptors", shape=(n_rows, dim), dtype="float16",
                                 chunks=(min(chunk_rows, max(n_rows, 1)), dim), fill_value=0)
     arr.attrs.update({"model": parr.attrs.get("model"), "dim": dim, "settings": settings, "complete": False,
@@ -205,8 +205,8 @@ def reuse_clusters(prev_dir: str | Path, new_dir: str | Path, config: PipelineCo
     new_keys = _cluster_content_keys(new, config)
     out: dict[str, Any] = {"from": str(prev.root), "clusters": len(new_keys), "reused": 0, "map": {},
                            "reason": None}
-    if prev.config().result_affecting()["ingest"] != config.result_affecting()["ingest"]:
-        out["reason"] = "scan (ingest) settings differ from the previous run's"
+    if prev.config().result_affecting()["scan"] != config.result_affecting()["scan"]:
+        out["reason"] = "scan settings differ from the previous run's"
         return out
     prev_keys = _cluster_content_keys(prev, config)
     for key, (cid, ids, neighbors) in new_keys.items():
@@ -263,7 +263,7 @@ def reuse_upstream(prev_dir: str | Path, new_dir: str | Path, config: PipelineCo
     old, now = prev.config().result_affecting(), config.result_affecting()
     what = {"describe": (["descriptors", "describe_chunks"], None), "graph": (["graph"], None),
             "partition": ([], "clusters")}
-    for stage, sections in (("describe", ("ingest", "describe")), ("graph", ("graph",)),
+    for stage, sections in (("describe", ("scan", "describe")), ("graph", ("graph",)),
                             ("partition", ("partition",))):
         if any(old[s] != now[s] for s in sections):
             out["reason"] = f"{stage} settings differ from the previous run's"

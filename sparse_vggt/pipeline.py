@@ -37,7 +37,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("scan", "sparse_vggt.ingest", "find, validate and index photos into a run directory", None,
+    Stage("scan", "sparse_vggt.scan", "find, validate and index photos into a run directory", None,
           ("<photos>",), ("tables/images.parquet",)),
     Stage("describe", "sparse_vggt.describe", "global descriptors (MegaLoc) for every kept image",
           "ingest chunk", ("tables/images.parquet", "<photos>"), ("store.zarr/descriptors",)),

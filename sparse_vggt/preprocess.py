@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .ingest import load_image, to_rgb
+from .scan import load_image, to_rgb
 from .models.inputs import VGGT_INPUT
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _pad(t: torch.Tensor, A: np.ndarray, height: int, width: int) -> tuple[torch
 
 def preprocess_images(images: Sequence[Image.Image | str | Path], image_size: int = VGGT_INPUT.size,
                       mode: str = "crop") -> tuple[torch.Tensor, np.ndarray]:
-    """PIL images (or paths, read with ``sparse_vggt.ingest.load_image``) -> ((N, 3, H, W) float in [0, 1],
+    """PIL images (or paths, read with ``sparse_vggt.scan.load_image``) -> ((N, 3, H, W) float in [0, 1],
     (N, 2, 3) float64 affines mapping model-input coordinates to original coordinates)."""
     if len(images) == 0:
         raise ValueError("preprocess_images needs at least one image")

@@ -209,7 +209,7 @@ def attention_record(model: nn.Module) -> dict[str, Any]:
 
 def _load_frames(store: RunStore, image_ids: np.ndarray, cfg: ReconstructConfig) -> tuple[torch.Tensor, np.ndarray]:
     """(S, 3, h, w) in [0, 1] at model resolution and (S, 2, 3) affine maps model pixel -> original pixel."""
-    from .preprocess import preprocess_images  # reads files with sparse_vggt.ingest.load_image
+    from .preprocess import preprocess_images  # reads files with sparse_vggt.scan.load_image
 
     images = store.read_table("images")
     root = Path((images.schema.metadata or {}).get(b"photos_root", b"").decode())

@@ -286,7 +286,7 @@ def _unit_frames(kind: str, run_dir: str | Path, config: PipelineConfig, unit: A
 
     if kind == "cluster":
         return cluster_frame_count(run_dir, int(unit))
-    return len(unit) * max(1, int(config.ingest.chunk_size))
+    return len(unit) * max(1, int(config.scan.chunk_size))
 
 
 # ---- client -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def finished_run(run_dir: str | Path, photos: str | Path, config: PipelineConfig | None = None) -> dict[str, Any] | None:
     """A summary of ``run_dir`` if it is finished for ``photos`` (and ``config``: None = the recorded one), else
     None. Reads run.json, lists the photo folder and stats its files; never imports Prefect."""
-    from .ingest import _listing_fingerprint, find_photos
+    from .scan import _listing_fingerprint, find_photos
 
     run_dir, photos = Path(run_dir).expanduser(), Path(photos).expanduser()
     if not (run_dir / "run.json").is_file() or not photos.is_dir():
@@ -45,7 +45,7 @@ def finished_run(run_dir: str | Path, photos: str | Path, config: PipelineConfig
     if scan.get("photos_root") != str(root):
         return None
     cfg = config or recorded
-    paths = find_photos(root, cfg.ingest.extensions, cfg.ingest.follow_symlinks)
+    paths = find_photos(root, cfg.scan.extensions, cfg.scan.follow_symlinks)
     if _listing_fingerprint(root, paths) != scan.get("listing_sha256"):
         return None
     damage = store.quick_damage()

@@ -45,7 +45,7 @@ from .pipeline import NAMES as STAGES  # the stage order (run.json markers, stat
 log = logging.getLogger(__name__)
 
 # config section -> the stage whose results its result-affecting fields change
-SECTION_STAGE = {"ingest": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
+SECTION_STAGE = {"scan": "scan", "describe": "describe", "graph": "graph", "partition": "partition",
                  "reconstruct": "reconstruct", "merge": "merge", "export": "export"}
 _STAGE_UNIT = {"graph": "graph", "merge": "merge"}  # stages whose output is one verified unit
 _STAGE_TABLE = {"scan": "images", "partition": "clusters"}

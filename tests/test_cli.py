@@ -26,11 +26,11 @@ def test_scan_prints_skip_table_and_status(tmp_path: Path, sample_photos: Path, 
                                            capsys: pytest.CaptureFixture[str]) -> None:
     photos = _photos(tmp_path, sample_photos, fixtures_dir)
     run = tmp_path / "run"
-    assert main(["scan", str(photos), str(run), "--set", "ingest.chunk_size=2"]) == 0
+    assert main(["scan", str(photos), str(run), "--set", "scan.chunk_size=2"]) == 0
     out = capsys.readouterr().out
     assert "skipped_files" in out and "notes.jpg" in out and "not an image" in out
     meta = json.loads((run / "run.json").read_text())
-    assert meta["config"]["ingest"]["chunk_size"] == 2
+    assert meta["config"]["scan"]["chunk_size"] == 2
     assert meta["stages"]["scan"]["manifest"]["chunks"] == 2
 
     assert main(["status", str(run)]) == 0
@@ -47,9 +47,9 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path, sample_photos: Path, 
     run = tmp_path / "run"
     assert main(["scan", str(photos), str(run)]) == 0
     capsys.readouterr()
-    assert main(["scan", str(photos), str(run), "--set", "ingest.min_side=10"]) == 2
+    assert main(["scan", str(photos), str(run), "--set", "scan.min_side=10"]) == 2
     err = capsys.readouterr().err
-    assert "different config" in err and "ingest.min_side" in err and "Traceback" not in err
+    assert "different config" in err and "scan.min_side" in err and "Traceback" not in err
     assert main(["describe", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert main(["scan", str(photos), str(tmp_path / "r2"), "--set", "partition.bogus=1"]) == 2
@@ -138,11 +138,11 @@ def test_config_show_prints_toml(tmp_path: Path, sample_photos: Path, fixtures_d
     assert tomllib.loads(capsys.readouterr().out)["graph"]["retrieval_neighbors"] == 7
     photos = _photos(tmp_path, sample_photos, fixtures_dir)
     run = tmp_path / "run"
-    assert main(["scan", str(photos), str(run), "--set", "ingest.chunk_size=2"]) == 0
+    assert main(["scan", str(photos), str(run), "--set", "scan.chunk_size=2"]) == 0
     capsys.readouterr()
     assert main(["config", "show", str(run), "--set", "graph.retrieval_neighbors=9"]) == 0
     shown = tomllib.loads(capsys.readouterr().out)
-    assert shown["ingest"]["chunk_size"] == 2 and shown["graph"]["retrieval_neighbors"] == 9
+    assert shown["scan"]["chunk_size"] == 2 and shown["graph"]["retrieval_neighbors"] == 9
     assert main(["config", "show", "--set", "graph.nope=1"]) == 2
     assert "unknown field graph.nope" in capsys.readouterr().err
 
@@ -185,7 +185,7 @@ def _finished_run(tmp_path: Path, sample_photos: Path) -> tuple[Path, Path]:
     from sparse_vggt.graph import run as build_graph
     from sparse_vggt.describe import run as describe
     from sparse_vggt.export import run as export
-    from sparse_vggt.ingest import run as run_scan
+    from sparse_vggt.scan import run as run_scan
     from sparse_vggt.merge import run as merge
     from sparse_vggt.partition import run as partition
     from sparse_vggt.reconstruct import run as reconstruct

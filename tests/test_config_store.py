@@ -17,14 +17,14 @@ def test_config_round_trips_through_toml_and_json(tmp_path: Path) -> None:
     cfg = PipelineConfig()
     cfg.set("partition.max_cluster_frames", "64")
     cfg.set("graph.mutual", "true")
-    cfg.set("ingest.extensions", "jpg,png")
+    cfg.set("scan.extensions", "jpg,png")
     cfg.set("merge.voxel_size", 0.25)
     path = tmp_path / "c.toml"
     path.write_text(cfg.to_toml())
     back = PipelineConfig.from_toml(path)
     assert back == cfg and back.to_dict() == cfg.to_dict()
     assert back.partition.max_cluster_frames == 64 and back.graph.mutual is True
-    assert back.ingest.extensions == ["jpg", "png"]
+    assert back.scan.extensions == ["jpg", "png"]
     assert PipelineConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
@@ -167,3 +167,13 @@ def test_renamed_keys_still_load_with_a_warning(caplog):
     cfg = PipelineConfig.from_dict({"graph": {"k": 7}})
     assert cfg.graph.retrieval_neighbors == 7
     assert "graph.k is now called graph.retrieval_neighbors" in caplog.text
+
+
+def test_renamed_section_loads_with_a_warning(caplog):
+    from sparse_vggt.config import PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"ingest": {"chunk_size": 7}, "partition": {"k": 3}})
+    assert cfg.scan.chunk_size == 7 and cfg.partition.attention_neighbors == 3
+    assert "[ingest] is now called [scan]" in caplog.text
+    cfg.set("ingest.min_side", 32)
+    assert cfg.scan.min_side == 32

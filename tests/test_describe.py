@@ -27,7 +27,7 @@ def make_scan(root: Path, photos: Path | None = None, names: list[str] | None = 
         chunk.append(kept // chunk_size if s == "ok" else -1)
         kept += s == "ok"
     cfg = PipelineConfig()
-    cfg.ingest.chunk_size = chunk_size
+    cfg.scan.chunk_size = chunk_size
     store = RunStore.create_or_open(root, cfg)
     dups = [[] for _ in status]
     dups[0] = ["other/copy_of_0.jpg"]
@@ -163,7 +163,7 @@ def test_random_weights_need_explicit_permission(tmp_path: Path) -> None:
 def test_megaloc_describe_on_real_photos_and_resume(tmp_path: Path, sample_photos: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The model path end to end: tiny MegaLoc (same code as the full one), random weights, 5 real photos."""
-    pytest.importorskip("sparse_vggt.ingest", reason="needs sparse_vggt.ingest.load_image (ingest stage)")
+    pytest.importorskip("sparse_vggt.scan", reason="needs sparse_vggt.scan.load_image (scan stage)")
     photos = sorted(p.name for p in sample_photos.glob("*.jpg"))[:5]
     store, cfg = make_scan(tmp_path / "run", photos=sample_photos, names=photos, status=["ok"] * 5, chunk_size=2)
     cfg.describe.model, cfg.describe.preset, cfg.describe.allow_random_weights = "random", "tiny", True

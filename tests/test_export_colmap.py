@@ -16,7 +16,7 @@ from PIL import Image
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.export import ExportError, run as export
-from sparse_vggt.ingest import load_image, run as run_scan
+from sparse_vggt.scan import load_image, run as run_scan
 from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 

@@ -46,7 +46,7 @@ RETRIEVAL_PLUGIN = '''
     """Colour-histogram retrieval descriptor (a stand-in for a real retrieval model)."""
     import numpy as np
 
-    from sparse_vggt.ingest import load_image
+    from sparse_vggt.scan import load_image
     from sparse_vggt.retrieval import DescribeInputs, Retrieval
 
     BINS = 8
@@ -78,7 +78,7 @@ RETRIEVAL_PLUGIN = '''
 
 def test_a_retrieval_descriptor_is_one_file_and_one_register_line(tmp_path, monkeypatch):
     from sparse_vggt import describe, graph, retrieval
-    from sparse_vggt.ingest import load_image, run as scan
+    from sparse_vggt.scan import load_image, run as scan
 
     plugin = _plugin(tmp_path, monkeypatch, "colour_histogram", RETRIEVAL_PLUGIN)
     retrieval.register(plugin.ENTRY)  # the registration line

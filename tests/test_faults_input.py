@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sparse_vggt import ingest
+from sparse_vggt import scan as scan_mod
 from sparse_vggt import synthetic as syn
 from sparse_vggt.config import PipelineConfig
 from sparse_vggt.export import run as export
-from sparse_vggt.ingest import IngestError, run as run_scan
+from sparse_vggt.scan import ScanError, run as run_scan
 from sparse_vggt.merge import run as merge
 from sparse_vggt.store import RunStore
 
@@ -60,12 +60,12 @@ def _rows(run: Path) -> dict[str, dict]:
 
 
 def _many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 8)  # the scan's pool uses min(8, cpu_count) threads
+    monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 8)  # the scan's pool uses min(8, cpu_count) threads
 
 
 def test_90mp_images_scanned_with_threads_are_all_too_large(
         tmp_path: Path, sample_photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert PipelineConfig().ingest.max_image_pixels == Image.MAX_IMAGE_PIXELS  # default: Pillow's limit
+    assert PipelineConfig().scan.max_image_pixels == Image.MAX_IMAGE_PIXELS  # default: Pillow's limit
     root = tmp_path / "photos"
     root.mkdir()
     side = 9500  # 90,250,000 pixels: above Pillow's 89,478,485, below its 2x error threshold (only a warning)
@@ -82,7 +82,7 @@ def test_90mp_images_scanned_with_threads_are_all_too_large(
     rows = _rows(tmp_path / "run")
     for i in range(12):
         status = rows[f"big_{i:02d}.png"]["status"]
-        assert status.startswith(f"too large ({side}x{side} = {side * side} pixels > ingest.max_image_pixels="), status
+        assert status.startswith(f"too large ({side}x{side} = {side * side} pixels > scan.max_image_pixels="), status
     assert manifest["kept"] == 10 and manifest["skip_reasons"] == {"too large": 12}
 
 
@@ -97,7 +97,7 @@ def test_pixel_limit_is_an_explicit_configurable_comparison(
         (root / f"img_{i:02d}.png").write_bytes(_bilevel_png(w, h, str(i)))
         sizes[f"img_{i:02d}.png"] = w * h
     cfg = PipelineConfig()
-    cfg.ingest.max_image_pixels = 1_000_000
+    cfg.scan.max_image_pixels = 1_000_000
     _many_threads(monkeypatch)
     run_scan(tmp_path / "run", cfg, photos=root)
     rows = _rows(tmp_path / "run")
@@ -109,13 +109,13 @@ def test_pixel_limit_is_an_explicit_configurable_comparison(
 
 
 def test_pixel_limit_above_what_pillow_decodes_is_refused(tmp_path: Path, sample_photos: Path) -> None:
-    ingest.check_pixel_limit(2 * Image.MAX_IMAGE_PIXELS)  # Pillow still decodes up to here (with a warning)
+    scan_mod.check_pixel_limit(2 * Image.MAX_IMAGE_PIXELS)  # Pillow still decodes up to here (with a warning)
     cfg = PipelineConfig()
-    cfg.ingest.max_image_pixels = 2 * Image.MAX_IMAGE_PIXELS + 1
-    with pytest.raises(IngestError, match="max_image_pixels"):
+    cfg.scan.max_image_pixels = 2 * Image.MAX_IMAGE_PIXELS + 1
+    with pytest.raises(ScanError, match="max_image_pixels"):
         run_scan(tmp_path / "run", cfg, photos=sample_photos)
-    cfg.ingest.max_image_pixels = 0
-    with pytest.raises(IngestError, match=">= 1"):
+    cfg.scan.max_image_pixels = 0
+    with pytest.raises(ScanError, match=">= 1"):
         run_scan(tmp_path / "run2", cfg, photos=sample_photos)
 
 
@@ -171,7 +171,7 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
     rows = _rows(tmp_path / "run")
     assert rows["a.jpg"]["status"] == "ok" and rows["a.jpg"]["duplicates"] == ["inside_link.jpg"]
     assert rows["leaves.jpg"]["status"].startswith("symbolic link leaves the photo folder")
-    assert "ingest.follow_symlinks=true" in rows["leaves.jpg"]["status"]
+    assert "scan.follow_symlinks=true" in rows["leaves.jpg"]["status"]
     assert rows["broken.jpg"]["status"] == f"broken symbolic link (-> {root / 'missing.jpg'})"
     assert rows["loop1.jpg"]["status"].startswith("broken symbolic link")
     assert rows["loop2.jpg"]["status"].startswith("broken symbolic link")
@@ -179,7 +179,7 @@ def test_symlinks_become_rows_with_reasons(tmp_path: Path, sample_photos: Path) 
     assert not any(p.startswith(("linked_folder/", "sub/")) for p in rows)  # folder links are not entered
 
     cfg = PipelineConfig()
-    cfg.ingest.follow_symlinks = True
+    cfg.scan.follow_symlinks = True
     run_scan(tmp_path / "run_follow", cfg, photos=root)  # the folder loop sub/back -> root must terminate
     rows = _rows(tmp_path / "run_follow")
     assert rows["leaves.jpg"]["status"] == "ok"
@@ -206,7 +206,7 @@ def test_malformed_exif_orientation_does_not_stop_the_scan(tmp_path: Path, sampl
     rows = _rows(tmp_path / "run")
     assert rows["good.jpg"]["status"] == "ok"
     assert rows["odd_exif.jpg"]["status"] == "ok" and rows["odd_exif.jpg"]["orientation"] == 1
-    assert ingest.load_image(root / "odd_exif.jpg").size == (100, 80)  # what later stages read agrees
+    assert scan_mod.load_image(root / "odd_exif.jpg").size == (100, 80)  # what later stages read agrees
 
 
 def _skip_rows(table: pa.Table, rows: dict[int, str], extra: list[str]) -> pa.Table:

@@ -113,13 +113,13 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     import sparse_vggt.graph.stage as cov
     import sparse_vggt.describe as desc
     import sparse_vggt.export as exp
-    import sparse_vggt.ingest as ingest
+    import sparse_vggt.scan as scan_mod
     import sparse_vggt.merge as merge
     import sparse_vggt.partition as part
 
     for mod, name in ((recon, "reconstruct_cluster"), (recon, "load_model"), (desc, "_describer"),
                       (cov, "knn"), (part.stage, "partition_graph"), (part, "split_cluster"), (merge, "run"),
-                      (exp, "run"), (ingest, "_read_and_inspect")):
+                      (exp, "run"), (scan_mod, "_read_and_inspect")):
         monkeypatch.setattr(mod, name, _forbid(monkeypatch, f"{mod.__name__}.{name}"))
     again = run_pipeline(PHOTOS, run, _cfg())
     # scan is never Prefect-cached (its input is the photo folder); it only re-lists the folder and returns

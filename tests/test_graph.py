@@ -191,7 +191,7 @@ def test_bad_input_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
 
 def test_verification_separates_two_unrelated_real_scenes(tmp_path: Path, sample_photos: Path, fox_dir: Path) -> None:
     """All pairs are candidates (random descriptors, k = N-1); only geometry decides the components."""
-    pytest.importorskip("sparse_vggt.ingest", reason="verification reads photos with sparse_vggt.ingest.load_image")
+    pytest.importorskip("sparse_vggt.scan", reason="verification reads photos with sparse_vggt.scan.load_image")
     sacre = sorted(sample_photos.glob("*.jpg"))
     sacre = [sacre[i] for i in (0, 3, 5, 8, 9)]
     fox = sorted((fox_dir / "images").glob("*.jpg"))[:4]

@@ -1,6 +1,6 @@
 """Reconstruct stage: cluster table parsing, arrays and markers, resume, OOM mapping.
 
-``test_stage_with_real_modules`` runs the real path (ingest.load_image, preprocess, VGGT tiny preset with
+``test_stage_with_real_modules`` runs the real path (scan_mod.load_image, preprocess, VGGT tiny preset with
 random weights, geometry) on the bundled photos once those modules exist; the other tests swap the model
 and image loading for small stand-ins so the stage logic is tested regardless.
 """
@@ -232,7 +232,7 @@ def test_random_weights_need_explicit_permission() -> None:
 
 
 def test_stage_with_real_modules(tmp_path, sample_photos) -> None:
-    for name in ("sparse_vggt.ingest", "sparse_vggt.preprocess", "sparse_vggt.geometry"):
+    for name in ("sparse_vggt.scan", "sparse_vggt.preprocess", "sparse_vggt.geometry"):
         pytest.importorskip(name, reason=f"{name} not written yet")
     models = importlib.import_module("sparse_vggt.models")
     if not hasattr(models, "VGGT"):

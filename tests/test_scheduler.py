@@ -48,12 +48,12 @@ def test_reading_the_table_imports_no_stage_module():
 
 
 def test_scan_has_no_units_and_needs_a_photo_folder_for_a_new_run(tmp_path: Path):
-    from sparse_vggt.ingest import IngestError
+    from sparse_vggt.scan import ScanError
 
     scan = pipeline.stage("scan").run
     with pytest.raises(ValueError, match="no units"):
         scan(tmp_path / "run", units=[0])
-    with pytest.raises(IngestError, match="records no photo folder"):
+    with pytest.raises(ScanError, match="records no photo folder"):
         scan(tmp_path / "run")
 
 

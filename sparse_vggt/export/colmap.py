@@ -75,7 +75,7 @@ def _base_name(path: str, orientation: int) -> str:
 def write_images_dir(images_dir: Path, photos_root: Path | None, paths: dict[int, str], names: dict[int, str],
                      orientation: dict[int, int], mode: str) -> dict[str, int]:
     """Populate ``images/``: symlinks (or copies) of the photos, upright copies where pixels would differ."""
-    from ..ingest import load_image
+    from ..scan import load_image
 
     if images_dir.is_symlink():
         images_dir.unlink()

@@ -43,7 +43,7 @@ def _core_clusters(store: RunStore, image_ids: np.ndarray) -> np.ndarray:
 
 
 def _thumbnail(path: Path, size: tuple[int, int]) -> bytes | None:
-    from ..ingest import load_image
+    from ..scan import load_image
 
     try:
         img = load_image(path)

@@ -49,7 +49,7 @@ def _verify_init(root: str, paths: list[str], features: str, max_side: int) -> N
 
 @lru_cache(maxsize=128)
 def _features(i: int) -> tuple[np.ndarray, np.ndarray | None]:
-    from ..ingest import load_image
+    from ..scan import load_image
 
     cv2 = _cv2()
     img = load_image(Path(_VERIFY["root"]) / _VERIFY["paths"][i]).convert("L")

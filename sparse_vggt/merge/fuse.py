@@ -37,7 +37,7 @@ def _sample(depth: np.ndarray, A: np.ndarray, xy: np.ndarray) -> np.ndarray:
 def _load_colors(root: Path | None, path: str) -> np.ndarray | None:
     if root is None:
         return None
-    from ..ingest import load_image
+    from ..scan import load_image
 
     try:
         return np.asarray(load_image(root / path))

@@ -87,7 +87,7 @@ class MegaLocDescriber:
         self.pool = ThreadPoolExecutor(max_workers=4)
 
     def _load(self, rel: str) -> np.ndarray:
-        from ..ingest import load_image
+        from ..scan import load_image
 
         try:
             img = load_image(self.root / rel)

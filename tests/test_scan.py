@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from sparse_vggt import ingest
+from sparse_vggt import scan as scan_mod
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.ingest import IngestError, focal_from_exif, inspect_image, load_image, run as run_scan
+from sparse_vggt.scan import ScanError, focal_from_exif, inspect_image, load_image, run as run_scan
 from sparse_vggt.store import RunStore
 
 
@@ -72,7 +72,7 @@ def test_scan_keeps_converts_and_skips_with_reasons(tmp_path: Path, photo_tree: 
 
 def test_chunking_and_exif_orientation(tmp_path: Path, photo_tree: Path, sample_photos: Path) -> None:
     cfg = PipelineConfig()
-    cfg.ingest.chunk_size = 4
+    cfg.scan.chunk_size = 4
     run_scan(tmp_path / "run", cfg, photos=photo_tree)
     rows = _rows(tmp_path / "run")
     ok = [r for r in sorted(rows.values(), key=lambda r: r["image_id"]) if r["status"] == "ok"]
@@ -105,7 +105,7 @@ def test_alpha_is_composited_on_white() -> None:
     img.putpixel((0, 0), (0, 0, 255, 255))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    out = np.asarray(ingest.to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
+    out = np.asarray(scan_mod.to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
     assert tuple(out[1, 1]) == (255, 255, 255) and tuple(out[0, 0]) == (0, 0, 255)
 
 
@@ -118,11 +118,11 @@ def test_rescan_rewrites_nothing_and_changed_folder_is_refused(tmp_path: Path, p
     assert again == first
     assert (table.stat().st_mtime_ns, table.read_bytes(), (run / "run.json").read_bytes()) == before
     shutil.copy(photo_tree / "edge" / "cmyk.jpg", photo_tree / "new.jpg")
-    with pytest.raises(IngestError, match="changed since"):
+    with pytest.raises(ScanError, match="changed since"):
         run_scan(run, PipelineConfig(), photos=photo_tree)
     other = tmp_path / "other"
     shutil.copytree(photo_tree, other)
-    with pytest.raises(IngestError, match="was scanned from"):
+    with pytest.raises(ScanError, match="was scanned from"):
         run_scan(run, PipelineConfig(), photos=other)
 
 
@@ -132,8 +132,8 @@ def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
     reference = pq.read_table(tmp_path / "ref" / "tables" / "images.parquet")
 
     cfg = PipelineConfig()
-    cfg.ingest.progress_every = 3
-    real = ingest.inspect_image
+    cfg.scan.progress_every = 3
+    real = scan_mod.inspect_image
     calls: list[int] = []
 
     def dying(data: bytes, *args, **kwargs):
@@ -142,22 +142,22 @@ def test_interrupted_scan_resumes_without_lost_or_duplicated_rows(
             raise KeyboardInterrupt("simulated kill")
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "inspect_image", dying)
-    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 1)  # one worker: a deterministic kill point
+    monkeypatch.setattr(scan_mod, "inspect_image", dying)
+    monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 1)  # one worker: a deterministic kill point
     with pytest.raises(KeyboardInterrupt):
         run_scan(tmp_path / "run", cfg, photos=photo_tree)
     store = RunStore.open(tmp_path / "run")
     assert not store.is_stage_complete("scan") and not store.has_table("images")
-    progress = pq.read_table(tmp_path / "run" / "tables" / ingest.PROGRESS_FILE)
+    progress = pq.read_table(tmp_path / "run" / "tables" / scan_mod.PROGRESS_FILE)
     assert progress.num_rows == 6  # flushed twice, every 3 files
 
     calls.clear()
-    monkeypatch.setattr(ingest, "inspect_image", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(scan_mod, "inspect_image", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     run_scan(tmp_path / "run", cfg, photos=photo_tree)
-    assert len(calls) == len(ingest.find_photos(photo_tree, cfg.ingest.extensions)) - 6  # only the files without a flushed record were inspected again
+    assert len(calls) == len(scan_mod.find_photos(photo_tree, cfg.scan.extensions)) - 6  # only the files without a flushed record were inspected again
     resumed = pq.read_table(tmp_path / "run" / "tables" / "images.parquet")
     assert resumed.to_pylist() == reference.to_pylist()
-    assert not (tmp_path / "run" / "tables" / ingest.PROGRESS_FILE).exists()
+    assert not (tmp_path / "run" / "tables" / scan_mod.PROGRESS_FILE).exists()
 
 
 def test_exif_focal_gps_and_time() -> None:
@@ -193,7 +193,7 @@ def test_real_exif_focal_is_close_to_the_calibration(fixtures_dir: Path) -> None
 
 
 def test_heif_is_read(tmp_path: Path) -> None:
-    if not ingest.HEIF_AVAILABLE:
+    if not scan_mod.HEIF_AVAILABLE:
         pytest.skip("pillow-heif not installed")
     img = Image.new("RGB", (96, 80), (200, 30, 60))
     photos = tmp_path / "photos"
@@ -208,15 +208,15 @@ def test_heif_is_read(tmp_path: Path) -> None:
 
 def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IngestError, match="no photos"):
+    with pytest.raises(ScanError, match="no photos"):
         run_scan(tmp_path / "run", PipelineConfig(), photos=tmp_path / "empty")
-    with pytest.raises(IngestError, match="is not a folder"):
+    with pytest.raises(ScanError, match="is not a folder"):
         run_scan(tmp_path / "run2", PipelineConfig(), photos=tmp_path / "nope")
 
 
 def test_min_side_is_configurable(tmp_path: Path, photo_tree: Path) -> None:
     cfg = PipelineConfig()
-    cfg.ingest.min_side = 10
+    cfg.scan.min_side = 10
     run_scan(tmp_path / "run", cfg, photos=photo_tree)
     assert _rows(tmp_path / "run")["edge/tiny.jpg"]["status"] == "ok"
 

@@ -1,4 +1,4 @@
-"""Ingest: find the photos, validate them by decoding, read their EXIF, write ``tables/images.parquet``.
+"""Scan: find the photos, validate them by decoding, read their EXIF, write ``tables/images.parquet``.
 
 Every later stage reads pixels through :func:`load_image`, so EXIF orientation and colour-mode conversion
 happen in exactly one place. ``scan`` keeps one row per distinct file content (byte-identical copies are listed
@@ -8,7 +8,7 @@ given folder; a finished scan is never silently redone over a changed folder (th
 later stages).
 
 Bad files never stop a scan: empty, non-image, truncated, too-small and too-large files, file names that are not
-valid UTF-8, broken symbolic links and (with ``ingest.follow_symlinks=false``) links leaving the photo folder get a
+valid UTF-8, broken symbolic links and (with ``scan.follow_symlinks=false``) links leaving the photo folder get a
 row whose ``status`` says why they were skipped; every later stage uses only ``status == "ok"`` rows. The pixel
 limit is an explicit width x height comparison per file (no process-global warning filter, so it holds with the
 scan's threads). A scan that dies part-way (exception, SIGKILL) resumes from its last flushed progress file
@@ -87,7 +87,7 @@ _PROGRESS_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("image_id", "c
                              + [("size", pa.int64()), ("mtime_ns", pa.int64())])
 
 
-class IngestError(RuntimeError):
+class ScanError(RuntimeError):
     """The photos folder cannot be scanned as asked (missing, empty, changed under a finished scan)."""
 
 
@@ -221,7 +221,7 @@ def focal_from_exif(exif_ifd: dict[int, Any], stored_size: tuple[int, int]) -> f
     return focal if 0 < focal < 1e6 else None
 
 
-PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default, the default of ingest.max_image_pixels
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default, the default of scan.max_image_pixels
 
 
 def check_pixel_limit(max_pixels: int) -> None:
@@ -230,9 +230,9 @@ def check_pixel_limit(max_pixels: int) -> None:
     stop describe or reconstruct."""
     pillow = Image.MAX_IMAGE_PIXELS
     if int(max_pixels) < 1:
-        raise IngestError(f"ingest.max_image_pixels={max_pixels} must be >= 1")
+        raise ScanError(f"scan.max_image_pixels={max_pixels} must be >= 1")
     if pillow is not None and int(max_pixels) > 2 * pillow:
-        raise IngestError(f"ingest.max_image_pixels={max_pixels} is above the largest image Pillow decodes in this "
+        raise ScanError(f"scan.max_image_pixels={max_pixels} is above the largest image Pillow decodes in this "
                           f"process (2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * pillow}); later stages could not read such "
                           f"photos. Use at most {2 * pillow}.")
 
@@ -252,7 +252,7 @@ def inspect_image(data: bytes, min_side: int, decode_check: bool = True,
         stored = img.size
         pixels = int(stored[0]) * int(stored[1])
         if max_pixels is not None and pixels > max_pixels:
-            return {"status": f"too large ({stored[0]}x{stored[1]} = {pixels} pixels > ingest.max_image_pixels="
+            return {"status": f"too large ({stored[0]}x{stored[1]} = {pixels} pixels > scan.max_image_pixels="
                               f"{max_pixels})"}
         exif = img.getexif()
         if decode_check:
@@ -356,7 +356,7 @@ def _check_entry(root: Path, rel: str, follow_symlinks: bool) -> str | None:
             return f"broken symbolic link (-> {to})"
         if not follow_symlinks and not target.is_relative_to(root):
             return (f"symbolic link leaves the photo folder (-> {display_name(str(target))}); set "
-                    "ingest.follow_symlinks=true to include it")
+                    "scan.follow_symlinks=true to include it")
     try:
         st = os.stat(full)
     except OSError as exc:
@@ -434,31 +434,31 @@ def run(run_dir: str | Path, config: PipelineConfig | None = None, *, force: boo
         if photos is None:
             photos = ((known.get("stages") or {}).get("scan") or {}).get("manifest", {}).get("photos_root")
             if photos is None:
-                raise IngestError(f"{run_dir} records no photo folder yet: pass the folder that contains the photos")
+                raise ScanError(f"{run_dir} records no photo folder yet: pass the folder that contains the photos")
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
-        raise IngestError(f"{photos} is not a folder. Pass the folder that contains the photos.")
+        raise ScanError(f"{photos} is not a folder. Pass the folder that contains the photos.")
     if display_name(str(photos)) != str(photos):
-        raise IngestError(f"the photo folder's path {display_name(str(photos))} is not valid UTF-8, which the run "
+        raise ScanError(f"the photo folder's path {display_name(str(photos))} is not valid UTF-8, which the run "
                           "directory's tables need; rename it.")
-    cfg = config.ingest
+    cfg = config.scan
     if cfg.min_side < 1 or cfg.chunk_size < 1:
-        raise IngestError("ingest.min_side and ingest.chunk_size must be >= 1")
+        raise ScanError("scan.min_side and scan.chunk_size must be >= 1")
     check_pixel_limit(cfg.max_image_pixels)
     store = RunStore.create_or_open(run_dir, config, force=force)
     paths = find_photos(photos, cfg.extensions, cfg.follow_symlinks)
     if not paths:
-        raise IngestError(f"no photos with extensions {', '.join(cfg.extensions)} found under {photos}. "
-                          "Check the folder, or add extensions with --set ingest.extensions=[...]")
+        raise ScanError(f"no photos with extensions {', '.join(cfg.extensions)} found under {photos}. "
+                          "Check the folder, or add extensions with --set scan.extensions=[...]")
     fingerprint = _listing_fingerprint(photos, paths)
 
     if store.is_stage_complete("scan"):
         manifest = store.stage_manifest("scan")
         if manifest.get("photos_root") != str(photos):
-            raise IngestError(f"{store.root} was scanned from {manifest.get('photos_root')}, not {photos}. "
+            raise ScanError(f"{store.root} was scanned from {manifest.get('photos_root')}, not {photos}. "
                               "Use a new run directory for another photo folder.")
         if manifest.get("listing_sha256") != fingerprint:
-            raise IngestError(f"the photos under {photos} changed since {store.root} was scanned (files added, "
+            raise ScanError(f"the photos under {photos} changed since {store.root} was scanned (files added, "
                               "removed or modified). Image ids would shift under the later stages: start a new "
                               "run directory.")
         log.info("scan already complete for %s (%d images kept); nothing to do", store.root, manifest["kept"])
