@@ -1,4 +1,4 @@
-"""Camera-pose accuracy against a reference COLMAP model (`sparse-vggt eval PRED --reference REF`).
+"""Camera-pose accuracy against a reference COLMAP model (`sparse-vggt evaluate PRED --reference REF`).
 
 Images are matched by name (the ``path`` column of images.parquet = COLMAP image name) and ordered by name, so
 pair (i, j), i < j, means name_i < name_j. ``E = [R | t]`` is a world->camera extrinsic (x_cam = R X + t).

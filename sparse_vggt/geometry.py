@@ -1,6 +1,6 @@
 """Camera and similarity-transform maths shared by reconstruct, merge, export and evaluate.
 
-Conventions (the same as the VGGT reference code, see MODEL_FACTS.md section 3):
+Conventions (the same as the VGGT reference code):
 
 * Extrinsics are **world -> camera** ``[R | t]`` (3x4) in the OpenCV camera frame (x right, y down, z forward).
 * Quaternions are **XYZW** (scalar last). ``quat_to_mat`` accepts non-unit quaternions (2/|q|^2 scaling), as the
