@@ -18,7 +18,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run as runtime_flow_run
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.report import report_markdown
 from sparse_vggt.scheduler import Outcome, Work
 from sparse_vggt.store import RunStore
 from tasks.stages import STEP_TASKS, UNIT_TASKS, artifact_key, publish_clusters, retry_options, stage_task
@@ -173,7 +172,9 @@ class PrefectExecutor:
 
     def _report_artifacts(self, run_dir: str, report: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
-            create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=report_markdown(report),
+            from sparse_vggt.export.report import run_markdown  # the export package is heavy: not in farm flow runs
+
+            create_markdown_artifact(key=artifact_key(run_dir, "report"), markdown=run_markdown(report),
                                      description="final report with output paths")
         with contextlib.suppress(Exception):  # the export's plots (export/plots/*.png), inlined
             from sparse_vggt.export.plots import plots_markdown  # imports torch: not in every farm flow run

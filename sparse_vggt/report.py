@@ -1,8 +1,8 @@
 """The run report: what a pipeline run did, skipped, split and produced (``<run>/orchestration/report.json``).
 
 Built by the scheduler at the end of every run (also a failed one) from the run directory alone (manifests,
-events, unit records), so any executor produces the same report; the markdown form is what an executor shows in
-its UI. Farm runs add who did the work (per-worker throughput and model loads) from the workers' unit records.
+events, unit records), so any executor produces the same report. Its human-readable form is the "Last pipeline run"
+section of export/report.md (`sparse_vggt.export.report`), also what an executor shows in its UI. Farm runs add who did the work (per-worker throughput and model loads) from the workers' unit records.
 """
 
 from __future__ import annotations
@@ -104,51 +104,11 @@ def build_report(run_dir: str, manifests: dict[str, dict[str, Any]], work: Any, 
 
 
 def publish_report(run_dir: str, report: dict[str, Any]) -> None:
-    """Write ``<run>/orchestration/report.json`` atomically."""
+    """Write ``<run>/orchestration/report.json`` atomically, then bring export/report.md (the one human-readable
+    report, which renders this file's run section) up to date."""
     path = Path(run_dir) / "orchestration" / "report.json"
     atomic_write_bytes(path, json.dumps(report, indent=2, default=str).encode())
+    if any(step != "scan" for step in report.get("stages_executed") or {}):  # a re-run that did nothing leaves
+        from .export.report import refresh_report  # the outputs untouched (scan only re-lists the folder)
 
-
-def _weights_markdown(report: dict[str, Any]) -> str:
-    from .provenance import weights_markdown
-
-    return weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}})
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    lines = ["# sparse-vggt run report", ""]
-    if report["random_weights"]:
-        lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
-                  "meaningless.**", ""]
-    lines += [_weights_markdown(report), ""]
-    for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
-                "components_skipped", "singletons_skipped", "frames_not_clustered"):
-        lines.append(f"- **{key}**: {report.get(key)}")
-    lines.append(f"- **stage tasks executed**: {report['stages_executed'] or 'none'}; cached: {report['stages_cached'] or 'none'}")
-    if report["skipped_images"]:
-        lines += ["", "## Skipped images", "", "| path | reason |", "|---|---|"]
-        lines += [f"| {s['path']} | {s['reason']} |" for s in report["skipped_images"][:200]]
-    if report["oom_splits"]:
-        lines += ["", "## Out-of-memory splits", ""] + [f"- cluster {s['cluster']} -> {s['into']}" for s in report["oom_splits"]]
-    if report["failures"]:
-        lines += ["", "## Failures", ""] + [f"- cluster {f.get('cluster_id')}: {f.get('reason')} ({f.get('time')})"
-                                            for f in report["failures"]]
-    integrity = [e for e in report["events"] if e.get("kind") in ("unit_redone", "stages_invalidated",
-                                                                   "stale_lock_taken_over")]
-    if integrity:  # damaged units redone, stages invalidated, stale locks taken over (all runs)
-        lines += ["", "## Redone, invalidated, taken over", ""]
-        lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
-                  f"{e.get('reason')}" for e in integrity[-200:]]
-    for kind, farm in (report.get("farm") or {}).items():  # who did the work, model loads per worker
-        d = farm.get("dispatch") or {}
-        lines += ["", f"## Farm: {kind}", "", f"- flow runs: {d.get('submitted')} for {d.get('units')} unit(s); "
-                  f"in-flight limit {d.get('limit')}, max observed {d.get('max_in_flight')}", "",
-                  "| worker | units | frames | frames/s | model loads (host/pid) |", "|---|---|---|---|---|"]
-        lines += [f"| {w['worker']} | {w['units']} | {w['frames']} | {w['frames_per_s']} | {json.dumps(w['loads'])} |"
-                  for w in farm.get("workers", [])]
-    if report["merge"]:
-        lines += ["", "## Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
-    out = report["outputs"]
-    lines += ["", "## Outputs", "", f"`{out['export_dir']}`", ""] + [f"- `{f}`" for f in out["files"]]
-    return "\n".join(lines)
-
+        refresh_report(RunStore.open(run_dir))

@@ -86,6 +86,10 @@ def test_local_executor_runs_resumes_and_splits_out_of_memory_clusters(tmp_path:
     assert "describe-chunk" not in report["stages_executed"] and "scan" in report["stages_executed"]
     assert [e["kind"] for e in read_events(run)] == ["cluster_failed", "oom_split"]
     assert (run / "export" / "points.ply").stat().st_size > 0
+    # one human-readable report: report.md carries the run's section (rendered from orchestration/report.json)
+    text = (run / "export" / "report.md").read_text()
+    assert "## Last pipeline run (orchestration/report.json)" in text and "### Out-of-memory splits" in text
+    assert "- cluster 0 -> " in text and "## Merge: cluster edges" in text
 
     again = run_local(DEMO_PHOTOS, run, _cfg())  # finished: no stage step, no unit
     assert again["stages_executed"] == {"scan": 1}

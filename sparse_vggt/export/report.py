@@ -1,14 +1,19 @@
-"""report.md: the one human-readable summary of a run (checks, plots, every stage's numbers, merge edges, export).
+"""report.md: the one human-readable report of a run (checks, plots, every stage's numbers, merge edges, export,
+and how the last pipeline run went).
 
-Written last by the export stage from run.json and the export manifest, so it reflects exactly what was written.
+Written last by the export stage from run.json and the export manifest, so it reflects exactly what was written;
+re-rendered when a pipeline run writes orchestration/report.json (its machine-readable twin), whose run section
+(`run_markdown`) is also the report an executor shows in its UI.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ..provenance import weights_markdown
+from ..durable import atomic_write_bytes
 from ..store import STAGES, RunStore
 from .context import STAGE
 
@@ -111,4 +116,67 @@ def make_report(store: RunStore, export_manifest: dict[str, Any]) -> str:
                      + ba_text + exif)
     if "pairs" in export_manifest:
         lines.append(f"- `pairs.txt`: {export_manifest['pairs'].get('pairs', 0)} covisibility pairs")
+    run_report = store.root / "orchestration" / "report.json"
+    if run_report.exists():  # how the last pipeline run went: skips, splits, failures, redone units, farm workers
+        try:
+            run = json.loads(run_report.read_text())
+        except ValueError:
+            run = None
+        if run:
+            lines += ["", run_markdown(run, level=2).replace("## sparse-vggt run report",
+                                                             "## Last pipeline run (orchestration/report.json)", 1)]
     return "\n".join(lines) + "\n"
+
+
+def refresh_report(store: RunStore) -> Path | None:
+    """Re-render export/report.md after the pipeline run's report.json was written (nothing before an export)."""
+    path = store.export_dir / "report.md"
+    if not store.is_stage_complete(STAGE) or not path.exists():
+        return None
+    atomic_write_bytes(path, make_report(store, store.stage_manifest(STAGE)).encode())
+    return path
+
+
+def _run_weights_markdown(report: dict[str, Any]) -> str:
+    return weights_markdown({"stages": {s: {"manifest": {"weights": w}} for s, w in report.get("weights", {}).items()}})
+
+
+def run_markdown(report: dict[str, Any], level: int = 1) -> str:
+    """orchestration/report.json as markdown: the run section of report.md (``level`` 2) and the Prefect report
+    artifact (``level`` 1)."""
+    h = "#" * level
+    lines = [f"{h} sparse-vggt run report", ""]
+    if report["random_weights"]:
+        lines += [f"**WARNING: {', '.join(report['random_weights'])} ran with RANDOM weights: the geometry is "
+                  "meaningless.**", ""]
+    lines += [_run_weights_markdown(report), ""]
+    for key in ("run_dir", "flow_run", "dispatch", "seconds", "images_kept", "images_skipped", "clusters",
+                "components_skipped", "singletons_skipped", "frames_not_clustered"):
+        lines.append(f"- **{key}**: {report.get(key)}")
+    lines.append(f"- **stage tasks executed**: {report['stages_executed'] or 'none'}; cached: {report['stages_cached'] or 'none'}")
+    if report["skipped_images"]:
+        lines += ["", f"{h}# Skipped images", "", "| path | reason |", "|---|---|"]
+        lines += [f"| {s['path']} | {s['reason']} |" for s in report["skipped_images"][:200]]
+    if report["oom_splits"]:
+        lines += ["", f"{h}# Out-of-memory splits", ""] + [f"- cluster {s['cluster']} -> {s['into']}" for s in report["oom_splits"]]
+    if report["failures"]:
+        lines += ["", f"{h}# Failures", ""] + [f"- cluster {f.get('cluster_id')}: {f.get('reason')} ({f.get('time')})"
+                                            for f in report["failures"]]
+    integrity = [e for e in report["events"] if e.get("kind") in ("unit_redone", "stages_invalidated",
+                                                                   "stale_lock_taken_over")]
+    if integrity:  # damaged units redone, stages invalidated, stale locks taken over (all runs)
+        lines += ["", f"{h}# Redone, invalidated, taken over", ""]
+        lines += [f"- {e.get('time')} {e['kind']}: {e.get('unit') or e.get('stages') or e.get('owner')}: "
+                  f"{e.get('reason')}" for e in integrity[-200:]]
+    for kind, farm in (report.get("farm") or {}).items():  # who did the work, model loads per worker
+        d = farm.get("dispatch") or {}
+        lines += ["", f"{h}# Farm: {kind}", "", f"- flow runs: {d.get('submitted')} for {d.get('units')} unit(s); "
+                  f"in-flight limit {d.get('limit')}, max observed {d.get('max_in_flight')}", "",
+                  "| worker | units | frames | frames/s | model loads (host/pid) |", "|---|---|---|---|---|"]
+        lines += [f"| {w['worker']} | {w['units']} | {w['frames']} | {w['frames_per_s']} | {json.dumps(w['loads'])} |"
+                  for w in farm.get("workers", [])]
+    if report["merge"]:
+        lines += ["", f"{h}# Merge", ""] + [f"- {k}: {v}" for k, v in report["merge"].items()]
+    out = report["outputs"]
+    lines += ["", f"{h}# Outputs", "", f"`{out['export_dir']}`", ""] + [f"- `{f}`" for f in out["files"]]
+    return "\n".join(lines)
