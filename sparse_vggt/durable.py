@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def now() -> str:
@@ -53,22 +53,35 @@ def temp_file(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a fsynced temp file in the same directory + rename + directory fsync: readers never see half a
-    file, and after return the new content survives a crash or power loss."""
+def atomic_replace(path: Path, write: Callable[[int, str], None]) -> None:
+    """Make ``path``'s new content with ``write(fd, temp_path)`` in a temp file of the same directory, then fsync,
+    rename over ``path`` and fsync the directory: readers never see half a file, and after return the new content
+    survives a crash or power loss. ``write`` may write through ``fd`` or reopen ``temp_path`` (same file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            write(fd, tmp)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_replace` with ``data`` as the new content."""
+
+    def write(fd: int, _tmp: str) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    atomic_replace(path, write)
 
 
 def fsync_tree(root: Path) -> None:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .config import PipelineConfig
-from .durable import append_event, atomic_write_bytes, fsync_dir, fsync_tree, now as _now, temp_file
+from .durable import append_event, atomic_replace, atomic_write_bytes, fsync_tree, now as _now
 from .integrity import UnitCheck, array_manifest as _array_manifest
 from .pipeline import NAMES as STAGES  # the stage order (run.json markers, status, invalidation) is the pipeline's
 
@@ -355,20 +355,7 @@ class RunStore:
 
     def write_table(self, name: str, table: pa.Table) -> Path:
         path = self.table_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = temp_file(path)
-        try:
-            try:
-                pq.write_table(table, tmp)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)
+        atomic_replace(path, lambda _fd, tmp: pq.write_table(table, tmp))
         return path
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:

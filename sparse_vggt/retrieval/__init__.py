@@ -14,12 +14,13 @@ Adding a descriptor: one module in this package with an ``ENTRY = Retrieval(...)
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from ..registry import LazyRegistry
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,27 +62,24 @@ _BUILTIN: dict[str, str] = {
     "megaloc": "megaloc",
     "file": "file",
 }
-_LOADED: dict[str, Retrieval] = {}
+_ENTRIES = LazyRegistry(__name__, _BUILTIN, "ENTRY")
+_LOADED = _ENTRIES.loaded  # name -> Retrieval, once imported or registered
 
 
 def register(entry: Retrieval) -> Retrieval:
     """Make ``entry`` selectable as ``describe.descriptor = entry.name``."""
-    _LOADED[entry.name] = entry
-    return entry
+    return _ENTRIES.register(entry.name, entry)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*_BUILTIN, *_LOADED]))
+    return _ENTRIES.names()
 
 
 def get(name: str) -> Retrieval:
-    entry = _LOADED.get(name)
-    if entry is None:
-        if name not in _BUILTIN:
-            raise DescribeError(f"unknown describe.descriptor {name!r}; registered: {', '.join(names())}")
-        entry = importlib.import_module(f".{_BUILTIN[name]}", __name__).ENTRY
-        _LOADED[name] = entry
-    return entry
+    try:
+        return _ENTRIES.get(name)
+    except KeyError:
+        raise DescribeError(f"unknown describe.descriptor {name!r}; registered: {', '.join(names())}") from None
 
 
 def for_config(cfg: "DescribeConfig") -> Retrieval:

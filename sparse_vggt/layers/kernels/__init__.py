@@ -12,7 +12,6 @@ a kernel's imports (e.g. FlexAttention) cost nothing until it is chosen.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
+
+from ...registry import LazyRegistry
 
 if TYPE_CHECKING:
     from ..neighbor_sets import NeighborSets
@@ -45,20 +46,20 @@ _BUILTIN: dict[str, str] = {
     "sdpa": "sdpa",
     "flex": "flex",
 }
-_LOADED: dict[str, Kernel] = {}
+_KERNELS = LazyRegistry(__name__, _BUILTIN, "KERNEL")
+_LOADED = _KERNELS.loaded  # name -> Kernel, once imported or registered
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
     """Make ``kernel`` selectable as ``attention_backend=kernel.name`` (and a candidate of ``auto``)."""
     if kernel.name == AUTO:
         raise ValueError(f"{AUTO!r} is reserved for the probe")
-    _LOADED[kernel.name] = kernel
-    return kernel
+    return _KERNELS.register(kernel.name, kernel)
 
 
 def kernel_names() -> tuple[str, ...]:
     """Registered kernel names in probe order (built-ins first)."""
-    return tuple(dict.fromkeys([*_BUILTIN, *_LOADED]))
+    return _KERNELS.names()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -67,13 +68,10 @@ def backend_names() -> tuple[str, ...]:
 
 
 def get_kernel(name: str) -> Kernel:
-    kernel = _LOADED.get(name)
-    if kernel is None:
-        if name not in _BUILTIN:
-            raise ValueError(f"unknown sparse attention backend {name!r}; use one of {backend_names()}")
-        kernel = importlib.import_module(f".{_BUILTIN[name]}", __name__).KERNEL
-        _LOADED[name] = kernel
-    return kernel
+    try:
+        return _KERNELS.get(name)
+    except KeyError:
+        raise ValueError(f"unknown sparse attention backend {name!r}; use one of {backend_names()}") from None
 
 
 # ---- auto: time the kernels once per device and shape bucket ----------------------------------------
