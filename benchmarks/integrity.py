@@ -1,4 +1,4 @@
-"""Cost of the run directory's safety (issue 15): unit verification and the writer-lock heartbeat.
+"""Cost of the run directory's safety: unit verification and the writer-lock heartbeat.
 
 * ``verify``: one synthetic cluster unit laid out like the reconstruct stage writes it (extrinsics, intrinsics,
   image_ids, depth_to_image, depth and depth_conf float16 at model resolution, one Zarr chunk per frame), filled

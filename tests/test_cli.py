@@ -68,7 +68,7 @@ def test_console_script_is_installed() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# issue 19: version, global flags, exit codes, config show, deploy, fast re-run, weights messages
+# version, global flags, exit codes, config show, deploy, fast re-run, weights messages
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -70,7 +70,7 @@ def test_run_directory_guards_its_config(tmp_path: Path) -> None:
     assert json.loads(store.run_json.read_text())["config"] == cfg.to_dict()
     other = PipelineConfig()
     other.set("partition.max_cluster_frames", 32)
-    # issue 15: a field of a stage that has not run yet is accepted (and recorded) without --force
+    # a field of a stage that has not run yet is accepted (and recorded) without --force
     RunStore.create_or_open(tmp_path / "run", other)
     assert store.meta()["config"]["partition"]["max_cluster_frames"] == 32
     assert store.meta()["history"][-1]["event"] == "config changed"
@@ -136,7 +136,7 @@ def test_tables_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_dtype_and_attention_backend_change_results() -> None:
-    """issue 15: bf16 vs fp32 and flex vs sdpa give different numbers, so they are not runtime-only."""
+    """bf16 vs fp32 and flex vs sdpa give different numbers, so they are not runtime-only."""
     a, b = PipelineConfig(), PipelineConfig()
     b.set("reconstruct.dtype", "bfloat16")
     b.set("reconstruct.attention_backend", "sdpa")

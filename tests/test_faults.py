@@ -1,4 +1,4 @@
-"""Fault injection with real processes (issue 15): the run directory is the truth, locked, verified.
+"""Fault injection with real processes: the run directory is the truth, locked, verified.
 
 Every pipeline run here is a separate `python -m sparse_vggt.cli demo` process (10 bundled photos, the demo's tiny
 random-weight settings) talking to one Prefect test server. One uninterrupted run (module fixture) is the
@@ -140,7 +140,7 @@ def test_marker_deleted_recomputed_second_run_refused_pickle_not_run(harness, re
     pwned = tmp_path / "PWNED"
     monkeypatch.setenv("PWNED_PATH", str(pwned))
     blob = pickle.dumps(_Evil())
-    for sub in ("results", "cache", "storage"):  # where Prefect kept cache records and results before issue 15
+    for sub in ("results", "cache", "storage"):  # where Prefect kept cache records and results in older versions
         d = run / ".prefect" / sub
         d.mkdir(parents=True)
         for name in ("0" * 32, "a" * 64, "result"):

@@ -1,4 +1,4 @@
-"""Bad input never stops a run (issue 15): the input rows of the fault table, and the full flow on a folder that
+"""Bad input never stops a run: the input rows of the fault table, and the full flow on a folder that
 mixes the sample photos with every bad/ and edge/ fixture.
 
 Rows covered here: bad/ files mixed with good photos (used to crash merge on NaN sizes), 12 images of 90 MP

@@ -1,6 +1,6 @@
 """The Prefect flow end to end (prefect_test_harness, random tiny weights on the bundled photos).
 
-Covers the "done when" items of issue 10 that need no farm: every export file written, a re-run does no stage
+Covers what needs no farm: every export file written, a re-run does no stage
 work, SIGKILL during the cluster stage resumes without recomputing finished clusters, injected OOM splits a
 cluster, one model at a time on the accelerator tag, parameter validation before any work.
 """
@@ -126,7 +126,7 @@ def test_full_flow_then_rerun_does_no_work(harness, tmp_path, monkeypatch):
     assert again["stages_executed"] == {"scan": 1}, again["stages_executed"]
     assert again["stages_already_complete"] == sorted(["describe", "graph", "partition", "reconstruct", "merge",
                                                        "export"])
-    # --force with an unchanged config invalidates nothing (issue 15: --force invalidates the stages whose
+    # --force with an unchanged config invalidates nothing (--force invalidates the stages whose
     # result-affecting fields changed, and every later one), so every stage is skipped on its verified marker;
     # there is no Prefect cache any more (the heavy entry points above still raise if called)
     forced = run_pipeline(PHOTOS, run, _cfg(), force=True)

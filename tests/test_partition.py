@@ -127,7 +127,7 @@ def hops(src: int, nodes: set[int], adj) -> dict[int, int]:
 
 
 def check_invariants(graph, cfg: PartitionConfig, cl: Clusters, report: dict, after_split: bool = False) -> None:
-    """Every invariant of issue 8. ``after_split``: skip balance (halves are below the ideal size by design)
+    """Every invariant the partition promises (docs/DESIGN.md). ``after_split``: skip balance (halves are below the ideal size by design)
     and the per-pair boundary overlap rule (untouched neighbours cannot take frames of the halves); linked
     connectivity, sizes, connectivity, core-once, order and neighbour sets are still checked."""
     indptr, indices, weights, comp = graph

@@ -1,4 +1,4 @@
-"""Bounded pool dispatch (issue 16) against an in-memory stand-in for the Prefect API: the bound on in-flight
+"""Bounded pool dispatch against an in-memory stand-in for the Prefect API: the bound on in-flight
 runs, one state read per poll for all runs, and a run that never starts is cancelled at its timeout and
 resubmitted instead of hanging the main flow. The real server is exercised in test_pool_integration.py."""
 
