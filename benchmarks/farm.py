@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=56)
     ap.add_argument("--kill-at", type=float, default=0.3, help="kill worker-b after this fraction of clusters")
     ap.add_argument("--per-run", type=int, default=None, help="orchestration.clusters_per_run (default: the "
-                                                                "config's)")
+                                                                "config's, 0 = auto)")
     ap.add_argument("--timeout", type=float, default=30.0, help="orchestration.run_timeout_s")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
@@ -276,7 +276,9 @@ def main() -> None:
         "api_requests": requests, "api_requests_per_s": round(requests / wall, 1),
         "head_cpu_s": round(cpu, 1), "in_flight_limit": disp["limit"], "max_in_flight": disp["max_in_flight"],
         "cluster_flow_runs_submitted": disp["submitted"], "polls": disp["polls"], "killed": kill_info,
-        "model_loads": loads, "failures": len(report["failures"]), "clusters_per_run": o.clusters_per_run,
+        "model_loads": loads, "failures": len(report["failures"]),
+        "clusters_per_run": disp.get("clusters_per_run", o.clusters_per_run),
+        "clusters_per_run_mode": disp.get("clusters_per_run_mode", "configured"),
         # where a cluster's time goes beyond its model work (per cluster, from the unit records and the server)
         "in_flow_overhead_per_cluster_s": round(sum(float(r.get("seconds") or 0) - float(r.get("work_seconds") or 0)
                                                     for r in recs) / max(1, len(recs)), 3),

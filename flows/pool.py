@@ -3,14 +3,15 @@
 `pool_dispatch` runs `PoolUnit`s through one bounded `tasks.dispatch.PoolDispatcher` and keeps the Prefect UI's
 farm artifacts (per-worker throughput, ETA, per-cluster memory) and ``orchestration/dispatch-<kind>.json``
 current. `describe_on_pool` and `clusters_on_pool` turn the scheduler's unit ids into flow runs (describe
-chunks grouped so units write disjoint Zarr chunks; ``orchestration.clusters_per_run`` clusters per run) and
-yield per-unit outcomes in the scheduler's `Outcome` form.
+chunks grouped so units write disjoint Zarr chunks; ``orchestration.clusters_per_run`` clusters per run, or
+`cluster_batch_size` when that is 0) and yield per-unit outcomes in the scheduler's `Outcome` form.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -32,17 +33,49 @@ def slug(run_dir: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name) or "run"
 
 
-def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind: str) -> Any:
+# Auto batch size: each in-flight slot should get about this many batches, so the last round (where slots run
+# dry while others finish) is ~1/4 of a slot's work; the cap keeps a batch's retry after a lost worker cheap.
+BATCH_ROUNDS = 4
+MAX_AUTO_BATCH = 16
+
+
+def cluster_batch_size(configured: int, pending: int, limit: int, rounds: int = BATCH_ROUNDS,
+                       cap: int = MAX_AUTO_BATCH) -> int:
+    """Clusters per flow run: ``configured`` when > 0; 0 = auto, ceil(pending / (limit x rounds)) clamped to
+    [1, cap]. Every flow run pays a fixed gap on its worker (the worker's poll, the run's process start), so
+    large runs want large batches; small runs want batches of 1 so no worker idles while another finishes a
+    batch at the end of the stage."""
+    if configured and configured > 0:
+        return int(configured)
+    return max(1, min(int(cap), math.ceil(int(pending) / (max(1, int(limit)) * max(1, int(rounds))))))
+
+
+def pool_bound(cfg: PipelineConfig) -> tuple[int, int]:
+    """(online workers, in-flight limit) of the configured work pool, as the dispatcher would compute them."""
+    from prefect.client.orchestration import get_client
+
+    orch = cfg.orchestration
+    with get_client(sync_client=True) as client:
+        online = online_workers(client, orch.work_pool)
+    return online, in_flight_limit(orch.max_in_flight, online)
+
+
+def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind: str,
+                  bound: tuple[int, int] | None = None, extra: dict[str, Any] | None = None) -> Any:
     """Run ``units`` as flow runs on the pool through one bounded `PoolDispatcher`; yields as they finish and
-    keeps the monitoring artifacts and ``orchestration/dispatch-<kind>.json`` (limit, max in flight) current."""
+    keeps the monitoring artifacts and ``orchestration/dispatch-<kind>.json`` (limit, max in flight, and
+    ``extra``) current. ``bound`` = (online workers, limit) when the caller already computed it."""
     from prefect.client.orchestration import get_client
 
     orch = cfg.orchestration
     logger = get_run_logger()
     t0 = time.time()
     with get_client(sync_client=True) as client:
-        online = online_workers(client, orch.work_pool)
-        limit = in_flight_limit(orch.max_in_flight, online)
+        if bound is None:
+            online = online_workers(client, orch.work_pool)
+            limit = in_flight_limit(orch.max_in_flight, online)
+        else:
+            online, limit = bound
         logger.info("%s: %d flow run(s) on pool %s, at most %d in flight (%d worker(s) online)", kind, len(units),
                     orch.work_pool, limit, online)
         disp = PoolDispatcher(client, limit, orch.poll_interval_s, orch.run_timeout_s, orch.retries, logger,
@@ -57,7 +90,7 @@ def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind
             yield item
     stats = {"kind": kind, "units": len(units), "online_workers": online, "limit": limit,
              "max_in_flight": disp.max_in_flight, "submitted": disp.submitted, "polls": disp.polls,
-             "seconds": round(time.time() - t0, 2)}
+             "seconds": round(time.time() - t0, 2), **(extra or {})}
     atomic_write_bytes(Path(run_dir) / "orchestration" / f"dispatch-{kind}.json", json.dumps(stats).encode())
     with contextlib.suppress(Exception):
         publish_monitoring(run_dir, kind, len(units), len(units), t0)
@@ -106,10 +139,15 @@ def describe_on_pool(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], pe
 
 def clusters_on_pool(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], ids: list[int],
                      work: Work) -> Iterator[tuple[int, Outcome]]:
-    """Clusters as flow runs, ``orchestration.clusters_per_run`` per run; per-cluster outcomes from the run's
-    state, its out-of-memory map and the clusters' completion markers (a failed batch keeps its finished ones)."""
+    """Clusters as flow runs, ``orchestration.clusters_per_run`` per run (0: `cluster_batch_size` from the
+    pending count and the in-flight limit, computed once here and recorded in ``dispatch-clusters.json``);
+    per-cluster outcomes from the run's state, its out-of-memory map and the clusters' completion markers (a
+    failed batch keeps its finished ones)."""
     orch = cfg.orchestration
-    k = max(1, orch.clusters_per_run)
+    bound = pool_bound(cfg)
+    k = cluster_batch_size(orch.clusters_per_run, len(ids), bound[1])
+    get_run_logger().info("clusters: %d pending, %d per flow run (%s)", len(ids), k,
+                          "configured" if orch.clusters_per_run > 0 else f"auto, in-flight limit {bound[1]}")
     units = []
     for i in range(0, len(ids), k):
         b = [int(c) for c in ids[i:i + k]]
@@ -119,7 +157,8 @@ def clusters_on_pool(run_dir: str, cfg: PipelineConfig, cfgd: dict[str, Any], id
         name = f"cluster-{b[0]}-{slug(run_dir)}" if len(b) == 1 else f"clusters-{b[0]}-{b[-1]}-{slug(run_dir)}"
         units.append(PoolUnit(tuple(b), orch.cluster_deployment, params, name,
                               ["sparse-vggt"] + [f"cluster-{c}" for c in b]))
-    for unit, outcome, message, fr in pool_dispatch(run_dir, cfg, units, "clusters"):
+    sizing = {"clusters_per_run": k, "clusters_per_run_mode": "configured" if orch.clusters_per_run > 0 else "auto"}
+    for unit, outcome, message, fr in pool_dispatch(run_dir, cfg, units, "clusters", bound, sizing):
         work.add("dispatch-cluster", len(unit.key))
         oom: dict[str, str] = {}
         batched = "batch" in unit.parameters

@@ -275,8 +275,9 @@ class OrchestrationConfig:
     # runs in flight
     describe_deployment: str = _runtime("describe-chunks/mac-mini", "pool mode: deployment run per describe unit")
     describe_chunks_per_run: int = _runtime(4, "pool mode: ingest chunks per describe flow run")
-    clusters_per_run: int = _runtime(8, "pool mode: clusters per flow run (amortises the flow run's process "
-                                        "start; the model stays resident per worker either way)")
+    clusters_per_run: int = _runtime(0, "pool mode: clusters per flow run (amortises the idle gap between a "
+                                        "worker's flow runs; the model stays resident per worker either way); "
+                                        "0 = auto: ceil(pending / (4 x in-flight limit)), between 1 and 16")
     max_in_flight: int = _runtime(0, "pool mode: most flow runs in flight; 0 = 2 per online worker (min 1)")
     run_timeout_s: float = _runtime(3600.0, "pool mode: a flow run still running this long after it started is "
                                             "cancelled and retried")

@@ -116,3 +116,24 @@ def test_running_run_past_its_timeout_is_cancelled():
     api.read_flow_runs = running
     d = PoolDispatcher(api, limit=1, poll_interval=0.01, timeout_s=0.05, retries=0, start_timeout_s=60)
     assert [o for _, o, _, _ in d.run(_units(1))] == ["failed"] and api.cancelled == ["c0"]
+
+
+def test_auto_cluster_batch_size():
+    from flows.pool import cluster_batch_size
+
+    # small runs: one cluster per flow run, so no worker idles behind another's batch at the end of the stage
+    assert cluster_batch_size(0, 6, in_flight_limit(0, 2)) == 1
+    assert cluster_batch_size(0, 1, 1) == 1 and cluster_batch_size(0, 0, 4) == 1
+    # large runs: capped at 16 (356 clusters, 4 in flight: 356 / 16 rounds would be 23)
+    assert cluster_batch_size(0, 356, 4) == 16
+    # in between: ceil(pending / (limit x 4)), so each slot gets about 4 batches
+    assert cluster_batch_size(0, 100, 4) == 7 and cluster_batch_size(0, 17, 4) == 2
+    assert cluster_batch_size(0, 160, 16) == 3 and cluster_batch_size(0, 100, 4, rounds=2, cap=8) == 8
+    # an explicit size is kept whatever the run's size
+    assert cluster_batch_size(8, 6, 4) == 8 and cluster_batch_size(1, 356, 4) == 1
+
+
+def test_clusters_per_run_defaults_to_auto():
+    from sparse_vggt.config import PipelineConfig
+
+    assert PipelineConfig().orchestration.clusters_per_run == 0

@@ -84,7 +84,7 @@ def _config(dispatch: str):
     cfg.orchestration.describe_deployment = f"describe-chunks/{POOL}"
     cfg.orchestration.work_pool = POOL
     cfg.orchestration.describe_chunks_per_run = 2
-    cfg.orchestration.clusters_per_run = 1  # one flow run per cluster here: 4 runs for a bound of 3
+    # clusters_per_run stays auto: a small run (a few clusters, bound 3) gets one cluster per flow run
     cfg.orchestration.max_in_flight = 3  # below the clusters' count: the bound is exercised
     cfg.orchestration.resident_idle_s = 20
     cfg.orchestration.poll_interval_s = 0.5
@@ -181,6 +181,8 @@ def test_pool_dispatch_two_workers_equals_local(tmp_path):
             d = farm[kind]["dispatch"]
             assert d["limit"] == 3 and 1 <= d["max_in_flight"] <= 3, d
         assert farm["clusters"]["dispatch"]["max_in_flight"] == 3  # more clusters than the bound
+        assert (farm["clusters"]["dispatch"]["clusters_per_run"], farm["clusters"]["dispatch"]["clusters_per_run_mode"]
+                ) == (1, "auto")
         # the healthy main run never went Crashed; no cluster flow run did either
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
