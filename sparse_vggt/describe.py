@@ -177,6 +177,7 @@ def run(run_dir: Path, config: PipelineConfig | None = None, *, force: bool = Fa
         manifest.update(describer.manifest(computed, t_model))
     if later or not finish:
         manifest["pending"] = len(later)
+        manifest["pending_chunks"] = later  # what an orchestrator still has to run (`scheduler.describe_plan`)
         return manifest
     version = _dt.datetime.now(_dt.timezone.utc).isoformat()
     arr.attrs.update({"complete": True, "version": version})

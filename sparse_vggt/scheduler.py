@@ -182,7 +182,7 @@ def _describe(executor: Executor, run_dir: str, cfgd: dict[str, Any]) -> None:
         return
     total = len(pending)
     executor.notify("progress", run_dir, kind="describe", done=0, total=total,
-                    note=f"descriptor chunks ({len(plan['chunks']) - total} of {len(plan['chunks'])} already complete)")
+                    note=f"descriptor chunks ({plan['chunks'] - total} of {plan['chunks']} already complete)")
     failed: list[tuple[Any, Any]] = []
     done = 0
     for key, (status, info) in executor.map("describe", run_dir, cfgd, pending):
@@ -204,20 +204,11 @@ def describe_plan(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """Create the descriptor array (so unit tasks never race to create it) and list the unfinished chunks.
 
     The pool head never loads the descriptor model: the workers do."""
-    import numpy as np
-
     from . import describe
 
-    store = RunStore.open(run_dir)
-    table = store.read_table("images", columns=["status", "chunk_id"])
-    chunk = np.asarray(table.column("chunk_id").to_numpy(zero_copy_only=False))
-    ok = np.asarray([s == "ok" for s in table.column("status").to_pylist()], bool)
-    chunks = sorted({int(c) for c in chunk[ok].tolist()})
     manifest = describe.run(Path(run_dir), cfg, units=[], load_model=cfg.orchestration.dispatch != "pool")
-    done = {int(c) for c in store.complete_units("describe_chunks")}
-    finished = store.is_stage_complete("describe")
-    return {"chunks": chunks, "pending": [] if finished else [c for c in chunks if c not in done],
-            "finished": finished, "manifest": manifest}
+    return {"chunks": int(manifest["chunks"]), "pending": list(manifest.get("pending_chunks", [])),
+            "finished": RunStore.open(run_dir).is_stage_complete("describe"), "manifest": manifest}
 
 
 def finish_stage(name: str, run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any]:
