@@ -16,33 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .scheduler import Outcome, Work, describe_plan, finish_stage, is_transient, run_pipeline, validate_parameters
+from .scheduler import Outcome, Work, is_transient, run_pipeline, run_step, validate_parameters
 
 log = logging.getLogger(__name__)
-
-
-
-
-def _step_functions() -> dict[str, Callable[..., Any]]:
-    """Step name -> library call ``f(run_dir, cfg, *args)``; stage entries come from the pipeline table."""
-    from .partition import split_cluster
-    from .pipeline import stage
-
-    def entry(name: str, **kwargs: Any) -> Callable[..., Any]:
-        return lambda run, cfg: stage(name).run(Path(run), cfg, **kwargs)
-
-    return {
-        "scan": lambda run, cfg, photos, force=False: stage("scan").run(Path(run), cfg, force=force,
-                                                                         photos=Path(photos)),
-        "describe-plan": lambda run, cfg: describe_plan(Path(run), cfg),
-        "describe-finish": lambda run, cfg: finish_stage("describe", run, cfg),
-        "graph": entry("graph"),
-        "partition": entry("partition"),
-        "split-cluster": lambda run, cfg, cid: split_cluster(Path(run), int(cid), cfg),
-        "reconstruct-finish": lambda run, cfg: finish_stage("reconstruct", run, cfg),
-        "merge": entry("merge"),
-        "export": entry("export"),
-    }
 
 
 class LocalExecutor:
@@ -75,10 +51,9 @@ class LocalExecutor:
         raise AssertionError("unreachable")
 
     def call(self, step: str, run_dir: str, config: dict[str, Any], *args: Any) -> Any:
-        fn = _step_functions()[step]
         cfg = PipelineConfig.from_dict(config)
         try:
-            return self._retrying(lambda: fn(run_dir, cfg, *args))
+            return self._retrying(lambda: run_step(step, run_dir, cfg, *args))
         finally:
             self.work.add(step)
 

@@ -223,6 +223,27 @@ def finish_stage(name: str, run_dir: str | Path, cfg: PipelineConfig) -> dict[st
     return manifest
 
 
+def run_step(step: str, run_dir: str | Path, cfg: PipelineConfig, *args: Any) -> Any:
+    """What one of `STEPS` does in the library, for every executor (the Prefect tasks wrap the same calls):
+    the stage entries from the pipeline table, plus the plan/finish halves of the two unit stages."""
+    from .partition import split_cluster
+    from .pipeline import stage
+
+    run = Path(run_dir)
+    if step == "scan":
+        photos, *rest = args
+        return stage("scan").run(run, cfg, force=bool(rest and rest[0]), photos=Path(photos))
+    if step == "describe-plan":
+        return describe_plan(run, cfg)
+    if step in ("describe-finish", "reconstruct-finish"):
+        return finish_stage(step.split("-")[0], run, cfg)
+    if step == "split-cluster":
+        return split_cluster(run, int(args[0]), cfg)
+    if step in ("graph", "partition", "merge", "export"):
+        return stage(step).run(run, cfg)
+    raise ValueError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
+
+
 def run_clusters(run_dir: str, cfg: PipelineConfig, executor: Executor) -> dict[str, Any]:
     """Every unfinished cluster, with OOM splitting; returns the failures, the splits and the rounds."""
     from .cluster_worker import shutdown

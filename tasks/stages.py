@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sparse_vggt.config import PipelineConfig
-from sparse_vggt.scheduler import is_transient
+from sparse_vggt.scheduler import is_transient, run_step
 from sparse_vggt.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -133,21 +133,15 @@ def cluster_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stage tasks: each calls the stage's entry from the pipeline table (sparse_vggt.pipeline) and publishes an
+# step tasks: each runs its step through scheduler.run_step (what the local executor runs too) and publishes an
 # artifact
-
-
-def _run(stage: str, run_dir: str, config: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    from sparse_vggt.pipeline import stage as pipeline_stage
-
-    return pipeline_stage(stage).run(Path(run_dir), _cfg(config), **kwargs)
 
 
 @task(name="scan", task_run_name="scan", **TASK_OPTIONS)
 def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Its input is a folder outside the run directory; the library compares the folder listing with the
     finished scan itself (and refuses a changed folder)."""
-    manifest = _run("scan", run_dir, config, force=force, photos=Path(photos))
+    manifest = run_step("scan", run_dir, _cfg(config), photos, force)
     _publish_table(artifact_key(run_dir, "images"), images_rows(run_dir),
                    f"{manifest['kept']} images kept, {manifest['skipped']} skipped, {manifest['duplicates']} "
                    f"duplicates folded (skipped rows first; full table: tables/images.parquet)")
@@ -157,28 +151,26 @@ def scan_task(photos: str, run_dir: str, config: dict[str, Any], force: bool = F
 @task(name="describe-plan", task_run_name="describe-plan", **TASK_OPTIONS)
 def describe_plan_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create the descriptor array (so chunk tasks never race to create it) and list the unfinished chunks."""
-    from sparse_vggt.scheduler import describe_plan
-
-    return describe_plan(Path(run_dir), _cfg(config))
+    return run_step("describe-plan", run_dir, _cfg(config))
 
 
 @task(name="describe-chunk", task_run_name="describe-chunk-{chunk_id}", **TASK_OPTIONS)
 def describe_chunk_task(run_dir: str, config: dict[str, Any], chunk_id: int) -> dict[str, Any]:
-    manifest = _run("describe", run_dir, config, units=[int(chunk_id)])
+    from sparse_vggt.pipeline import stage
+
+    manifest = stage("describe").run(Path(run_dir), _cfg(config), units=[int(chunk_id)])
     return {"chunk_id": int(chunk_id), "computed": int(manifest.get("chunks_computed", 0)),
             "images_per_s": manifest.get("images_per_s")}
 
 
 @task(name="describe-finish", task_run_name="describe-finish", **TASK_OPTIONS)
 def describe_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    from sparse_vggt.scheduler import finish_stage
-
-    return finish_stage("describe", run_dir, _cfg(config))
+    return run_step("describe-finish", run_dir, _cfg(config))
 
 
 @task(name="graph", task_run_name="covisibility-graph", **TASK_OPTIONS)
 def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = _run("graph", run_dir, config)
+    manifest = run_step("graph", run_dir, _cfg(config))
     _publish_markdown(artifact_key(run_dir, "graph"), _md_kv("covisibility graph", manifest),
                       f"{manifest.get('edges')} edges, {manifest.get('components')} components")
     return manifest
@@ -186,7 +178,7 @@ def graph_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="partition", task_run_name="partition", **TASK_OPTIONS)
 def partition_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = _run("partition", run_dir, config)
+    manifest = run_step("partition", run_dir, _cfg(config))
     publish_clusters(run_dir, f"{manifest.get('clusters')} clusters after partition")
     return manifest
 
@@ -211,24 +203,20 @@ def reconstruct_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: i
 
 @task(name="split-cluster", task_run_name="split-cluster-{cluster_id}", **TASK_OPTIONS)
 def split_cluster_task(run_dir: str, config: dict[str, Any], cluster_id: int) -> list[int]:
-    from sparse_vggt.partition import split_cluster
-
-    return split_cluster(Path(run_dir), int(cluster_id), _cfg(config))
+    return run_step("split-cluster", run_dir, _cfg(config), cluster_id)
 
 
 @task(name="reconstruct-finish", task_run_name="reconstruct-finish", **TASK_OPTIONS)
 def reconstruct_finish_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """Mark the reconstruct stage finished once every cluster of clusters.parquet is complete."""
-    from sparse_vggt.scheduler import finish_stage
-
-    manifest = finish_stage("reconstruct", run_dir, _cfg(config))
+    manifest = run_step("reconstruct-finish", run_dir, _cfg(config))
     publish_clusters(run_dir, f"{manifest['clusters']} clusters, all reconstructed")
     return manifest
 
 
 @task(name="merge", task_run_name="merge", **TASK_OPTIONS)
 def merge_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = _run("merge", run_dir, config)
+    manifest = run_step("merge", run_dir, _cfg(config))
     rows = merge_residual_rows(run_dir)
     _publish_table(artifact_key(run_dir, "merge-residuals"), rows,
                    f"per-edge Sim(3) residuals of {len(rows)} cluster pairs (store.zarr/merge)")
@@ -252,7 +240,7 @@ def merge_residual_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
 @task(name="export", task_run_name="export", **TASK_OPTIONS)
 def export_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    return _run("export", run_dir, config)
+    return run_step("export", run_dir, _cfg(config))
 
 
 # the scheduler's steps and unit kinds (sparse_vggt.scheduler.STEPS / UNIT_KINDS) -> their tasks
