@@ -50,13 +50,15 @@ def cluster_batch_size(configured: int, pending: int, limit: int, rounds: int = 
     return max(1, min(int(cap), math.ceil(int(pending) / (max(1, int(limit)) * max(1, int(rounds))))))
 
 
-def pool_bound(cfg: PipelineConfig) -> tuple[int, int]:
-    """(online workers, in-flight limit) of the configured work pool, as the dispatcher would compute them."""
-    from prefect.client.orchestration import get_client
-
+def pool_bound(cfg: PipelineConfig, client: Any = None) -> tuple[int, int]:
+    """(online workers, in-flight limit) of the configured work pool: what the dispatcher bounds itself by."""
     orch = cfg.orchestration
-    with get_client(sync_client=True) as client:
-        online = online_workers(client, orch.work_pool)
+    if client is None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as own:
+            return pool_bound(cfg, own)
+    online = online_workers(client, orch.work_pool)
     return online, in_flight_limit(orch.max_in_flight, online)
 
 
@@ -71,11 +73,7 @@ def pool_dispatch(run_dir: str, cfg: PipelineConfig, units: list[PoolUnit], kind
     logger = get_run_logger()
     t0 = time.time()
     with get_client(sync_client=True) as client:
-        if bound is None:
-            online = online_workers(client, orch.work_pool)
-            limit = in_flight_limit(orch.max_in_flight, online)
-        else:
-            online, limit = bound
+        online, limit = bound if bound is not None else pool_bound(cfg, client)
         logger.info("%s: %d flow run(s) on pool %s, at most %d in flight (%d worker(s) online)", kind, len(units),
                     orch.work_pool, limit, online)
         disp = PoolDispatcher(client, limit, orch.poll_interval_s, orch.run_timeout_s, orch.retries, logger,
