@@ -156,10 +156,7 @@ def _cluster_content_keys(store: RunStore, config: PipelineConfig
     their neighbour positions and the result-affecting reconstruct settings (`reconstruct.cluster_inputs_key`
     with sha256 instead of run-specific image ids, which are row numbers). Key -> (cluster id, image ids,
     neighbours)."""
-    import hashlib
-    import json
-
-    from .reconstruct import cluster_frames
+    from .reconstruct import cluster_frames, cluster_inputs_key
 
     if not store.has_table("clusters"):
         return {}
@@ -168,9 +165,7 @@ def _cluster_content_keys(store: RunStore, config: PipelineConfig
     out = {}
     for cid in sorted({int(c) for c in table.column("cluster_id").to_pylist()}):
         ids, neighbors = cluster_frames(table, cid)
-        payload = {"frames": [sha[int(i)] for i in ids], "neighbors": neighbors,
-                   "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.attention_neighbors)}
-        out[hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()] = (cid, ids, neighbors)
+        out[cluster_inputs_key(config, ids, neighbors, frames=[sha[int(i)] for i in ids])] = (cid, ids, neighbors)
     return out
 
 

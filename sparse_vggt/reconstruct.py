@@ -69,10 +69,13 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, OSError)) and any(m in msg for m in _CPU_OOM_MARKS)
 
 
-def cluster_inputs_key(config: PipelineConfig, image_ids: np.ndarray, neighbors: list[list[int]]) -> str:
+def cluster_inputs_key(config: PipelineConfig, image_ids: np.ndarray, neighbors: list[list[int]],
+                       frames: list[str] | None = None) -> str:
     """What a cluster's result depends on: its frames in order, their neighbours and the result-affecting
-    reconstruct settings. Stored on the unit; a mismatch means the unit is stale and is redone."""
-    payload = {"image_ids": [int(i) for i in image_ids], "neighbors": neighbors,
+    reconstruct settings. Stored on the unit; a mismatch means the unit is stale and is redone. ``frames``: the
+    frames' content hashes instead of this run's image ids (row numbers), to compare clusters across runs."""
+    who = {"frames": frames} if frames is not None else {"image_ids": [int(i) for i in image_ids]}
+    payload = {**who, "neighbors": neighbors,
                "reconstruct": config.result_affecting()["reconstruct"], "k": int(config.partition.attention_neighbors)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
